@@ -1,0 +1,34 @@
+"""Exceptions raised by ncfinetune.
+
+Every message says what was received, what is valid, and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class NcFinetuneError(Exception):
+    """Base class of every error ncfinetune raises on purpose."""
+
+
+class UnsupportedModelError(NcFinetuneError, TypeError):
+    """The model is not of a family ncfinetune knows how to split into blocks."""
+
+
+class BlockError(NcFinetuneError, ValueError):
+    """A block index or name does not address a block of the model."""
+
+
+class ConfigError(NcFinetuneError, ValueError):
+    """A configuration value is invalid (one message may list several problems)."""
+
+
+class CheckpointError(NcFinetuneError, ValueError):
+    """A tuned checkpoint cannot be written, read or applied to the given base model."""
+
+
+class MetricInputError(NcFinetuneError, ValueError):
+    """Features or labels given to a metric are invalid (shape, classes, non-finite values)."""
+
+
+class DataError(NcFinetuneError, ValueError):
+    """A dataset spec, split or subset request cannot be satisfied."""
