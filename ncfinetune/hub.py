@@ -1,0 +1,89 @@
+"""Where backbones come from: the bundled offline backbones, a local weights file, or the hub.
+
+Every path goes through ``timm.create_model``; local and bundled weights use timm's own
+``pretrained_cfg_overlay=dict(file=...)`` loader, which drops a classifier of another size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+from torch import nn
+
+from ncfinetune.errors import ConfigError
+
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_BACKBONE = "resnet18_fmnist04"
+
+
+def bundled_backbones() -> dict[str, dict]:
+    """The backbones shipped inside the package: name -> its JSON card (architecture, kwargs,
+    data config, provenance)."""
+    out = {}
+    for card in sorted(ASSETS.glob("*.json")):
+        if (ASSETS / f"{card.stem}.safetensors").is_file():
+            out[card.stem] = json.loads(card.read_text())
+    return out
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    model_kwargs: dict | None = None,
+) -> nn.Module:
+    """A timm classifier with a fresh ``num_classes``-way head.
+
+    Args:
+        name: a bundled backbone (see :func:`bundled_backbones`) or any timm model name.
+        num_classes: downstream class count (the classifier is created anew).
+        pretrained: download timm's pretrained weights from the hub (needs network).
+        checkpoint: a local weights file (.safetensors, or a timm/torch checkpoint) for ``name``.
+        model_kwargs: extra ``timm.create_model`` arguments (e.g. ``img_size``).
+    """
+    kwargs = dict(model_kwargs or {})
+    bundled = bundled_backbones()
+    if name in bundled:
+        if pretrained or checkpoint:
+            raise ConfigError(
+                f"{name!r} is a bundled backbone with its own weights; do not combine it with "
+                "pretrained=True or a checkpoint (pass a timm architecture name for those)."
+            )
+        card = bundled[name]
+        overlay = {**card["pretrained_cfg"], "file": str(ASSETS / f"{name}.safetensors")}
+        return timm.create_model(
+            card["architecture"],
+            pretrained=True,
+            num_classes=num_classes,
+            pretrained_cfg_overlay=overlay,
+            **{**card.get("model_kwargs", {}), **kwargs},
+        )
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"unknown model {name!r}: not a bundled backbone ({', '.join(bundled) or 'none'}) "
+            "and not a timm architecture (see timm.list_models())."
+        )
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise ConfigError(f"checkpoint file {checkpoint} does not exist.")
+        return timm.create_model(
+            name,
+            pretrained=True,
+            num_classes=num_classes,
+            pretrained_cfg_overlay={"file": str(checkpoint), "num_classes": 0},
+            **kwargs,
+        )
+    if pretrained:
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(
+                f"could not load pretrained weights for {name!r} from the Hugging Face hub "
+                f"({type(e).__name__}: {str(e)[:160]}). Offline, use a bundled backbone "
+                f"({', '.join(bundled) or 'none'}) or --checkpoint PATH to a local weights file."
+            ) from e
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)

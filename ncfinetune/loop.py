@@ -1,0 +1,126 @@
+"""One explicit training loop on accelerate, shared by the recipes and the benchmarks.
+
+A model here is anything with ``forward(x) -> logits`` and ``forward_with_features(x) ->
+(logits, features)`` (a :class:`~ncfinetune.tuning.TunedModel`, or the pretraining network).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+
+@dataclass
+class EpochStats:
+    """What one training epoch did (reduced over processes)."""
+
+    loss: float
+    images: int
+    seconds: float
+    steps: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def train_epoch(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader,
+    optimizer,
+    scheduler,
+    *,
+    label_smoothing: float = 0.0,
+    max_steps: int | None = None,
+    desc: str = "train",
+) -> EpochStats:
+    """One pass over ``loader`` with gradient accumulation; the loss stays on device until the end
+    of the epoch (no host round trip per step)."""
+    model.train()
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+    start, steps = time.perf_counter(), 0
+    for x, y in bar:
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += torch.stack(
+            [
+                loss.detach().double() * len(y),
+                torch.tensor(len(y), device=total.device, dtype=torch.float64),
+            ]
+        )
+        steps += 1
+        if max_steps is not None and steps >= max_steps:
+            break
+    seconds = time.perf_counter() - start
+    total = accelerator.reduce(total, reduction="sum")
+    return EpochStats(float(total[0] / total[1].clamp(min=1)), int(total[1]), seconds, steps)
+
+
+@torch.no_grad()
+def predict(
+    accelerator: Accelerator, model: torch.nn.Module, loader, *, features: bool = False
+) -> dict[str, torch.Tensor]:
+    """Predictions (and optionally classifier-input features) for every sample of ``loader``,
+    gathered from all processes so that each sample appears exactly once."""
+    net = accelerator.unwrap_model(model)
+    net.eval()
+    out: dict[str, list[torch.Tensor]] = {"preds": [], "labels": []}
+    if features:
+        out["features"] = []
+    for x, y in loader:
+        with accelerator.autocast():
+            logits, feats = net.forward_with_features(x)
+        items = [logits.argmax(1), y] + ([feats.float()] if features else [])
+        items = accelerator.gather_for_metrics(items)
+        for key, value in zip(out, items, strict=True):
+            out[key].append(value.cpu())
+    return {k: torch.cat(v) if v else torch.empty(0) for k, v in out.items()}
+
+
+# -- checkpoints for resume (atomic: write to a temporary folder, then rename) -------------------
+def save_training_state(accelerator: Accelerator, root: Path, epoch: int, history: list) -> Path:
+    """Save model/optimizer/scheduler/RNG state after ``epoch`` (1-based) under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"epoch_{epoch}", root / f".epoch_{epoch}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "history.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in root.glob("epoch_*"):  # keep only the newest complete checkpoint
+            if old != final and old.name.split("_")[-1].isdigit():
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_training_state(root: Path) -> tuple[Path, int, list] | None:
+    """The newest complete checkpoint under ``root`` as (path, epoch, history), or None."""
+    found = []
+    for d in root.glob("epoch_*"):
+        meta = d / "history.json"
+        if d.is_dir() and meta.is_file():
+            info = json.loads(meta.read_text())
+            found.append((d, int(info["epoch"]), info["history"]))
+    return max(found, key=lambda t: t[1]) if found else None

@@ -1,0 +1,277 @@
+"""Fine-tune a timm backbone with linear probe, Layer FT, SCL FT or full FT.
+
+    accelerate launch recipes/finetune.py                      # bundled default, offline
+    accelerate launch recipes/finetune.py --config recipes/configs/fmnist59_scl.yaml --epochs 5
+
+With no arguments: SCL FT of the bundled resnet18 (pretrained here on Fashion-MNIST classes 0-4)
+at block 4 on scikit-learn's digits. Any config key can be overridden as ``--key value``.
+Writes ``config.yaml``, TensorBoard logs, a checkpoint per epoch (``--resume`` continues from
+the newest), ``metrics.json`` and the tuned weights (``tuned/``) under ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+import ncfinetune
+from ncfinetune import data as nd
+from ncfinetune.config import config_to_dict, parse_config, save_config
+from ncfinetune.hub import DEFAULT_BACKBONE, create_backbone
+from ncfinetune.loop import latest_training_state, predict, save_training_state, train_epoch
+from ncfinetune.metric_modules import load_metric
+from ncfinetune.metrics import nc1
+from ncfinetune.training import build_cosine_schedule, build_optimizer
+
+DEFAULTS = Path(__file__).parent / "configs" / "default.yaml"
+
+
+@dataclass
+class FinetuneConfig:
+    # backbone
+    model: str = DEFAULT_BACKBONE
+    pretrained: bool = False
+    checkpoint: str | None = None
+    # data
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    classes: list[int] | None = None
+    per_class: int | None = None
+    train_size: int | None = None
+    test_fraction: float = 0.2
+    val_fraction: float = 0.0
+    image_size: int | None = None
+    augment: bool = False
+    # method
+    method: str = "scl"
+    block: str | None = "4"
+    bn: str | None = None
+    skip_norm: bool | None = None
+    # optimisation (paper defaults, SPEC section 5)
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    min_lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 10
+    batch_size: int = 64
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    num_workers: int = 0
+    seed: int = 0
+    max_steps: int | None = None  # per epoch; for smoke tests
+    # evaluation and output
+    metric: str = "accuracy"
+    nc1: bool = True
+    output_dir: str = "runs/finetune"
+    resume: bool = False
+    stop_after: int | None = None  # stop after this many epochs (simulates an interruption)
+    tracker: str | None = "tensorboard"  # or none
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.method not in ncfinetune.METHODS:
+            p.append(f"method {self.method!r} is not one of {', '.join(ncfinetune.METHODS)}")
+        if self.method in ("layer", "scl") and self.block is None:
+            p.append(f"method {self.method!r} needs a block (index or name)")
+        if self.bn not in (None, *ncfinetune.BN_POLICIES):
+            p.append(f"bn {self.bn!r} is not one of update, frozen")
+        if self.optimizer not in ("sgd", "adamw"):
+            p.append(f"optimizer {self.optimizer!r} is not one of sgd, adamw")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            p.append(f"mixed_precision {self.mixed_precision!r} is not one of no, fp16, bf16")
+        for key in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                p.append(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            p.append(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.test_fraction < 1:
+            p.append(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.val_fraction < 1:
+            p.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.per_class is not None and self.train_size is not None:
+            p.append("give per_class or train_size, not both")
+        if self.pretrained and self.checkpoint:
+            p.append("give pretrained or checkpoint, not both")
+        return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(
+        FinetuneConfig, argv, defaults_file=str(DEFAULTS) if DEFAULTS.is_file() else None
+    )
+    out = Path(cfg.output_dir)
+    acc = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=cfg.tracker,
+        project_dir=str(out),
+    )
+    set_seed(cfg.seed)
+
+    # data: the training subset is drawn from the training split only; the test split stays whole
+    data = nd.load_image_dataset(
+        cfg.dataset,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        data_dir=cfg.data_dir,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+    )
+    if cfg.classes:
+        data = nd.select_classes(data, cfg.classes)
+    labels = data.labels("train")
+    train_idx = None
+    if cfg.per_class or cfg.train_size:
+        train_idx = nd.balanced_subset(
+            labels, per_class=cfg.per_class, total=cfg.train_size, seed=cfg.seed
+        )
+    val_idx = None
+    if cfg.val_fraction and train_idx is None:
+        train_idx, val_idx = nd.validation_split(labels, cfg.val_fraction, seed=cfg.seed)
+    elif cfg.val_fraction:  # a small subset: validate on training-split rows outside it
+        val_idx = nd.validation_split(labels, cfg.val_fraction, seed=cfg.seed, exclude=train_idx)[1]
+
+    # model
+    model = create_backbone(
+        cfg.model, data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint
+    )
+    block = cfg.block if cfg.method in ("layer", "scl") else None
+    tuned = ncfinetune.wrap(model, cfg.method, block, bn=cfg.bn, skip_norm=cfg.skip_norm)
+    eval_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=False)
+    train_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=cfg.augment)
+    kw = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
+    train_dl = nd.build_loader(
+        data.train, train_tf, shuffle=True, seed=cfg.seed, indices=train_idx, **kw
+    )
+    train_eval_dl = nd.build_loader(data.train, eval_tf, shuffle=False, indices=train_idx, **kw)
+    test_dl = nd.build_loader(data.test, eval_tf, shuffle=False, **kw)
+    val_dl = (
+        nd.build_loader(data.train, eval_tf, shuffle=False, indices=val_idx, **kw)
+        if val_idx is not None
+        else None
+    )
+
+    opt = build_optimizer(tuned, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    steps_per_epoch = -(-min(len(train_dl), cfg.max_steps or len(train_dl)) // cfg.grad_accum)
+    # the prepared scheduler steps once per process per optimizer step; give it the global count
+    sched = build_cosine_schedule(opt, cfg.epochs * steps_per_epoch * acc.num_processes, cfg.min_lr)
+    tuned, opt, train_dl, train_eval_dl, test_dl, sched = acc.prepare(
+        tuned, opt, train_dl, train_eval_dl, test_dl, sched
+    )
+    if val_dl is not None:
+        val_dl = acc.prepare(val_dl)
+    metric = load_metric(cfg.metric)
+
+    history, start_epoch = [], 0
+    ckpt_root = out / "checkpoints"
+    if cfg.resume and (found := latest_training_state(ckpt_root)):
+        path, start_epoch, history = found
+        acc.load_state(str(path))
+        acc.print(f"resumed from {path} (epoch {start_epoch})")
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    if cfg.tracker:
+        acc.init_trackers("finetune", config={k: str(v) for k, v in config_to_dict(cfg).items()})
+    net = acc.unwrap_model(tuned)
+    acc.print(
+        f"{net.describe()}\ndata: {nd.describe(data)}; training on {len(train_dl.dataset)} images"
+    )
+
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        train_dl.set_epoch(epoch)
+        stats = train_epoch(
+            acc,
+            tuned,
+            train_dl,
+            opt,
+            sched,
+            max_steps=cfg.max_steps,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        )
+        res = predict(acc, tuned, test_dl)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": stats.loss,
+            "train_images_per_s": stats.images_per_s,
+            "test_" + cfg.metric: metric.compute(
+                predictions=res["preds"], references=res["labels"]
+            )[cfg.metric],
+            "test_samples": len(res["labels"]),
+        }
+        if cfg.nc1:
+            feats = predict(acc, tuned, train_eval_dl, features=True)
+            row["nc1_train"] = (
+                nc1(feats["features"], feats["labels"])
+                if len(set(feats["labels"].tolist())) > 1
+                else None
+            )
+        if val_dl is not None:
+            v = predict(acc, tuned, val_dl)
+            row["val_accuracy"] = (v["preds"] == v["labels"]).float().mean().item()
+        history.append(row)
+        acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
+        acc.print(
+            json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        )
+        save_training_state(acc, ckpt_root, epoch + 1, history)
+        if cfg.stop_after and epoch + 1 >= cfg.stop_after and epoch + 1 < cfg.epochs:
+            acc.print(f"stopping after epoch {epoch + 1} (stop_after); continue with --resume")
+            acc.end_training()
+            return {"history": history, "stopped": True}
+
+    wall = time.time() - t0
+    trainable, total = net.parameter_counts()
+    last = history[-1]
+    metrics = {
+        "test_" + cfg.metric: last["test_" + cfg.metric],
+        "nc1_train": last.get("nc1_train"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "method": cfg.method,
+        "block": net.block_index,
+        "block_name": net.block_name,
+        "bn": net.bn,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "num_train": len(train_dl.dataset) if train_idx is None else len(train_idx),
+        "num_test": len(data.test),
+        "test_samples_evaluated": last["test_samples"],
+        "epochs": cfg.epochs,
+        "wall_time_s": wall,
+        "train_images_per_s": sum(h["train_images_per_s"] for h in history) / len(history),
+        "num_processes": acc.num_processes,
+        "history": history,
+    }
+    if acc.is_main_process:
+        net.save_pretrained(out / "tuned")
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.replace(out / "metrics.json")
+        nc = f"{metrics['nc1_train']:.3f}" if metrics["nc1_train"] is not None else "n/a"
+        print(
+            f"\n== {net.describe()}\n"
+            f"   {cfg.dataset}: {metrics['num_train']} training images, {metrics['num_test']} test images\n"
+            f"   test {cfg.metric} {100 * metrics['test_' + cfg.metric]:.2f}%   penultimate NC1 (train) {nc}   "
+            f"trainable {metrics['trainable_percent']:.2f}%\n"
+            f"   {cfg.epochs - start_epoch} epochs in {wall:.1f}s ({metrics['train_images_per_s']:.0f} img/s); "
+            f"outputs in {out}/"
+        )
+    acc.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

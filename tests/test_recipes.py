@@ -1,0 +1,199 @@
+"""End-to-end recipe runs on tiny models and bundled data (CPU, offline)."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import make_model
+
+from ncfinetune import BlockError, ConfigError, DataError, load_tuned
+from ncfinetune.config import parse_config
+from ncfinetune.hub import create_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = runpy.run_path(str(ROOT / "recipes" / "finetune.py"), run_name="finetune_recipe")
+PRETRAIN = runpy.run_path(str(ROOT / "recipes" / "pretrain.py"), run_name="pretrain_recipe")
+TINY_RUN = [
+    "--model",
+    "test_resnet",
+    "--image_size",
+    "32",
+    "--block",
+    "1",
+    "--batch_size",
+    "64",
+    "--tracker",
+    "none",
+    "--lr",
+    "0.05",
+]
+
+
+def finetune(*args):
+    return FINETUNE["main"]([*TINY_RUN, *map(str, args)])
+
+
+def test_finetune_smoke_writes_metrics_and_loadable_weights(tmp_path):
+    m = finetune("--epochs", 2, "--max_steps", 2, "--output_dir", tmp_path)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test_samples_evaluated"] == saved["num_test"] == 360  # digits: 20% of 1797
+    assert saved["num_train"] == 1437 and len(saved["history"]) == 2
+    assert saved["trainable_percent"] == pytest.approx(100 * 37_354 / 373_658)
+    assert m["nc1_train"] > 0 and 0 <= m["test_accuracy"] <= 1
+    tuned = load_tuned(
+        tmp_path / "tuned", make_model("test_resnet", num_classes=10, seed=99), verify_base=False
+    )
+    assert tuned.method == "scl" and tuned.block_index == 1
+    assert (tmp_path / "config.yaml").is_file()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_interrupt_and_resume_gives_the_same_final_numbers(tmp_path):
+    args = ["--epochs", 3, "--max_steps", 4, "--per_class", 12, "--seed", 3]
+    full = finetune(*args, "--output_dir", tmp_path / "a")
+    first = finetune(*args, "--output_dir", tmp_path / "b", "--stop_after", 1)
+    assert first["stopped"] and len(first["history"]) == 1
+    resumed = finetune(*args, "--output_dir", tmp_path / "b", "--resume")
+    for key in ("test_accuracy", "nc1_train"):
+        assert resumed[key] == full[key]
+    assert [h["train_loss"] for h in resumed["history"]] == [
+        h["train_loss"] for h in full["history"]
+    ]
+    wa = safetensors.torch.load_file(tmp_path / "a" / "tuned" / "tuned.safetensors")
+    wb = safetensors.torch.load_file(tmp_path / "b" / "tuned" / "tuned.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_process_cpu_run_counts_each_test_sample_once(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "recipes" / "finetune.py"),
+        *TINY_RUN,
+        "--epochs",
+        "1",
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "48",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["num_processes"] == 2
+    # 360 test images in batches of 48 over 2 processes: the last round is padded, and the
+    # padding must not be counted.
+    assert saved["test_samples_evaluated"] == saved["num_test"] == 360
+
+
+def test_bad_config_lists_every_problem():
+    with pytest.raises(ConfigError) as e:
+        finetune(
+            "--method",
+            "lora",
+            "--bn",
+            "sometimes",
+            "--epochs",
+            0,
+            "--per_class",
+            5,
+            "--train_size",
+            50,
+        )
+    msg = str(e.value)
+    for part in (
+        "method 'lora' is not one of",
+        "bn 'sometimes'",
+        "epochs must be >= 1",
+        "give per_class or train_size, not both",
+    ):
+        assert part in msg
+
+
+def test_bad_block_and_dataset_errors(tmp_path, monkeypatch):
+    with pytest.raises(BlockError, match="block 9 is out of range for test_resnet"):
+        finetune("--block", 9, "--output_dir", tmp_path)
+    with pytest.raises(DataError, match="Valid keys|valid|classes"):
+        finetune("--classes", "3,42", "--output_dir", tmp_path)
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="digits"):
+        finetune("--dataset", "no_such_dataset_xyz", "--output_dir", tmp_path)
+
+
+def test_every_config_file_loads():
+    files = sorted((ROOT / "recipes" / "configs").rglob("*.yaml"))
+    assert len(files) == 8, [f.name for f in files]
+    for f in files:
+        cls = PRETRAIN["PretrainConfig"] if "pretrain" in f.parts else FINETUNE["FinetuneConfig"]
+        cfg = parse_config(cls, ["--config", str(f)])
+        assert cfg.output_dir
+
+
+def test_pretrain_smoke_then_finetune_from_its_checkpoint(tmp_path):
+    PRETRAIN["main"](
+        [
+            "--model",
+            "test_resnet",
+            "--dataset",
+            "digits",
+            "--classes",
+            "0,1,2",
+            "--epochs",
+            "1",
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "32",
+            "--nc1_samples",
+            "100",
+            "--output_dir",
+            str(tmp_path / "pt"),
+        ]
+    )
+    card = json.loads((tmp_path / "pt" / "backbone.json").read_text())
+    assert card["source"]["classes"] == [0, 1, 2] and len(card["history"]) == 1
+    weights = safetensors.torch.load_file(tmp_path / "pt" / "backbone.safetensors")
+    assert all(v.dtype == torch.float16 for v in weights.values()) and "fc.weight" not in weights
+    model = create_backbone(
+        "test_resnet", 4, checkpoint=str(tmp_path / "pt" / "backbone.safetensors")
+    )
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in weights.items())
+    assert model.get_classifier().out_features == 4
+
+
+def test_unknown_model_and_offline_hub_errors(monkeypatch):
+    with pytest.raises(ConfigError, match="unknown model 'resnet_nope'"):
+        create_backbone("resnet_nope", 3)
+    import timm
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to the hub")
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", offline)
+    with pytest.raises(ConfigError, match="Offline, use a bundled backbone"):
+        create_backbone("resnet18", 3, pretrained=True)
