@@ -15,6 +15,16 @@ from ncfinetune.errors import (
     NcFinetuneError,
     UnsupportedModelError,
 )
+from ncfinetune.features import collect_block_features, layerwise_nc1, plot_layerwise_nc1
+from ncfinetune.hub import bundled_backbones, create_backbone
+from ncfinetune.metrics import (
+    NC1Accumulator,
+    cdnv,
+    class_separation_r2,
+    linear_cka,
+    nc1,
+    numerical_rank,
+)
 from ncfinetune.training import build_cosine_schedule, build_optimizer
 from ncfinetune.tuning import (
     BN_POLICIES,
@@ -37,6 +47,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "MetricInputError",
+    "NC1Accumulator",
     "NcFinetuneError",
     "TunedModel",
     "TuningConfig",
@@ -44,6 +55,16 @@ __all__ = [
     "__version__",
     "build_cosine_schedule",
     "build_optimizer",
+    "bundled_backbones",
+    "cdnv",
+    "class_separation_r2",
+    "collect_block_features",
+    "create_backbone",
+    "layerwise_nc1",
+    "linear_cka",
+    "nc1",
+    "numerical_rank",
+    "plot_layerwise_nc1",
     "full_wrap",
     "get_adapter",
     "layer_wrap",
