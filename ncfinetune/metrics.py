@@ -6,7 +6,8 @@ Labels are class ids. With ``num_classes=None`` the K classes are the distinct l
 remapped in sorted order to 0..K-1 (so labels may skip values or be negative); with
 ``num_classes=K`` every label must lie in [0, K) and every class must have a sample. All sums
 are accumulated in float64, whatever the input dtype. Bad input raises
-:class:`~ncfinetune.errors.MetricInputError`, never a silent NaN.
+:class:`~ncfinetune.errors.MetricInputError`, never a silent NaN. On CPU, each calling thread
+keeps one float64 scratch buffer (~10-20 MiB, at most 64 MiB) between calls, for speed.
 
 Definitions (SPEC section 3): ``mu_k`` is the mean of class k, ``mu_G`` the unweighted mean of
 the K class means.
@@ -17,6 +18,7 @@ re-exported here as ``NC1Accumulator``.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +40,17 @@ __all__ = [
 ]
 
 _EPS64 = float(torch.finfo(torch.float64).eps)
-# Rows of float64 scratch per chunk: ~4 MiB on CPU keeps the working set in L2/L3 (measured
-# faster than whole-array float64 copies, whose page faults dominate); larger on accelerators,
-# where each chunk costs a few kernel launches.
-_CPU_CHUNK_BYTES = 4 * 2**20
+# Rows of float64 scratch per chunk: ~8 MiB on CPU keeps the working set in L2/L3 and gives
+# MKL's skinny dgemm enough rows (measured on the 2-core benchmark CPU: 2-3x faster than
+# whole-array float64 copies, whose page faults and DRAM traffic dominate); larger on
+# accelerators, where each chunk costs a few kernel launches.
+_CPU_CHUNK_BYTES = 8 * 2**20
 _GPU_CHUNK_BYTES = 256 * 2**20
+_SCRATCH = threading.local()  # per-thread CPU work buffer, see _scratch
+_SCRATCH_MAX_BYTES = 64 * 2**20
+_HUGE_PAGE = 2 * 2**20
+# nc1 projects raw features when rounding provably costs less than this relative error.
+_FAST_PATH_RTOL = 1e-8
 
 
 # --------------------------------------------------------------------------- input checks
@@ -165,25 +173,71 @@ def _chunk_rows(d: int, device: torch.device) -> int:
     return max(64, budget // (8 * d))
 
 
-def _class_sums(h: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-class sums of the rows of ``h`` in float64 (K x d), one chunked pass over ``h``."""
-    n, d = h.shape
-    sums = torch.zeros(k, d, dtype=torch.float64, device=h.device)
-    if h.dtype == torch.float64:
-        return sums.index_add_(0, y, h)
-    rows = _chunk_rows(d, h.device)
-    buf = torch.empty(min(rows, n), d, dtype=torch.float64, device=h.device)
+def _scratch(device: torch.device, *shapes: tuple[int, int]) -> list[torch.Tensor]:
+    """float64 work arrays of the given shapes, carved from one buffer.
+
+    On CPU the buffer starts on a 2 MiB boundary (so Linux can back it with transparent huge
+    pages) and is kept per thread between calls (up to 64 MiB). Measured on the 2-core VM the
+    benchmark runs on: an unaligned fresh buffer per call made nc1 up to 2x slower at d = 2048,
+    K = 10, depending on whether it happened to get huge pages (TLB misses in the chunked
+    copy/GEMM) and on page faults (~15 us per 4 KiB page there). Accelerators use torch's
+    caching allocator instead.
+    """
+    sizes = [rows * cols for rows, cols in shapes]
+    total = sum(sizes)
+    if device.type != "cpu":
+        buf = torch.empty(total, dtype=torch.float64, device=device)
+    else:
+        buf = getattr(_SCRATCH, "buf", None)
+        if buf is None or buf.numel() < total:
+            raw = torch.empty(total * 8 + _HUGE_PAGE, dtype=torch.uint8)
+            start = -raw.data_ptr() % _HUGE_PAGE
+            buf = raw[start : start + total * 8].view(torch.float64)
+            if total * 8 <= _SCRATCH_MAX_BYTES:
+                _SCRATCH.buf = buf
+    views, start = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        views.append(buf[start : start + size].view(shape))
+        start += size
+    return views
+
+
+def _float64_chunks(h: torch.Tensor, buf: torch.Tensor | None):
+    """Yield (start, end, rows start:end of ``h`` as float64), copied into ``buf`` (rows x d).
+
+    Chunking keeps the float64 copy small (cache-resident on CPU) instead of doubling the
+    memory of H; float64 input is passed through without a copy (``buf`` may then be None).
+    """
+    n = h.shape[0]
+    rows = _chunk_rows(h.shape[1], h.device)
     for s in range(0, n, rows):
         e = min(n, s + rows)
+        if h.dtype == torch.float64:
+            yield s, e, h[s:e]
+            continue
         b = buf[: e - s]
         b.copy_(h[s:e])  # float32/16 -> float64 is exact
+        yield s, e, b
+
+
+def _class_sums(h: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of the rows of ``h`` (K x d) and ||H||_F**2, float64, one pass over ``h``."""
+    n, d = h.shape
+    sums = torch.zeros(k, d, dtype=torch.float64, device=h.device)
+    fro2 = torch.zeros((), dtype=torch.float64, device=h.device)
+    (buf,) = _scratch(h.device, (min(n, _chunk_rows(d, h.device)), d))
+    for s, e, b in _float64_chunks(h, buf):
         sums.index_add_(0, y[s:e], b)
-    return sums
+        flat = b.reshape(-1)
+        fro2 += torch.dot(flat, flat)
+    return sums, fro2
 
 
-def _class_means(h: torch.Tensor, y: torch.Tensor, k: int, counts: torch.Tensor) -> torch.Tensor:
-    """Class means (K x d, float64); raises on non-finite features (found through the sums)."""
-    sums = _class_sums(h, y, k)
+def _class_means(
+    h: torch.Tensor, y: torch.Tensor, k: int, counts: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Class means (K x d, float64) and ||H||_F**2; raises on non-finite features."""
+    sums, fro2 = _class_sums(h, y, k)
     # Any NaN/inf in h makes its class sum non-finite, so this check is free; the exact count
     # and position are only looked up when it fails.
     if not bool(torch.isfinite(sums).all()):
@@ -192,20 +246,17 @@ def _class_means(h: torch.Tensor, y: torch.Tensor, k: int, counts: torch.Tensor)
             "the class sums of the features overflow float64 (values near 1e308). "
             "Rescale the features, e.g. divide by their largest absolute value."
         )
-    return sums / counts.to(sums)[:, None]
+    return sums / counts.to(sums)[:, None], float(fro2)
 
 
 def _between_directions(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The range of Sigma_B as (U, s): Sigma_B = U diag(s**2 / K) U^T, U with orthonormal columns.
 
-    ``means`` is K x d (float64). We take the SVD of the d x K centred means M instead of
-    forming the d x d Sigma_B = (1/K) M M^T. Pinv cutoff: an eigenvalue s_j**2 / K of Sigma_B
-    is treated as zero unless s_j**2 > max(d, K) * eps64 * s_max**2, i.e. the relative cutoff of
-    ``scipy.linalg.pinv`` (rtol = max(shape) * eps) applied to the singular values of Sigma_B;
-    for K <= d this is exactly scipy's default on the d x d Sigma_B, for K > d the SPEC's
-    max(d, K) makes it at most K/d times stricter. The SVD of M gives the small eigenvalues of
-    Sigma_B to an absolute error of about eps * s_max**2 * eps, not eps * s_max**2 as a dense
-    eigen-solver would, so exact rank deficiency (rank <= K-1) never leaks through the cutoff.
+    ``means`` is K x d (float64); we take the SVD of the d x K centred means M instead of forming
+    Sigma_B = (1/K) M M^T. Pinv cutoff: s_j**2 / K counts only if s_j**2 > max(d, K) * eps64 *
+    s_max**2 (see :func:`nc1`). A zero singular value of M comes out as ~eps * s_max, i.e. an
+    eigenvalue ~eps**2 * s_max**2 of Sigma_B, far below the cutoff; an eigen-solver on the dense
+    Sigma_B would return ~eps * s_max**2, close to it.
     """
     k, d = means.shape
     centred = means - means.mean(0, keepdim=True)
@@ -238,9 +289,12 @@ def nc1(features: Any, labels: Any, num_classes: int | None = None) -> float:
 
     Computed exactly without any d x d matrix: with Sigma_B = U diag(s**2/K) U^T (rank
     r <= K-1, from an SVD of the d x K centred means), NC1 = sum_j ||Z_j||**2 / (N s_j**2)
-    where Z = (H - mu_y) U is N x r. Cost O(N d K) time and O(K d) memory beyond the input: two
-    chunked float64 passes over H (class sums, then centre-and-project). Agrees with the dense
-    formula to ~1e-12 relative (tests require 1e-6).
+    where Z = (H - mu_y) U is N x r. Cost O(N d K) time; memory O(K d) plus an 8 MiB chunk: two
+    chunked float64 passes over H (class sums and ||H||_F, then project). The projection is
+    done as H U - mu_y U when a rigorous rounding bound shows that costs < 1e-8 relative error;
+    otherwise (within-class spread below about d * 1e-7 of the feature norm: strong collapse) H
+    is centred in float64 before projecting, in a third pass. Agrees with the dense formula to
+    ~1e-12 relative in tests (required: 1e-6).
 
     Invariant (tested) to permuting the samples, scaling the features by any c != 0, adding a
     constant vector, and rotating the features by an orthogonal matrix.
@@ -261,25 +315,52 @@ def nc1(features: Any, labels: Any, num_classes: int | None = None) -> float:
     h = _check_features(features)
     n, d = h.shape
     y, k, counts = _check_labels(labels, n, h.device, num_classes)
-    means = _class_means(h, y, k, counts)
+    means, fro2 = _class_means(h, y, k, counts)
     u, s = _between_directions(means)
+    w = 1.0 / s.square()
+    # Fast path: project the raw features and subtract mu_y U afterwards (no centring pass).
+    # That subtraction cancels ||h|| against the within-class spread, so bound the damage:
+    # each entry of H U and mu U is off by at most gamma_d (||h_i|| + ||mu_k||) (Higham's
+    # dot-product bound), i.e. sum_i err_ij**2 <= e2 = 4 gamma_d**2 ||H||_F**2 for every j.
+    sq = _projected_squares(h, y, means, u, centre=False)
+    gamma = d * _EPS64 / (1.0 - d * _EPS64)
+    e2 = 4.0 * gamma**2 * fro2
+    bound = float(((2.0 * (sq * e2).sqrt() + e2) * w).sum() / (sq * w).sum().clamp_min(1e-300))
+    if not bound <= _FAST_PATH_RTOL:  # also catches inf/nan from overflow
+        # Nearly collapsed features: centre in float64 first, which is exact up to rounding.
+        sq = _projected_squares(h, y, means, u, centre=True)
+    return float((sq * w).sum() / n)
+
+
+def _projected_squares(
+    h: torch.Tensor, y: torch.Tensor, means: torch.Tensor, u: torch.Tensor, centre: bool
+) -> torch.Tensor:
+    """sum_i ((h_i - mu_{y_i}) U)_j**2 for each column j of U (float64), one pass over ``h``."""
+    # Work with Z^T = U^T B^T (r x rows): MKL's dgemm runs this skinny product about 1.5x faster
+    # than B U (r << d) on the benchmark CPU. Every per-chunk array lives in scratch (see
+    # _scratch for why).
+    n, d = h.shape
     r = u.shape[1]
-    rows = _chunk_rows(d, h.device)
-    buf = torch.empty(min(rows, n), d, dtype=torch.float64, device=h.device)
-    gathered = torch.empty_like(buf)
-    z = torch.empty(buf.shape[0], r, dtype=torch.float64, device=h.device)
+    rows = min(n, _chunk_rows(d, h.device))
+    ut = u.T.contiguous()
+    means_ut = ut @ means.T  # r x K
     sq = torch.zeros(r, dtype=torch.float64, device=h.device)
-    for start in range(0, n, rows):
-        e = min(n, start + rows)
-        b, g, zb = buf[: e - start], gathered[: e - start], z[: e - start]
-        # Centre before projecting: projecting raw features and subtracting mu_y U afterwards
-        # would cancel ||mu|| against the within-class spread, losing digits when collapsed.
-        b.copy_(h[start:e])
-        torch.index_select(means, 0, y[start:e], out=g)
-        b.sub_(g)
-        torch.mm(b, u, out=zb)
-        sq.add_(zb.square().sum(0))
-    return float((sq / s.square()).sum() / n)
+    buf, gathered, zt_buf, gz_buf = _scratch(
+        h.device, (rows, d), (rows if centre else 0, d), (r, rows), (r, rows)
+    )
+    owned = h.dtype != torch.float64  # b is our scratch copy, not a view of the input
+    for s, e, b in _float64_chunks(h, buf):
+        zt, gz = zt_buf[:, : e - s], gz_buf[:, : e - s]
+        if centre:
+            g = gathered[: e - s]
+            torch.index_select(means, 0, y[s:e], out=g)
+            torch.mm(ut, (b.sub_(g) if owned else b - g).T, out=zt)
+        else:
+            torch.mm(ut, b.T, out=zt)
+            torch.index_select(means_ut, 1, y[s:e], out=gz)
+            zt.sub_(gz)
+        sq += zt.square_().sum(1)
+    return sq
 
 
 def cdnv(features: Any, labels: Any, num_classes: int | None = None) -> float:
@@ -305,13 +386,15 @@ def cdnv(features: Any, labels: Any, num_classes: int | None = None) -> float:
     h = _check_features(features)
     n, d = h.shape
     y, k, counts = _check_labels(labels, n, h.device, num_classes)
-    means = _class_means(h, y, k, counts)
+    means, _ = _class_means(h, y, k, counts)
     within = torch.zeros(k, dtype=torch.float64, device=h.device)
-    rows = _chunk_rows(d, h.device)
-    for s in range(0, n, rows):
-        yb = y[s : s + rows]
-        dev = h[s : s + rows].to(torch.float64) - means[yb]
-        within.index_add_(0, yb, dev.square().sum(1))
+    rows = min(n, _chunk_rows(d, h.device))
+    buf, gathered = _scratch(h.device, (rows, d), (rows, d))
+    for s, e, b in _float64_chunks(h, buf):
+        g = gathered[: e - s]
+        torch.index_select(means, 0, y[s:e], out=g)
+        dev = b.sub_(g) if h.dtype != torch.float64 else b - g
+        within.index_add_(0, y[s:e], dev.square_().sum(1))
     var = within / counts.to(within)
     return _cdnv_from_stats(means, var)
 

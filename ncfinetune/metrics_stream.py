@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from ncfinetune.errors import MetricInputError
@@ -57,13 +58,13 @@ class NC1Accumulator:
 
     def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None):
         for name, value, least in (("num_classes", num_classes, 2), ("dim", dim, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
                 raise MetricInputError(
                     f"{name} must be an int >= {least}, got {value!r}. Pass the number of "
                     f"{'classes' if name == 'num_classes' else 'feature dimensions'}."
                 )
-        self.num_classes = num_classes
-        self.dim = dim
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         f64 = {"dtype": torch.float64, "device": self.device}
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
@@ -93,7 +94,7 @@ class NC1Accumulator:
         if h.shape[0] == 0:
             return self
         counts = torch.bincount(y, minlength=self.num_classes)
-        means = _class_means(h, y, self.num_classes, counts.clamp_min(1))  # raises on NaN/inf
+        means, _ = _class_means(h, y, self.num_classes, counts.clamp_min(1))  # raises on NaN/inf
         dev = h.to(torch.float64) - means[y]
         sq_dev = torch.zeros_like(self.sq_dev).index_add_(0, y, dev.square().sum(1))
         self._merge_stats(counts, means, sq_dev, dev.T @ dev)

@@ -1,4 +1,4 @@
-"""Metrics against dense float64 NumPy/SciPy references written here, plus invariances and errors."""
+"""Metrics against dense float64 NumPy/SciPy references written here; invariances; errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from ncfinetune import metrics
 from ncfinetune.errors import MetricInputError
 from ncfinetune.metrics import (
     NC1Accumulator,
@@ -131,6 +132,24 @@ def test_linear_cka_matches_reference(n, da, db):
     assert linear_cka(torch.from_numpy(a), torch.from_numpy(a)) == pytest.approx(1.0, abs=1e-12)
 
 
+def test_extreme_collapse_takes_the_exact_centred_path(monkeypatch):
+    # std 1e-9 around means of norm 10: projecting raw features would lose ~10 of 16 digits, so
+    # nc1 must notice (rounding bound) and centre first; ordinary data takes the fast path.
+    h, y = make_data(300, 24, 5, std=1e-9, seed=9)
+    assert rel(nc1(h, y), ref_nc1(h, y)) <= 1e-6
+    calls = []
+    real = metrics._projected_squares
+    monkeypatch.setattr(
+        metrics, "_projected_squares", lambda *a, **kw: calls.append(kw) or real(*a, **kw)
+    )
+    nc1(h, y)
+    assert [c["centre"] for c in calls] == [False, True]
+    calls.clear()
+    h, y = make_data(300, 24, 5, std=1e-3, seed=9)
+    assert rel(nc1(h, y), ref_nc1(h, y)) <= 1e-6
+    assert [c["centre"] for c in calls] == [False]
+
+
 def test_labels_are_remapped_and_num_classes_respected():
     h, y = make_data(300, 8, 3)
     expected = nc1(h, y, num_classes=3)
@@ -140,7 +159,7 @@ def test_labels_are_remapped_and_num_classes_respected():
 
 def test_singleton_class_is_fine():
     h, y = make_data(200, 8, 4)
-    y[0], y[1:][y[1:] == y[0]] = 4, y[0]  # class 4 has exactly one sample
+    y[0] = 4  # class 4 has exactly one sample
     assert rel(nc1(h, y), ref_nc1(h, y)) <= 1e-6
 
 

@@ -1,4 +1,4 @@
-"""NC1 as an offline ``evaluate`` metric (``load_metric("nc1")`` or ``evaluate.load(<this dir>)``).
+"""NC1 as an offline ``evaluate`` metric: ``load_metric("nc1")`` or ``evaluate.load(<this dir>)``.
 
 ``add_batch(features=H_b, labels=y_b)`` per batch, then ``compute()`` ->
 ``{"nc1": ncfinetune.metrics.nc1(all features, all labels)}``; ``compute(num_classes=K)``
@@ -15,8 +15,13 @@ evaluate deletes the file. So per sample: 4 d + 12 bytes on disk (float32 values
 offset, an int64 label), and at ``compute()`` transiently ~32 bytes per value in Python objects.
 
 Measured once (N = 10,000, d = 512, K = 10, ten add_batch calls of 1,000 rows, 2-core CPU,
-evaluate 0.4.6, datasets 5.2.0), ``python ncfinetune/metric_modules/nc1/nc1.py``:
-MEASURED_LINE
+evaluate 0.4.6, datasets 5.2.0), ``~/.cache/ncft-dev/bin/python
+ncfinetune/metric_modules/nc1/nc1.py``:
+add_batch 1.52 s in all, compute 3.72 s (of which nc1 itself 14 ms), Arrow file 2060
+B/sample (19.6 MiB), peak Python allocations during compute 177 MiB (the features themselves:
+19.5 MiB). That is ~0.15 ms per sample to add and ~0.37 ms per sample to compute: compute()
+alone takes ~270x as long as ``ncfinetune.metrics.nc1`` on the arrays (add + compute ~370x),
+and its peak memory is ~9x the features'.
 For large N or d, prefer ``ncfinetune.metrics.NC1Accumulator``: one pass, no disk, no
 per-element conversion, O(d^2 + K d) memory.
 """
