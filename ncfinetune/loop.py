@@ -19,6 +19,27 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 
+def set_cpu_threads(accelerator: Accelerator, threads: int | None = None) -> int:
+    """Set torch's intra-op threads for a run on CPU and return the number used.
+
+    ``accelerate launch`` without ``--cpu`` exports ``OMP_NUM_THREADS=1`` unless the user set it,
+    so a plain ``accelerate launch recipes/finetune.py`` on a CPU machine would train on one core
+    (measured here: ViT-Tiny pretraining at 94 img/s with 1 thread, 160 img/s with 2). With
+    ``threads=None`` a CPU run uses the cores this process may run on divided by the processes
+    on this machine; an explicit number wins. On accelerators torch's setting is left alone.
+    """
+    if accelerator.device.type != "cpu":
+        return torch.get_num_threads()
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        threads = max(1, (cores or 1) // max(1, local))
+    if threads < 1:
+        raise ValueError(f"cpu_threads must be >= 1 or null (auto), got {threads}")
+    torch.set_num_threads(threads)
+    return threads
+
+
 @dataclass
 class EpochStats:
     """What one training epoch did (reduced over processes)."""

@@ -24,7 +24,13 @@ import ncfinetune
 from ncfinetune import data as nd
 from ncfinetune.config import config_to_dict, parse_config, save_config
 from ncfinetune.hub import DEFAULT_BACKBONE, create_backbone
-from ncfinetune.loop import latest_training_state, predict, save_training_state, train_epoch
+from ncfinetune.loop import (
+    latest_training_state,
+    predict,
+    save_training_state,
+    set_cpu_threads,
+    train_epoch,
+)
 from ncfinetune.metric_modules import load_metric
 from ncfinetune.metrics import nc1
 from ncfinetune.training import build_cosine_schedule, build_optimizer
@@ -65,6 +71,7 @@ class FinetuneConfig:
     batch_size: int = 64
     grad_accum: int = 1
     mixed_precision: str = "no"
+    cpu_threads: int | None = None  # CPU only; null = cores / processes on this machine
     num_workers: int = 0
     seed: int = 0
     max_steps: int | None = None  # per epoch; for smoke tests
@@ -78,6 +85,8 @@ class FinetuneConfig:
 
     def validate(self) -> list[str]:
         p = []
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            p.append(f"cpu_threads must be >= 1 or null (auto), got {self.cpu_threads}")
         if self.method not in ncfinetune.METHODS:
             p.append(f"method {self.method!r} is not one of {', '.join(ncfinetune.METHODS)}")
         if self.method in ("layer", "scl") and self.block is None:
@@ -117,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         project_dir=str(out),
     )
     set_seed(cfg.seed)
+    threads = set_cpu_threads(acc, cfg.cpu_threads)
 
     # data: the training subset is drawn from the training split only; the test split stays whole
     data = nd.load_image_dataset(
@@ -186,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     net = acc.unwrap_model(tuned)
     acc.print(
         f"{net.describe()}\ndata: {nd.describe(data)}; training on {len(train_dl.dataset)} images"
+        + (f"; {threads} CPU threads per process" if acc.device.type == "cpu" else "")
     )
 
     t0 = time.time()
@@ -253,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_time_s": wall,
         "train_images_per_s": sum(h["train_images_per_s"] for h in history) / len(history),
         "num_processes": acc.num_processes,
+        "cpu_threads": threads if acc.device.type == "cpu" else None,
         "history": history,
     }
     if acc.is_main_process:

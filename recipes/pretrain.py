@@ -29,7 +29,7 @@ import ncfinetune
 import ncfinetune.hub
 from ncfinetune import data as nd
 from ncfinetune.config import parse_config, save_config
-from ncfinetune.loop import predict, train_epoch
+from ncfinetune.loop import predict, set_cpu_threads, train_epoch
 from ncfinetune.metrics import nc1
 from ncfinetune.training import build_cosine_schedule
 
@@ -56,6 +56,7 @@ class PretrainConfig:
     projector_dim: int = 2048
     nc1_samples: int = 5000  # source training samples used for the per-epoch NC1
     mixed_precision: str = "no"
+    cpu_threads: int | None = None  # CPU only; null = cores / processes on this machine
     seed: int = 0
     max_steps: int | None = None  # per epoch; for smoke tests
     output_dir: str = "runs/pretrain"
@@ -63,6 +64,8 @@ class PretrainConfig:
 
     def validate(self) -> list[str]:
         problems = []
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            problems.append(f"cpu_threads must be >= 1 or null (auto), got {self.cpu_threads}")
         if not timm.is_model(self.model):
             problems.append(f"model {self.model!r} is not a timm architecture")
         for key in ("epochs", "batch_size", "image_size", "nc1_samples"):
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(PretrainConfig, sys.argv[1:] if argv is None else argv)
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
+    set_cpu_threads(acc, cfg.cpu_threads)
     out = Path(cfg.output_dir)
     data = nd.select_classes(nd.load_image_dataset(cfg.dataset, data_dir=cfg.data_dir), cfg.classes)
     data_cfg = {

@@ -51,6 +51,7 @@ def test_finetune_smoke_writes_metrics_and_loadable_weights(tmp_path):
     )
     assert tuned.method == "scl" and tuned.block_index == 1
     assert (tmp_path / "config.yaml").is_file()
+    assert saved["cpu_threads"] == len(os.sched_getaffinity(0))  # auto: all cores, 1 process
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -100,6 +101,8 @@ def test_two_process_cpu_run_counts_each_test_sample_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["num_processes"] == 2
+    # OMP_NUM_THREADS=1 from the environment is overridden: cores split between the 2 processes
+    assert saved["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     # 360 test images in batches of 48 over 2 processes: the last round is padded, and the
     # padding must not be counted.
     assert saved["test_samples_evaluated"] == saved["num_test"] == 360
@@ -118,6 +121,8 @@ def test_bad_config_lists_every_problem():
             5,
             "--train_size",
             50,
+            "--cpu_threads",
+            0,
         )
     msg = str(e.value)
     for part in (
@@ -125,6 +130,7 @@ def test_bad_config_lists_every_problem():
         "bn 'sometimes'",
         "epochs must be >= 1",
         "give per_class or train_size, not both",
+        "cpu_threads must be >= 1 or null (auto), got 0",
     ):
         assert part in msg
 

@@ -1,0 +1,324 @@
+"""Shared settings and the one fine-tuning run every benchmark question is made of.
+
+Each run is a record: a JSON file under ``benchmarks/results/runs/<backbone>/<target>/`` named by
+its settings, holding the config, the metrics, trainable parameters, wall time, images/s,
+package versions and the seed. A run whose record exists is skipped (``force=True`` redoes
+it), so every script can be stopped and started again and only the missing runs are done.
+Full fine-tuning is just another method.
+
+Protocol (SPEC section 5): class-balanced nested subsets of the downstream training split
+(``ncfinetune.data.balanced_subset``), the full test split, SGD momentum 0.9, weight decay 1e-4,
+cosine schedule from the learning rate down to 1e-4, images at the backbone's 32 px. Every
+run gets the same budget of optimizer steps whatever the subset size, so methods and sizes
+are compared at equal compute. Images are decoded once per backbone and target and cached as
+uint8 tensors under ``benchmarks/.cache`` (not committed); no augmentation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import ncfinetune
+from ncfinetune import data as nd
+from ncfinetune.hub import create_backbone
+from ncfinetune.metrics import nc1
+from ncfinetune.training import build_cosine_schedule, build_optimizer
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+RUNS = RESULTS / "runs"
+CACHE = ROOT / ".cache"
+
+# -- shared settings ------------------------------------------------------------------------------
+BACKBONES = {
+    # the paper's middle block of resnet18 is index 4 (layer3.0); stage-first blocks 0, 2, 4, 6
+    "resnet18": {"model": "resnet18_fmnist04", "middle": 4, "blocks": [0, 2, 4, 6]},
+    # ViT-Tiny, 12 blocks: the same depth fractions 0, 1/4, 1/2, 3/4 as resnet18's 0, 2, 4, 6
+    "vit_tiny": {"model": "vit_tiny_fmnist04", "middle": 6, "blocks": [0, 3, 6, 9]},
+}
+TARGETS = {
+    "fmnist59": {"dataset": "fashion_mnist", "classes": [5, 6, 7, 8, 9]},
+    "digits": {"dataset": "digits", "classes": None},  # ~143 training images per class
+}
+SIZES = {"fmnist59": [2, 5, 10, 20, 50, 100, 500], "digits": [2, 5, 10, 20, 50, 100]}
+METHODS = ["linear", "layer", "scl", "full"]
+SEEDS = [0, 1, 2]
+LR_GRID = [0.1, 0.03, 0.01, 0.003]
+PAPER_LR = 0.1  # SGD lr 0.1 for every method (paper App. B)
+LR_SELECT_SIZE = 20  # per class: the size the learning rate is chosen at, reused for all sizes
+TABLE_SIZES = [10, 100]  # per class: the method x block table
+STEPS = 150  # optimizer steps per run, every size
+BATCH = 32
+VAL_MAX = 1000  # validation images for the learning-rate choice, outside the subset
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning run; its fields name its record."""
+
+    backbone: str
+    target: str
+    method: str
+    block: int | None
+    per_class: int
+    seed: int
+    lr: float
+    steps: int = STEPS
+    batch: int = BATCH
+    validate: bool = False  # also measure accuracy on a validation split outside the subset
+
+    @property
+    def key(self) -> str:
+        block = "" if self.method in ("linear", "full") else f"-b{self.block}"
+        val = "-val" if self.validate else ""
+        return (
+            f"{self.method}{block}-n{self.per_class}-s{self.seed}-lr{self.lr:g}"
+            f"-t{self.steps}-bs{self.batch}{val}"
+        )
+
+    @property
+    def path(self) -> Path:
+        # --quick runs (shorter budget) live apart from the committed records
+        root = RUNS if self.steps == STEPS else RESULTS / "quick"
+        return root / self.backbone / self.target / f"{self.key}.json"
+
+
+def run_for(backbone, target, method, per_class, seed, lr, block=None, **kw) -> Run:
+    """A Run with the block normalised: none for linear/full, the middle block by default."""
+    if method in ("linear", "full"):
+        block = None
+    elif block is None:
+        block = BACKBONES[backbone]["middle"]
+    return Run(backbone, target, method, block, per_class, seed, lr, **kw)
+
+
+# -- data, decoded once -----------------------------------------------------------------------------
+_DATA: dict[tuple[str, str], dict] = {}
+
+
+def load_data(backbone: str, target: str) -> dict:
+    """Decoded train/test tensors of a target in the backbone's input format (memory + disk cache)."""
+    if (backbone, target) in _DATA:
+        return _DATA[(backbone, target)]
+    spec = BACKBONES[backbone]
+    model = create_backbone(spec["model"], 10)
+    tf = nd.build_transforms(model, image_size=spec.get("image_size"), augment=False)
+    tag = hashlib.sha256(repr(tf).encode()).hexdigest()[:10]  # what decoding depends on
+    path = CACHE / f"{target}-{'x'.join(map(str, tf.input_size))}-{tag}.pt"
+    if path.is_file():
+        saved = torch.load(path)
+    else:
+        tspec = TARGETS[target]
+        data = nd.load_image_dataset(tspec["dataset"], seed=0)
+        if tspec["classes"]:
+            data = nd.select_classes(data, tspec["classes"])
+        saved = {}
+        for split in ("train", "test"):
+            dataset = getattr(data, split)
+            cache = nd.TensorCache.build(
+                dataset, tf, image_column=data.image_column, label_column=data.label_column
+            )
+            saved[split] = (cache.images, cache.labels)
+        saved["num_classes"] = data.num_classes
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(saved, tmp)
+        tmp.replace(path)
+    out = {
+        "train": nd.TensorCache(*saved["train"], tf),
+        "test": nd.TensorCache(*saved["test"], tf),
+        "num_classes": saved["num_classes"],
+    }
+    _DATA[(backbone, target)] = out
+    return out
+
+
+def subset(data: dict, per_class: int, seed: int) -> np.ndarray:
+    return nd.balanced_subset(data["train"].labels.numpy(), per_class=per_class, seed=seed)
+
+
+def val_split(data: dict, train_idx: np.ndarray, seed: int) -> np.ndarray:
+    """Validation rows from the training split outside the subset (never the test split)."""
+    labels = data["train"].labels.numpy()
+    rest = len(labels) - len(train_idx)
+    fraction = min(0.5, VAL_MAX / rest)
+    return nd.validation_split(labels, fraction, seed=seed, exclude=train_idx)[1]
+
+
+# -- one run ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(tuned, cache: nd.TensorCache, rows: np.ndarray | None, batch: int = 500) -> dict:
+    """Accuracy and penultimate features of rows of a decoded split (eval mode)."""
+    tuned.eval()
+    rows = np.arange(len(cache)) if rows is None else rows
+    preds, feats, labels = [], [], []
+    for s in range(0, len(rows), batch):
+        x, y = cache[rows[s : s + batch].tolist()]
+        logits, f = tuned.forward_with_features(x)
+        preds.append(logits.argmax(1))
+        feats.append(f.float())
+        labels.append(y)
+    preds, feats, labels = torch.cat(preds), torch.cat(feats), torch.cat(labels)
+    return {
+        "accuracy": float((preds == labels).float().mean()),
+        "features": feats,
+        "labels": labels,
+    }
+
+
+def _nc1_or_none(features: torch.Tensor, labels: torch.Tensor) -> float | None:
+    try:
+        return nc1(features, labels)
+    except ncfinetune.MetricInputError:
+        return None  # e.g. identical class means on a degenerate run
+
+
+def versions() -> dict:
+    import accelerate
+    import timm
+
+    return {
+        "ncfinetune": ncfinetune.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "accelerate": accelerate.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+
+
+def execute(run: Run) -> dict:
+    """Train and evaluate one run; return its record (not saved)."""
+    data = load_data(run.backbone, run.target)
+    train = data["train"]
+    idx = subset(data, run.per_class, run.seed)
+    torch.manual_seed(run.seed)
+    model = create_backbone(BACKBONES[run.backbone]["model"], data["num_classes"])
+    tuned = ncfinetune.wrap(model, run.method, run.block)
+    opt = build_optimizer(tuned, "sgd", run.lr, momentum=0.9, weight_decay=1e-4)
+    sched = build_cosine_schedule(opt, run.steps, 1e-4)
+    batch = min(run.batch, len(idx))
+    gen = torch.Generator().manual_seed(run.seed)
+    order: list[int] = []
+    losses = []
+    t0 = time.perf_counter()
+    tuned.train()
+    for _ in range(run.steps):
+        if len(order) < batch:  # reshuffle once per epoch; every step gets a full batch
+            order += idx[torch.randperm(len(idx), generator=gen).numpy()].tolist()
+        rows, order = order[:batch], order[batch:]
+        x, y = train[rows]
+        loss = F.cross_entropy(tuned(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.detach())
+    train_s = time.perf_counter() - t0
+    final_loss = float(torch.stack(losses[-10:]).mean())
+    if not math.isfinite(final_loss):
+        raise FloatingPointError(f"{run.key}: training loss became {final_loss} (diverged)")
+    t1 = time.perf_counter()
+    test = evaluate(tuned, data["test"], None)
+    tr = evaluate(tuned, train, idx)
+    metrics = {
+        "test_accuracy": test["accuracy"],
+        "train_accuracy": tr["accuracy"],
+        "nc1_train": _nc1_or_none(tr["features"], tr["labels"]),
+        "nc1_test": _nc1_or_none(test["features"], test["labels"]),
+        "final_train_loss": final_loss,
+    }
+    if run.validate:
+        metrics["val_accuracy"] = evaluate(tuned, train, val_split(data, idx, run.seed))["accuracy"]
+    trainable, total = tuned.parameter_counts()
+    return {
+        "run": asdict(run),
+        "key": run.key,
+        "model": BACKBONES[run.backbone]["model"],
+        "metrics": metrics,
+        "num_train": len(idx),
+        "num_test": len(data["test"]),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "train_seconds": train_s,
+        "eval_seconds": time.perf_counter() - t1,
+        "train_images_per_s": run.steps * batch / train_s,
+        "versions": versions(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def ensure(run: Run, *, force: bool = False, log=print) -> dict:
+    """The record of ``run``: read it if it exists (unless ``force``), else execute and save it."""
+    if run.path.is_file() and not force:
+        return json.loads(run.path.read_text())
+    rec = execute(run)
+    run.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run.path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1) + "\n")
+    os.replace(tmp, run.path)
+    m = rec["metrics"]
+    log(
+        f"{run.backbone}/{run.target}/{run.key}: test {100 * m['test_accuracy']:.2f}%  "
+        f"nc1 train {m['nc1_train'] if m['nc1_train'] is None else round(m['nc1_train'], 3)}  "
+        f"{rec['train_seconds']:.1f}s train"
+    )
+    return rec
+
+
+def run_all(runs: list[Run], *, force: bool = False) -> list[dict]:
+    """Ensure every run, in order, with a progress line per run; returns the records."""
+    todo = sum(1 for r in runs if force or not r.path.is_file())
+    print(f"{len(runs)} runs, {todo} to do", flush=True)
+    out, done, t0 = [], 0, time.time()
+    for r in runs:
+        fresh = force or not r.path.is_file()
+        out.append(ensure(r, force=force, log=lambda s: print(s, flush=True)))
+        if fresh:
+            done += 1
+            left = (time.time() - t0) / done * (todo - done)
+            print(f"  [{done}/{todo}] about {left / 60:.0f} min left", flush=True)
+    return out
+
+
+# -- learning rate choice (claim 4's fair hyperparameters) ----------------------------------------------
+def lr_runs(backbone: str, target: str, method: str) -> list[Run]:
+    return [
+        run_for(backbone, target, method, LR_SELECT_SIZE, 0, lr, validate=True) for lr in LR_GRID
+    ]
+
+
+def chosen_lr(backbone: str, target: str, method: str) -> float | None:
+    """The grid learning rate with the best validation accuracy (ties: the larger), or None if
+    the grid has not been run yet (run benchmarks/lr_grid.py)."""
+    recs = [
+        json.loads(r.path.read_text())
+        for r in lr_runs(backbone, target, method)
+        if r.path.is_file()
+    ]
+    if len(recs) < len(LR_GRID):
+        return None
+    best = max(recs, key=lambda r: (r["metrics"]["val_accuracy"], r["run"]["lr"]))
+    return best["run"]["lr"]
+
+
+def parse_common(parser):
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--force", action="store_true", help="redo runs whose record exists")
+    parser.add_argument("--quick", action="store_true", help="a few short runs, a smoke check")
+    return parser

@@ -1,0 +1,230 @@
+"""Turn the run records into tables, plots and a verdict on each claim of SPEC section 6.
+
+    python benchmarks/summarize.py
+
+Reads ``results/runs/**.json`` (full-budget runs only) and ``results/lr_grid.json``; writes
+``results/summary.{md,json}`` and ``results/small_data_<backbone>_<target>.png``. Reading only:
+it never trains, so it can run at any time on whatever records exist.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from common import (
+    BACKBONES,
+    METHODS,
+    PAPER_LR,
+    RESULTS,
+    RUNS,
+    SIZES,
+    STEPS,
+    TABLE_SIZES,
+    TARGETS,
+    chosen_lr,
+)
+from scipy.stats import spearmanr
+
+NAMES = {"linear": "linear probe", "layer": "Layer FT", "scl": "SCL FT", "full": "full FT"}
+
+
+def load_records() -> list[dict]:
+    recs = []
+    for p in sorted(RUNS.rglob("*.json")):
+        rec = json.loads(p.read_text())
+        if rec["run"]["steps"] == STEPS and not rec["run"]["validate"]:
+            recs.append(rec)
+    return recs
+
+
+def group(recs, b, t, m, n, lr, block="middle"):
+    blk = BACKBONES[b]["middle"] if block == "middle" else block
+    return [
+        r
+        for r in recs
+        if (r["run"]["backbone"], r["run"]["target"], r["run"]["method"], r["run"]["per_class"])
+        == (b, t, m, n)
+        and r["run"]["lr"] == lr
+        and (m in ("linear", "full") or r["run"]["block"] == blk)
+    ]
+
+
+def stats(rs, key="test_accuracy"):
+    vals = [r["metrics"][key] for r in rs if r["metrics"].get(key) is not None]
+    if not vals:
+        return None
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
+
+
+def cell(s, scale=100.0, digits=1):
+    if s is None:
+        return "-"
+    sd = f" ± {scale * s['std']:.{digits}f}" if s["n"] > 1 else ""
+    return f"{scale * s['mean']:.{digits}f}{sd}"
+
+
+def small_data(recs, b, t, lr_of, out):
+    """Table and plot of accuracy vs per-class size; returns {method: {size: stats}}."""
+    table = {m: {n: stats(group(recs, b, t, m, n, lr_of(m))) for n in SIZES[t]} for m in METHODS}
+    lrs = ", ".join(f"{NAMES[m]} {lr_of(m):g}" if lr_of(m) else f"{NAMES[m]} -" for m in METHODS)
+    out += [
+        "",
+        f"### {b} on {t} (learning rates: {lrs})",
+        "",
+        "| per class | " + " | ".join(NAMES[m] for m in METHODS) + " |",
+        "|---:|" + "---:|" * len(METHODS),
+    ]
+    for n in SIZES[t]:
+        out.append(f"| {n} | " + " | ".join(cell(table[m][n]) for m in METHODS) + " |")
+    plot_curve(b, t, table)
+    return table
+
+
+def plot_curve(b, t, table):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in METHODS:
+        pts = [(n, s) for n, s in table[m].items() if s is not None]
+        if not pts:
+            continue
+        xs = [n for n, _ in pts]
+        ys = np.array([100 * s["mean"] for _, s in pts])
+        sd = np.array([100 * s["std"] for _, s in pts])
+        ax.plot(xs, ys, marker="o", label=NAMES[m])
+        ax.fill_between(xs, ys - sd, ys + sd, alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{BACKBONES[b]['model']} -> {t} (mean ± sd over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"small_data_{b}_{t}.png", dpi=120)
+    plt.close(fig)
+
+
+def method_block(recs, b, t, n, lr_of, out):
+    rows = []
+    for m in ("linear", "full"):
+        rows.append((m, None, group(recs, b, t, m, n, lr_of(m))))
+    for k in BACKBONES[b]["blocks"]:
+        for m in ("layer", "scl"):
+            rows.append((m, k, group(recs, b, t, m, n, lr_of(m), block=k)))
+    out += [
+        "",
+        f"### {b} on {t}, {n} per class",
+        "",
+        "| method | block | test acc (%) | NC1 train | NC1 test | trainable (%) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    table = []
+    for m, k, rs in rows:
+        if not rs:
+            continue
+        acc, ntr, nte = stats(rs), stats(rs, "nc1_train"), stats(rs, "nc1_test")
+        out.append(
+            f"| {NAMES[m]} | {'' if k is None else k} | {cell(acc)} | {cell(ntr, 1, 3)} | "
+            f"{cell(nte, 1, 3)} | {rs[0]['trainable_percent']:.2f} |"
+        )
+        table.append(
+            {
+                "method": m,
+                "block": k,
+                "accuracy": acc,
+                "nc1_train": ntr,
+                "nc1_test": nte,
+                "trainable_percent": rs[0]["trainable_percent"],
+            }
+        )
+    return table
+
+
+def spearman(recs):
+    pairs = [
+        (r["metrics"]["nc1_train"], r["metrics"]["test_accuracy"])
+        for r in recs
+        if r["metrics"].get("nc1_train") is not None
+    ]
+    if len(pairs) < 3:
+        return None
+    rho, p = spearmanr(*zip(*pairs, strict=True))
+    return {"rho": float(rho), "p": float(p), "n": len(pairs)}
+
+
+def main() -> None:
+    recs = load_records()
+    summary = {
+        "num_records": len(recs),
+        "small_data": {},
+        "paper_lr": {},
+        "method_block": {},
+        "spearman": {},
+        "compute_hours": sum(r["train_seconds"] + r["eval_seconds"] for r in recs) / 3600,
+    }
+    out = [
+        "# Benchmark summary",
+        "",
+        f"{len(recs)} runs ({STEPS} SGD steps each, batch 32), "
+        f"{summary['compute_hours']:.2f} h of training + evaluation in total.",
+        "",
+        "## 1. Small-data curve (test accuracy %, mean ± sd over seeds; lr chosen per method)",
+    ]
+    for b in BACKBONES:
+        for t in TARGETS:
+            tab = small_data(recs, b, t, lambda m, b=b, t=t: chosen_lr(b, t, m), out)
+            summary["small_data"][f"{b}/{t}"] = {
+                m: {str(n): s for n, s in v.items()} for m, v in tab.items()
+            }
+    out += ["", f"## 1b. The paper's fixed setting: SGD lr {PAPER_LR:g} for every method"]
+    for b in BACKBONES:
+        for t in TARGETS:
+            out += [
+                "",
+                f"### {b} on {t}",
+                "",
+                "| per class | " + " | ".join(NAMES[m] for m in METHODS) + " |",
+                "|---:|" + "---:|" * len(METHODS),
+            ]
+            for n in TABLE_SIZES:
+                row = {m: stats(group(recs, b, t, m, n, PAPER_LR)) for m in METHODS}
+                summary["paper_lr"][f"{b}/{t}/{n}"] = row
+                out.append(f"| {n} | " + " | ".join(cell(row[m]) for m in METHODS) + " |")
+    out += ["", "## 2. Method x block (lr chosen per method at the middle block)"]
+    for b in BACKBONES:
+        for t in TARGETS:
+            for n in TABLE_SIZES:
+                summary["method_block"][f"{b}/{t}/{n}"] = method_block(
+                    recs, b, t, n, lambda m, b=b, t=t: chosen_lr(b, t, m), out
+                )
+    out += [
+        "",
+        "## 3. Penultimate NC1 (training subset) after fine-tuning vs test accuracy",
+        "",
+        "Spearman correlation over every full-budget run (all methods, blocks, sizes, "
+        "seeds, learning rates); negative = lower NC1 goes with higher accuracy.",
+        "",
+        "| backbone | target | runs | Spearman rho | p |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for b in BACKBONES:
+        for t in TARGETS:
+            s = spearman([r for r in recs if (r["run"]["backbone"], r["run"]["target"]) == (b, t)])
+            summary["spearman"][f"{b}/{t}"] = s
+            if s:
+                out.append(f"| {b} | {t} | {s['n']} | {s['rho']:.3f} | {s['p']:.1e} |")
+    s = spearman(recs)
+    summary["spearman"]["all"] = s
+    if s:
+        out.append(f"| all | all | {s['n']} | {s['rho']:.3f} | {s['p']:.1e} |")
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    (RESULTS / "summary.md").write_text("\n".join(out) + "\n")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
