@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -27,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import ncfinetune
 from ncfinetune import data as nd
 from ncfinetune.hub import create_backbone
 from ncfinetune.metrics import nc1
-from ncfinetune.training import build_cosine_schedule, build_optimizer
+from ncfinetune.training import evaluate_rows, train_steps
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -157,26 +155,6 @@ def val_split(data: dict, train_idx: np.ndarray, seed: int) -> np.ndarray:
 
 
 # -- one run ------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(tuned, cache: nd.TensorCache, rows: np.ndarray | None, batch: int = 500) -> dict:
-    """Accuracy and penultimate features of rows of a decoded split (eval mode)."""
-    tuned.eval()
-    rows = np.arange(len(cache)) if rows is None else rows
-    preds, feats, labels = [], [], []
-    for s in range(0, len(rows), batch):
-        x, y = cache[rows[s : s + batch].tolist()]
-        logits, f = tuned.forward_with_features(x)
-        preds.append(logits.argmax(1))
-        feats.append(f.float())
-        labels.append(y)
-    preds, feats, labels = torch.cat(preds), torch.cat(feats), torch.cat(labels)
-    return {
-        "accuracy": float((preds == labels).float().mean()),
-        "features": feats,
-        "labels": labels,
-    }
-
-
 def _nc1_or_none(features: torch.Tensor, labels: torch.Tensor) -> float | None:
     try:
         return nc1(features, labels)
@@ -208,41 +186,30 @@ def execute(run: Run) -> dict:
     torch.manual_seed(run.seed)
     model = create_backbone(BACKBONES[run.backbone]["model"], data["num_classes"])
     tuned = ncfinetune.wrap(model, run.method, run.block)
-    opt = build_optimizer(tuned, "sgd", run.lr, momentum=0.9, weight_decay=1e-4)
-    sched = build_cosine_schedule(opt, run.steps, 1e-4)
-    batch = min(run.batch, len(idx))
-    gen = torch.Generator().manual_seed(run.seed)
-    order: list[int] = []
-    losses = []
     t0 = time.perf_counter()
-    tuned.train()
-    for _ in range(run.steps):
-        if len(order) < batch:  # reshuffle once per epoch; every step gets a full batch
-            order += idx[torch.randperm(len(idx), generator=gen).numpy()].tolist()
-        rows, order = order[:batch], order[batch:]
-        x, y = train[rows]
-        loss = F.cross_entropy(tuned(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.detach())
+    losses = train_steps(
+        tuned,
+        train.__getitems__,
+        idx,
+        steps=run.steps,
+        batch_size=run.batch,
+        lr=run.lr,
+        seed=run.seed,
+    )
     train_s = time.perf_counter() - t0
-    final_loss = float(torch.stack(losses[-10:]).mean())
-    if not math.isfinite(final_loss):
-        raise FloatingPointError(f"{run.key}: training loss became {final_loss} (diverged)")
     t1 = time.perf_counter()
-    test = evaluate(tuned, data["test"], None)
-    tr = evaluate(tuned, train, idx)
+    test = evaluate_rows(tuned, data["test"].__getitems__, np.arange(len(data["test"])))
+    tr = evaluate_rows(tuned, train.__getitems__, idx)
     metrics = {
         "test_accuracy": test["accuracy"],
         "train_accuracy": tr["accuracy"],
         "nc1_train": _nc1_or_none(tr["features"], tr["labels"]),
         "nc1_test": _nc1_or_none(test["features"], test["labels"]),
-        "final_train_loss": final_loss,
+        "final_train_loss": float(losses[-10:].mean()),
     }
     if run.validate:
-        metrics["val_accuracy"] = evaluate(tuned, train, val_split(data, idx, run.seed))["accuracy"]
+        val = val_split(data, idx, run.seed)
+        metrics["val_accuracy"] = evaluate_rows(tuned, train.__getitems__, val)["accuracy"]
     trainable, total = tuned.parameter_counts()
     return {
         "run": asdict(run),
@@ -256,7 +223,7 @@ def execute(run: Run) -> dict:
         "trainable_percent": 100 * trainable / total,
         "train_seconds": train_s,
         "eval_seconds": time.perf_counter() - t1,
-        "train_images_per_s": run.steps * batch / train_s,
+        "train_images_per_s": run.steps * min(run.batch, len(idx)) / train_s,
         "versions": versions(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

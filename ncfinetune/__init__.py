@@ -25,7 +25,8 @@ from ncfinetune.metrics import (
     nc1,
     numerical_rank,
 )
-from ncfinetune.training import build_cosine_schedule, build_optimizer
+from ncfinetune.selection import BlockSelection, select_block
+from ncfinetune.training import build_cosine_schedule, build_optimizer, evaluate_rows, train_steps
 from ncfinetune.tuning import (
     BN_POLICIES,
     METHODS,
@@ -43,6 +44,7 @@ __all__ = [
     "METHODS",
     "BlockError",
     "BlockInfo",
+    "BlockSelection",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -73,5 +75,8 @@ __all__ = [
     "load_tuned",
     "read_tuned_config",
     "scl_wrap",
+    "select_block",
+    "train_steps",
+    "evaluate_rows",
     "wrap",
 ]

@@ -1,10 +1,15 @@
-"""Pieces shared by recipes and benchmarks: optimizers over the trainable set, schedules."""
+"""Pieces shared by recipes, benchmarks and block selection: optimizers over the trainable set,
+schedules, and a fixed-step training loop and evaluation over in-memory data."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ncfinetune.errors import ConfigError
 from ncfinetune.tuning import TunedModel
@@ -40,3 +45,86 @@ def build_cosine_schedule(
     if total_steps < 1:
         raise ConfigError(f"total_steps must be >= 1, got {total_steps}.")
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=min_lr)
+
+
+Fetch = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def train_steps(
+    tuned: TunedModel,
+    fetch: Fetch,
+    rows: Sequence[int] | np.ndarray,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 0.1,
+    seed: int = 0,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    min_lr: float = 1e-4,
+) -> torch.Tensor:
+    """Train ``tuned`` for a fixed number of optimizer steps on ``rows`` of an in-memory dataset.
+
+    ``fetch(list_of_rows)`` returns one (images, labels) batch. Rows are reshuffled once per
+    pass (seeded); every step gets a full batch of ``min(batch_size, len(rows))``, so the
+    compute is the same whatever the number of rows. Cosine schedule from ``lr`` to ``min_lr``.
+    Used by the benchmarks and by the probe rule of block selection, where a step budget (not
+    an epoch count) is what keeps runs comparable.
+
+    Returns:
+        The training loss of every step (float32 tensor).
+
+    Raises:
+        FloatingPointError: if the loss becomes NaN or infinite (diverged: lower the lr).
+    """
+    rows = np.asarray(rows)
+    if rows.size == 0:
+        raise ConfigError("train_steps got no rows to train on.")
+    opt = build_optimizer(tuned, optimizer, lr, momentum, weight_decay)
+    sched = build_cosine_schedule(opt, steps, min_lr)
+    batch = min(batch_size, rows.size)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses = torch.empty(steps)
+    tuned.train()
+    for step in range(steps):
+        if len(order) < batch:
+            order += rows[torch.randperm(rows.size, generator=gen).numpy()].tolist()
+        picked, order = order[:batch], order[batch:]
+        x, y = fetch(picked)
+        loss = F.cross_entropy(tuned(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses[step] = loss.detach()
+    if not bool(torch.isfinite(losses).all()):
+        bad = int((~torch.isfinite(losses)).nonzero()[0])
+        raise FloatingPointError(
+            f"the training loss became {losses[bad].item()} at step {bad + 1} of {steps} (lr "
+            f"{lr:g}): training diverged. Lower the learning rate."
+        )
+    return losses
+
+
+@torch.no_grad()
+def evaluate_rows(
+    tuned: TunedModel, fetch: Fetch, rows: Sequence[int] | np.ndarray, batch_size: int = 500
+) -> dict[str, Any]:
+    """Accuracy, penultimate features and labels of ``rows`` (eval mode, one pass)."""
+    tuned.eval()
+    rows = np.asarray(rows)
+    preds, feats, labels = [], [], []
+    for s in range(0, rows.size, batch_size):
+        x, y = fetch(rows[s : s + batch_size].tolist())
+        logits, f = tuned.forward_with_features(x)
+        preds.append(logits.argmax(1))
+        feats.append(f.float())
+        labels.append(y)
+    preds, feats, labels = torch.cat(preds), torch.cat(feats), torch.cat(labels)
+    return {
+        "accuracy": float((preds == labels).float().mean()),
+        "features": feats,
+        "labels": labels,
+    }
