@@ -17,10 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import ncfinetune
+import ncfinetune.selection
 from ncfinetune import data as nd
 from ncfinetune.config import config_to_dict, parse_config, save_config
 from ncfinetune.hub import DEFAULT_BACKBONE, create_backbone
@@ -58,7 +60,10 @@ class FinetuneConfig:
     augment: bool = False
     # method
     method: str = "scl"
-    block: str | None = "4"
+    block: str | None = "4"  # index, name, or "auto" (select_block on the training subset)
+    select_rule: str = "curve"  # block: auto: curve | probe | probe_accuracy
+    select_max_percent: float | None = None  # block: auto: parameter budget (% trainable)
+    select_max_images: int = 5000  # block: auto: class-balanced sample of the training subset
     bn: str | None = None
     skip_norm: bool | None = None
     # optimisation (paper defaults, SPEC section 5)
@@ -91,6 +96,12 @@ class FinetuneConfig:
             p.append(f"method {self.method!r} is not one of {', '.join(ncfinetune.METHODS)}")
         if self.method in ("layer", "scl") and self.block is None:
             p.append(f"method {self.method!r} needs a block (index or name)")
+        if self.block == "auto" and self.method not in ("layer", "scl"):
+            p.append(f"block 'auto' needs method layer or scl, got {self.method!r}")
+        if self.select_rule not in ncfinetune.selection.RULES:
+            p.append(
+                f"select_rule {self.select_rule!r} is not one of {', '.join(ncfinetune.selection.RULES)}"
+            )
         if self.bn not in (None, *ncfinetune.BN_POLICIES):
             p.append(f"bn {self.bn!r} is not one of update, frozen")
         if self.optimizer not in ("sgd", "adamw"):
@@ -111,6 +122,36 @@ class FinetuneConfig:
         if self.pretrained and self.checkpoint:
             p.append("give pretrained or checkpoint, not both")
         return p
+
+
+def choose_block(acc, cfg, model, data, train_idx, eval_tf, out: Path) -> int:
+    """--block auto: select_block on (a class-balanced sample of) the training subset only."""
+    labels = data.labels("train")
+    rows = np.arange(labels.size) if train_idx is None else np.asarray(train_idx)
+    if rows.size > cfg.select_max_images:
+        rows = rows[nd.balanced_subset(labels[rows], total=cfg.select_max_images, seed=cfg.seed)]
+    cache = nd.TensorCache.build(
+        data.train,
+        eval_tf,
+        image_column=data.image_column,
+        label_column=data.label_column,
+        indices=rows,
+    )
+    sel = ncfinetune.select_block(
+        model,
+        cache,
+        rule=cfg.select_rule,
+        method=cfg.method,
+        bn=cfg.bn,
+        max_trainable_percent=cfg.select_max_percent,
+        seed=cfg.seed,
+    )
+    acc.print(str(sel))
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        sel.save_json(out / "block_selection.json")
+        sel.plot(out / "block_selection.png")
+    return sel.chosen
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -155,9 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = create_backbone(
         cfg.model, data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint
     )
-    block = cfg.block if cfg.method in ("layer", "scl") else None
-    tuned = ncfinetune.wrap(model, cfg.method, block, bn=cfg.bn, skip_norm=cfg.skip_norm)
     eval_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=False)
+    block = cfg.block if cfg.method in ("layer", "scl") else None
+    if block == "auto":
+        block = choose_block(acc, cfg, model, data, train_idx, eval_tf, out)
+    tuned = ncfinetune.wrap(model, cfg.method, block, bn=cfg.bn, skip_norm=cfg.skip_norm)
     train_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=cfg.augment)
     kw = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
     train_dl = nd.build_loader(

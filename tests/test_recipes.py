@@ -203,3 +203,48 @@ def test_unknown_model_and_offline_hub_errors(monkeypatch):
     monkeypatch.setattr(timm.models._builder, "load_pretrained", offline)
     with pytest.raises(ConfigError, match="Offline, use a bundled backbone"):
         create_backbone("resnet18", 3, pretrained=True)
+
+
+def test_block_auto_selects_on_the_training_subset_and_tunes_the_choice(tmp_path):
+    m = finetune(
+        "--block",
+        "auto",
+        "--select_rule",
+        "probe",
+        "--per_class",
+        6,
+        "--epochs",
+        1,
+        "--max_steps",
+        1,
+        "--output_dir",
+        tmp_path,
+    )
+    sel = json.loads((tmp_path / "block_selection.json").read_text())
+    assert sel["rule"] == "probe" and m["block"] == sel["chosen"]
+    assert (tmp_path / "block_selection.png").is_file()
+    # the probe held out part of the 60-image training subset, never the 360 test images
+    assert sel["images_processed"] == 60 + len(sel["rows"]) * (50 * 32 + 60)
+
+
+def test_select_block_recipe_writes_report_and_plot(tmp_path, capsys):
+    recipe = runpy.run_path(str(ROOT / "recipes" / "select_block.py"), run_name="select_recipe")
+    sel = recipe["main"](
+        [
+            "--model",
+            "test_resnet",
+            "--image_size",
+            "32",
+            "--per_class",
+            "5",
+            "--candidates",
+            "0,layer4.0",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    assert [r.index for r in sel.rows] == [0, 3] and sel.chosen in (0, 3)
+    assert json.loads((tmp_path / "block_selection.json").read_text())["chosen"] == sel.chosen
+    assert "chosen: block" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="rule 'best' is not one of curve, probe"):
+        recipe["main"](["--rule", "best"])

@@ -1,0 +1,103 @@
+"""Choose the block to fine-tune from NC1 on a downstream training set, and write the report.
+
+    python recipes/select_block.py                                   # bundled resnet18, digits
+    python recipes/select_block.py --dataset fashion_mnist --classes 5,6,7,8,9 --per_class 20 \\
+        --rule probe --output_dir runs/select
+
+Writes ``block_selection.json`` (one row per candidate, the choice and why) and
+``block_selection.png`` (NC1 over depth, choice marked) under ``output_dir`` and prints the
+table. Only the training split is used (a seeded class-balanced subset with --per_class).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import ncfinetune
+from ncfinetune import data as nd
+from ncfinetune.config import parse_config, save_config
+from ncfinetune.hub import DEFAULT_BACKBONE, create_backbone
+from ncfinetune.selection import RULES
+
+
+@dataclass
+class SelectConfig:
+    model: str = DEFAULT_BACKBONE
+    pretrained: bool = False
+    checkpoint: str | None = None
+    dataset: str = "digits"
+    data_dir: str | None = None
+    classes: list[int] | None = None
+    per_class: int | None = None  # class-balanced subset of the training split (seeded)
+    image_size: int | None = None
+    rule: str = "curve"  # curve | probe | probe_accuracy
+    method: str = "scl"  # layer | scl
+    candidates: list[str] | None = None  # block indices or names; default all
+    max_trainable_percent: float | None = None
+    probe_steps: int = 50
+    lr: float = 0.03
+    bn: str | None = None
+    seed: int = 0
+    output_dir: str = "runs/select_block"
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.rule not in RULES:
+            p.append(f"rule {self.rule!r} is not one of {', '.join(RULES)}")
+        if self.method not in ("layer", "scl"):
+            p.append(f"method {self.method!r} is not one of layer, scl")
+        if self.probe_steps < 1:
+            p.append(f"probe_steps must be >= 1, got {self.probe_steps}")
+        if self.pretrained and self.checkpoint:
+            p.append("give pretrained or checkpoint, not both")
+        return p
+
+
+def main(argv: list[str] | None = None) -> ncfinetune.BlockSelection:
+    cfg = parse_config(SelectConfig, sys.argv[1:] if argv is None else argv)
+    torch.manual_seed(cfg.seed)
+    data = nd.load_image_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed)
+    if cfg.classes:
+        data = nd.select_classes(data, cfg.classes)
+    model = create_backbone(
+        cfg.model, data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint
+    )
+    rows = None
+    if cfg.per_class:
+        rows = nd.balanced_subset(data.labels("train"), per_class=cfg.per_class, seed=cfg.seed)
+    cache = nd.TensorCache.build(
+        data.train,
+        nd.build_transforms(model, image_size=cfg.image_size),
+        image_column=data.image_column,
+        label_column=data.label_column,
+        indices=rows,
+    )
+    sel = ncfinetune.select_block(
+        model,
+        cache,
+        rule=cfg.rule,
+        method=cfg.method,
+        candidates=[int(c) if str(c).lstrip("-").isdigit() else c for c in cfg.candidates]
+        if cfg.candidates
+        else None,
+        max_trainable_percent=cfg.max_trainable_percent,
+        probe_steps=cfg.probe_steps,
+        lr=cfg.lr,
+        bn=cfg.bn,
+        seed=cfg.seed,
+    )
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    sel.save_json(out / "block_selection.json")
+    sel.plot(out / "block_selection.png")
+    print(f"{sel}\nreport: {out / 'block_selection.json'}, plot: {out / 'block_selection.png'}")
+    return sel
+
+
+if __name__ == "__main__":
+    main()
