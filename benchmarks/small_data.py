@@ -5,7 +5,7 @@
 Linear probe, Layer FT and SCL FT at the backbone's middle block, and full FT, at every size of
 ``SIZES`` and seed of ``SEEDS``, each method with the learning rate ``lr_grid.py`` chose for it
 (run that first). Also the paper's fixed setting (SGD lr 0.1 for every method) at
-``TABLE_SIZES``. Records land in ``results/runs``; ``summarize.py`` makes the tables and plots.
+``PAPER_LR_SIZES``. Records land in ``results/runs``; ``summarize.py`` makes the tables and plots.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import sys
 from common import (
     METHODS,
     PAPER_LR,
+    PAPER_LR_SIZES,
     SEEDS,
     SIZES,
-    TABLE_SIZES,
     chosen_lr,
     parse_common,
     run_all,
@@ -37,7 +37,9 @@ def plan(backbones, targets, *, paper_lr: bool = True) -> list:
                     continue
                 runs += [run_for(b, t, m, n, s, lr) for n in SIZES[t] for s in SEEDS]
                 if paper_lr:
-                    runs += [run_for(b, t, m, n, s, PAPER_LR) for n in TABLE_SIZES for s in SEEDS]
+                    runs += [
+                        run_for(b, t, m, n, s, PAPER_LR) for n in PAPER_LR_SIZES for s in SEEDS
+                    ]
     if missing:
         sys.exit(
             "no learning rate chosen yet for "

@@ -16,6 +16,7 @@ from common import (
     BACKBONES,
     METHODS,
     PAPER_LR,
+    PAPER_LR_SIZES,
     RESULTS,
     RUNS,
     SIZES,
@@ -190,7 +191,7 @@ def main() -> None:
                 "| per class | " + " | ".join(NAMES[m] for m in METHODS) + " |",
                 "|---:|" + "---:|" * len(METHODS),
             ]
-            for n in TABLE_SIZES:
+            for n in PAPER_LR_SIZES:
                 row = {m: stats(group(recs, b, t, m, n, PAPER_LR)) for m in METHODS}
                 summary["paper_lr"][f"{b}/{t}/{n}"] = row
                 out.append(f"| {n} | " + " | ".join(cell(row[m]) for m in METHODS) + " |")
