@@ -6,7 +6,7 @@ downstream data, and how well a linear probe on each block's pooled output does.
 For each backbone and target: one inference pass over a seeded ``--per-class`` training subset
 and over the test split, pooled features of every block (``collect_block_features``); per block
 NC1 on the training subset and the test accuracy of a logistic-regression probe (scikit-learn,
-standardised features) trained on that subset. Writes ``results/nc1_curve.{json,md,png}``. The
+standardised features) trained on that subset. Writes ``results/nc1_curve_<backbone>.{json,md,png}``. The
 Spearman correlation between NC1 after fine-tuning and accuracy is in ``summarize.py``.
 """
 
@@ -63,24 +63,25 @@ def main(argv=None) -> None:
     parser.add_argument("--per-class", type=int, default=100)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    out = {"per_class": args.per_class, "versions": versions(), "curves": {}}
-    lines = [
-        "# Layer-wise NC1 of the pretrained backbones on the downstream data",
-        "",
-        f"`python benchmarks/nc1_curve.py --per-class {args.per_class}`: NC1 of each block's pooled "
-        f"output on a {args.per_class}-per-class training subset (seed 0) and on the test split; "
-        "probe = logistic regression on that block's standardised features, test accuracy.",
-    ]
-    for b in args.backbones:
+    for b in args.backbones:  # one file set per backbone, so backbones can be run separately
+        out = {"per_class": args.per_class, "versions": versions(), "curves": {}}
+        lines = [
+            f"# Layer-wise NC1 of {BACKBONES[b]['model']} on the downstream data",
+            "",
+            f"`python benchmarks/nc1_curve.py --backbones {b} --per-class {args.per_class}`: NC1 of "
+            f"each block's pooled output on a {args.per_class}-per-class training subset (seed 0) "
+            "and on the test split; probe = logistic regression on that block's standardised "
+            "features (trained on the subset), test accuracy.",
+        ]
         curves = {}
         for t in args.targets:
             t0 = time.time()
             rows = curve(b, t, args.per_class)
             curves[t] = rows
-            out["curves"][f"{b}/{t}"] = {"rows": rows, "seconds": time.time() - t0}
+            out["curves"][t] = {"rows": rows, "seconds": time.time() - t0}
             lines += [
                 "",
-                f"## {b} on {t}",
+                f"## {t}",
                 "",
                 "| block | name | ch | NC1 train | NC1 test | probe acc |",
                 "|---:|---|---:|---:|---:|---:|",
@@ -95,9 +96,9 @@ def main(argv=None) -> None:
             RESULTS / f"nc1_curve_{b}.png",
             title=f"{BACKBONES[b]['model']}: layer-wise NC1 on downstream data",
         )
-    (RESULTS / "nc1_curve.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / "nc1_curve.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        (RESULTS / f"nc1_curve_{b}.json").write_text(json.dumps(out, indent=1) + "\n")
+        (RESULTS / f"nc1_curve_{b}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
