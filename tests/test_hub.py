@@ -1,0 +1,45 @@
+"""The bundled offline backbones: size budget, model cards, and weights that really load."""
+
+import pytest
+import safetensors.torch
+import torch
+
+import ncfinetune
+from ncfinetune import ConfigError
+from ncfinetune.hub import ASSETS, bundled_backbones, create_backbone
+
+BUNDLED = ["resnet18_fmnist04", "vit_tiny_fmnist04"]
+
+
+def test_both_backbones_are_bundled_within_the_size_budget():
+    assert sorted(bundled_backbones()) == BUNDLED
+    for name in BUNDLED:
+        assert (ASSETS / f"{name}.safetensors").stat().st_size <= 25 * 1024**2
+        card = (ASSETS / f"{name}.md").read_text()
+        for part in (
+            "source test accuracy",
+            "command: `accelerate launch recipes/pretrain.py",
+            "classes [0, 1, 2, 3, 4]",
+            "seed 0",
+        ):
+            assert part in card, (name, part)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_weights_load_into_the_backbone_with_a_fresh_head(name):
+    model = create_backbone(name, num_classes=7).eval()
+    stored = safetensors.torch.load_file(ASSETS / f"{name}.safetensors")
+    state = model.state_dict()
+    assert stored and all(k in state for k in stored)  # every stored tensor is used
+    for key, value in stored.items():
+        torch.testing.assert_close(state[key], value.to(state[key].dtype), rtol=0, atol=0)
+    assert model.get_classifier().out_features == 7
+    assert not any(k.startswith(("fc.", "head.")) for k in stored)  # no source classifier
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    assert model(x).shape == (2, 7)
+    assert ncfinetune.list_blocks(model)  # an adapter exists for it
+
+
+def test_bundled_backbone_rejects_other_weight_sources():
+    with pytest.raises(ConfigError, match="is a bundled backbone with its own weights"):
+        create_backbone("resnet18_fmnist04", 5, pretrained=True)
