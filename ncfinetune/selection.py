@@ -142,7 +142,8 @@ class BlockSelection:
         return plot_layerwise_nc1(
             {"pretrained, training data": self.curve},
             path,
-            title=f"{self.arch}: block selection ({self.rule}) -> block {self.chosen}",
+            title=f"{self.arch}: {self.rule} rule chose index {self.chosen} ({self.chosen_name}), "
+            f"plotted as block {self.chosen + 1}",
             mark=self.chosen,
         )
 
