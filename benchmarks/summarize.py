@@ -83,6 +83,8 @@ def small_data(recs, b, t, lr_of, out):
 
 
 def plot_curve(b, t, table):
+    if not any(s is not None for v in table.values() for s in v.values()):
+        return  # no records yet: no empty plot
     import matplotlib
 
     matplotlib.use("Agg")
