@@ -66,6 +66,13 @@ def main(argv=None) -> None:
                         images, data["train"].labels[idx], data["train"].transform
                     )
                     for rule in RULES:
+                        where = {
+                            "backbone": b,
+                            "target": t,
+                            "per_class": n,
+                            "seed": s,
+                            "rule": rule,
+                        }
                         torch.manual_seed(s)
                         model = create_backbone(BACKBONES[b]["model"], data["num_classes"])
                         t0 = time.perf_counter()
@@ -80,26 +87,13 @@ def main(argv=None) -> None:
                                 seed=s,
                             )
                         except ncfinetune.ConfigError as e:  # e.g. too few samples to hold out
-                            rows.append(
-                                {
-                                    "backbone": b,
-                                    "target": t,
-                                    "per_class": n,
-                                    "seed": s,
-                                    "rule": rule,
-                                    "error": str(e),
-                                }
-                            )
+                            rows.append({**where, "error": str(e)})
                             continue
                         sec = time.perf_counter() - t0
-                        full_images = STEPS * min(32, len(idx))
+                        full_images = STEPS * min(BATCH, len(idx))
                         rows.append(
                             {
-                                "backbone": b,
-                                "target": t,
-                                "per_class": n,
-                                "seed": s,
-                                "rule": rule,
+                                **where,
                                 "chosen": sel.chosen,
                                 "best": best,
                                 "chosen_accuracy": acc[sel.chosen],

@@ -179,7 +179,8 @@ def _as_fetch(data: Any) -> tuple[Any, np.ndarray]:
     )
 
 
-def _trainable_percent(model: nn.Module, method: str, index: int) -> float:
+def _trainable_percent(model: nn.Module, index: int) -> float:
+    # layer and scl train the same modules (the skip has no parameters)
     adapter = get_adapter(model)
     head = sum(p.numel() for m in adapter.classifier_modules() for p in m.parameters())
     block = sum(p.numel() for p in adapter.blocks[index].parameters())
@@ -257,7 +258,7 @@ def select_block(
                 "method='layer'."
             )
     rows = [
-        CandidateRow(i, names[i], adapter.block_channels(i), _trainable_percent(model, method, i))
+        CandidateRow(i, names[i], adapter.block_channels(i), _trainable_percent(model, i))
         for i in idx
     ]
     if max_trainable_percent is not None:
