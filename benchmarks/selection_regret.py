@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from common import (
     BACKBONES,
+    BATCH,
     RESULTS,
     SEEDS,
     STEPS,
