@@ -32,11 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ncfinetune._warn import warn_once
 from ncfinetune.backbones import get_adapter
 from ncfinetune.backbones.base import _arch_name
 from ncfinetune.errors import ConfigError, MetricInputError
 from ncfinetune.features import collect_block_features, plot_layerwise_nc1
 from ncfinetune.metrics import nc1
+from ncfinetune.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
 from ncfinetune.subsets import validation_split
 from ncfinetune.training import evaluate_rows, train_steps
 from ncfinetune.tuning import wrap
@@ -307,15 +309,29 @@ def select_block(
         )
     else:
         fit, held = _holdout(labels, heldout_fraction, seed)
+        caches = _probe_caches(model, fetch, method, [r.index for r in rows], bn)
+        try:
+            images += fill_shared(list(caches.values()), all_rows)
+        except CacheTooLarge as err:
+            warn_once(f"block selection: {err} The probes run without the prefix cache.")
+            caches = {}
         for r in rows:
             t1 = time.perf_counter()
             torch.manual_seed(seed)
             tuned = wrap(copy.deepcopy(model), method, r.index, bn=bn)
+            cache = caches.get(r.index)
             train_steps(
-                tuned, fetch, fit, steps=probe_steps, batch_size=batch_size, lr=lr, seed=seed
+                tuned,
+                fetch,
+                fit,
+                steps=probe_steps,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                prefix=cache,
             )
-            ev_fit = evaluate_rows(tuned, fetch, fit)
-            ev_held = evaluate_rows(tuned, fetch, held)
+            ev_fit = evaluate_rows(tuned, fetch, fit, prefix=cache)
+            ev_held = evaluate_rows(tuned, fetch, held, prefix=cache)
             r.nc1_train = _nc1(ev_fit["features"], ev_fit["labels"])
             r.nc1_heldout = _nc1(ev_held["features"], ev_held["labels"])
             r.heldout_accuracy = ev_held["accuracy"]
@@ -347,6 +363,19 @@ def select_block(
         images_processed=int(images),
         curve=curve,
     )
+
+
+def _probe_caches(model, fetch, method, indices, bn) -> dict[int, PrefixCache]:
+    """Prefix caches for the probes, one per candidate, filled later in one shared pass;
+    empty where the frozen prefix is not a pure function of the input (e.g. bn='update')."""
+    frozen = copy.deepcopy(model)  # one copy serves every cache: only its frozen part runs
+    caches = {}
+    for i in indices:
+        tuned = wrap(frozen, method, i, bn=bn)
+        if prefix_blocker(tuned) is not None:
+            return {}
+        caches[i] = PrefixCache(tuned, fetch)
+    return caches
 
 
 def _fits(adapter, index: int) -> bool:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ncfinetune.errors import ConfigError
+from ncfinetune.prefix_cache import PrefixCache, check_prefix
 from ncfinetune.tuning import TunedModel
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -63,6 +64,7 @@ def train_steps(
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     min_lr: float = 1e-4,
+    prefix: PrefixCache | None = None,
 ) -> torch.Tensor:
     """Train ``tuned`` for a fixed number of optimizer steps on ``rows`` of an in-memory dataset.
 
@@ -71,6 +73,10 @@ def train_steps(
     compute is the same whatever the number of rows. Cosine schedule from ``lr`` to ``min_lr``.
     Used by the benchmarks and by the probe rule of block selection, where a step budget (not
     an epoch count) is what keeps runs comparable.
+
+    With ``prefix`` (a :class:`~ncfinetune.prefix_cache.PrefixCache` over the same data), each
+    step runs only the model's suffix on cached prefix outputs; each row's prefix is computed
+    once. Same seed, same batches: the result equals the uncached path up to float rounding.
 
     Returns:
         The training loss of every step (float32 tensor).
@@ -81,6 +87,10 @@ def train_steps(
     rows = np.asarray(rows)
     if rows.size == 0:
         raise ConfigError("train_steps got no rows to train on.")
+    forward = tuned
+    if prefix is not None:
+        check_prefix(tuned, prefix)
+        fetch, forward = prefix.fetch, lambda h: tuned.forward_suffix(h)[1]
     opt = build_optimizer(tuned, optimizer, lr, momentum, weight_decay)
     sched = build_cosine_schedule(opt, steps, min_lr)
     batch = min(batch_size, rows.size)
@@ -93,7 +103,7 @@ def train_steps(
             order += rows[torch.randperm(rows.size, generator=gen).numpy()].tolist()
         picked, order = order[:batch], order[batch:]
         x, y = fetch(picked)
-        loss = F.cross_entropy(tuned(x), y)
+        loss = F.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -110,15 +120,26 @@ def train_steps(
 
 @torch.no_grad()
 def evaluate_rows(
-    tuned: TunedModel, fetch: Fetch, rows: Sequence[int] | np.ndarray, batch_size: int = 500
+    tuned: TunedModel,
+    fetch: Fetch,
+    rows: Sequence[int] | np.ndarray,
+    batch_size: int = 500,
+    prefix: PrefixCache | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, penultimate features and labels of ``rows`` (eval mode, one pass)."""
+    """Accuracy, penultimate features and labels of ``rows`` (eval mode, one pass); with
+    ``prefix``, from cached prefix outputs (see :func:`train_steps`)."""
     tuned.eval()
     rows = np.asarray(rows)
+    if prefix is not None:
+        check_prefix(tuned, prefix)
+        fetch = prefix.fetch
     preds, feats, labels = [], [], []
     for s in range(0, rows.size, batch_size):
         x, y = fetch(rows[s : s + batch_size].tolist())
-        logits, f = tuned.forward_with_features(x)
+        if prefix is None:
+            logits, f = tuned.forward_with_features(x)
+        else:
+            f, logits = tuned.forward_suffix(x)
         preds.append(logits.argmax(1))
         feats.append(f.float())
         labels.append(y)

@@ -62,6 +62,24 @@ def test_probe_rules_score_a_held_out_split_and_leave_the_model_alone(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_vit_probes_share_one_prefix_pass_and_match_uncached(monkeypatch):
+    import ncfinetune.selection as sel_mod
+
+    model = make_model("test_vit")
+    data = class_data(per_class=10)
+    kw = dict(rule="probe", candidates=[0, 1, 2], probe_steps=3, seed=0)
+    cached = select_block(model, data, **kw)
+    # one shared pass of the 50 images through the prefix, not one per candidate
+    assert cached.images_processed == 50 + 50 + 3 * (3 * 32 + 50)
+    monkeypatch.setattr(sel_mod, "_probe_caches", lambda *a: {})
+    plain = select_block(model, data, **kw)
+    assert plain.images_processed == 50 + 3 * (3 * 32 + 50)
+    assert cached.chosen == plain.chosen
+    for a, b in zip(cached.rows, plain.rows, strict=True):
+        assert a.heldout_accuracy == b.heldout_accuracy
+        assert a.nc1_heldout == pytest.approx(b.nc1_heldout, rel=1e-4)
+
+
 def test_budget_keeps_only_cheap_candidates():
     model = make_model("test_resnet")
     full = select_block(model, class_data(), rule="curve")
