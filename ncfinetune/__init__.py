@@ -35,6 +35,7 @@ from ncfinetune.tuning import (
     full_wrap,
     layer_wrap,
     linear_wrap,
+    lora_block_wrap,
     scl_wrap,
     wrap,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "get_adapter",
     "layer_wrap",
     "linear_wrap",
+    "lora_block_wrap",
     "list_blocks",
     "load_tuned",
     "read_tuned_config",

@@ -91,7 +91,10 @@ def save_tuned(tuned: TunedModel, path: str | os.PathLike) -> Path:
         "block_name": tuned.block_name,
         "bn": tuned.bn,
         "bn_requested": tuned.config.bn,
-        "skip_norm": tuned.skip_norm if tuned.method == "scl" else None,
+        "skip_norm": tuned.skip_norm if tuned.config.uses_skip else None,
+        "lora_rank": tuned.config.lora_rank if tuned.method.startswith("lora") else None,
+        "lora_alpha": tuned.config.lora_alpha,
+        "lora_skip": tuned.config.lora_skip,
         "trainable_params": trainable,
         "total_params": total,
         "num_tensors": len(tensors),
@@ -169,7 +172,20 @@ def load_tuned(
             "partly overwritten or damaged. Save it again."
         )
     tensors = safetensors.torch.load_file(weights)
-    state = base_model.state_dict()
+    # wrap first: the LoRA methods add modules (and state keys) the checkpoint fills
+    tuned = TunedModel(
+        base_model,
+        TuningConfig(
+            method=meta["method"],
+            block=meta["block"],
+            bn=meta.get("bn_requested", meta["bn"]),
+            skip_norm=meta["skip_norm"],
+            lora_rank=meta.get("lora_rank") or 8,
+            lora_alpha=meta.get("lora_alpha"),
+            lora_skip=bool(meta.get("lora_skip", False)),
+        ),
+    )
+    state = tuned.model.state_dict()
     bad = [
         f"{k} {tuple(v.shape)} vs {tuple(state[k].shape) if k in state else 'missing'}"
         for k, v in tensors.items()
@@ -180,7 +196,7 @@ def load_tuned(
             f"checkpoint {path} does not fit the base {arch}: {len(bad)} tensors differ "
             f"(checkpoint vs model: {'; '.join(bad[:3])}). Use the architecture it was saved from."
         )
-    fingerprint = base_fingerprint(base_model, set(tensors))
+    fingerprint = base_fingerprint(tuned.model, set(tensors))
     if fingerprint != meta["base_fingerprint"]:
         msg = (
             f"the base weights of this {arch} differ from those checkpoint {path} was tuned from "
@@ -190,15 +206,6 @@ def load_tuned(
         if verify_base:
             raise CheckpointError(msg)
         warn_once(msg)
-    tuned = TunedModel(
-        base_model,
-        TuningConfig(
-            method=meta["method"],
-            block=meta["block"],
-            bn=meta.get("bn_requested", meta["bn"]),
-            skip_norm=meta["skip_norm"],
-        ),
-    )
     with torch.no_grad():
         for k, v in tensors.items():
             state[k].copy_(v)

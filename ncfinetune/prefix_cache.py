@@ -53,8 +53,8 @@ def prefix_blocker(tuned) -> str | None:
         ``None`` when the prefix output can be cached; otherwise one sentence saying why not
         and what would make it cacheable.
     """
-    if tuned.method == "full":
-        return "full fine-tuning trains every layer: there is no frozen prefix to cache."
+    if tuned.method in ("full", "lora"):
+        return f"{tuned.method} trains (or adapts) every block: there is no frozen prefix to cache."
     adapter = tuned.adapter
     tuned_blocks = adapter.blocks[prefix_stop(tuned) :]
     suffix = {id(m) for b in tuned_blocks for m in b.modules()}

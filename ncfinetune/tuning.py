@@ -10,6 +10,7 @@ pure function of the input (``bn="frozen"``, no augmentation).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +22,14 @@ from ncfinetune.backbones import BackboneAdapter, get_adapter
 from ncfinetune.backbones.base import _arch_name
 from ncfinetune.errors import ConfigError
 
-METHODS = ("linear", "layer", "scl", "full")
-"""Tuning methods: linear probe, Layer FT, SCL FT, full fine-tuning (SPEC section 2)."""
+METHODS = ("linear", "layer", "scl", "full", "lora-block", "lora")
+"""Tuning methods: linear probe, Layer FT, SCL FT, full fine-tuning (SPEC section 2), and two
+peft LoRA methods: ``lora-block`` (LoRA on the Linear/Conv2d layers of one block, optionally
+with the SCL skip) and ``lora`` (LoRA on every block's Linear/Conv2d layers, the usual peft
+baseline)."""
+
+BLOCK_METHODS = ("layer", "scl", "lora-block")
+"""Methods that tune one chosen block."""
 
 BN_POLICIES = ("update", "frozen")
 """``update``: every BatchNorm adapts its running statistics to the downstream data in train mode
@@ -30,7 +37,14 @@ BN_POLICIES = ("update", "frozen")
 pretrained statistics (they stay in eval mode), which makes the frozen prefix a pure function of
 the input."""
 
-METHOD_TITLES = {"linear": "linear probe", "layer": "Layer FT", "scl": "SCL FT", "full": "full FT"}
+METHOD_TITLES = {
+    "linear": "linear probe",
+    "layer": "Layer FT",
+    "scl": "SCL FT",
+    "full": "full FT",
+    "lora-block": "LoRA-in-block",
+    "lora": "LoRA (all blocks)",
+}
 
 
 @dataclass
@@ -48,18 +62,32 @@ class TuningConfig:
             means True for ViTs. The raw residual stream of an inner block has a scale unrelated
             to the normalised penultimate features, so adding it un-normalised lets one of the two
             terms dominate; with the norm both live in the same coordinates.
+        lora_rank, lora_alpha: LoRA methods: the rank r of the update B A and its scale
+            alpha / r (peft's ``LoraConfig.r`` and ``lora_alpha``; alpha defaults to r).
+        lora_skip: ``lora-block`` only: also add the SCL skip from the block.
     """
 
     method: str = field(metadata={"help": "linear | layer | scl | full"})
     block: int | str | None = field(default=None, metadata={"help": "index or module name"})
     bn: str | None = field(default=None, metadata={"help": "update | frozen"})
     skip_norm: bool | None = field(default=None, metadata={"help": "ViT: norm the SCL skip"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA methods: rank r"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA: scale alpha (r)"})
+    lora_skip: bool = field(default=False, metadata={"help": "lora-block: add the SCL skip"})
 
     def __post_init__(self) -> None:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} is not one of {', '.join(METHODS)}")
-        if self.method in ("layer", "scl") and self.block is None:
+        if (
+            isinstance(self.lora_rank, bool)
+            or not isinstance(self.lora_rank, int)
+            or (self.lora_rank < 1)
+        ):
+            problems.append(f"lora_rank={self.lora_rank!r} must be an integer >= 1")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            problems.append(f"lora_alpha={self.lora_alpha!r} must be > 0")
+        if self.method in BLOCK_METHODS and self.block is None:
             problems.append(
                 f"method={self.method!r} tunes one block: pass block=INDEX or block=NAME "
                 "(see ncfinetune.list_blocks(model))"
@@ -68,11 +96,19 @@ class TuningConfig:
             problems.append(f"bn={self.bn!r} is not one of {', '.join(BN_POLICIES)}")
         if problems:
             raise ConfigError("invalid tuning config: " + "; ".join(problems) + ".")
-        if self.method in ("linear", "full") and self.block is not None:
+        if self.lora_skip and self.method != "lora-block":
+            warn_once(f"lora_skip has no effect with method={self.method!r}; ignored.")
+            self.lora_skip = False
+        if self.method in ("linear", "full", "lora") and self.block is not None:
             warn_once(f"block={self.block!r} has no effect with method={self.method!r}; ignored.")
             self.block = None
-        if self.skip_norm is not None and self.method != "scl":
+        if self.skip_norm is not None and not self.uses_skip:
             warn_once(f"skip_norm has no effect with method={self.method!r} (no skip); ignored.")
+
+    @property
+    def uses_skip(self) -> bool:
+        """True when the model adds the SCL skip (``scl``, or ``lora-block`` with ``lora_skip``)."""
+        return self.method == "scl" or (self.method == "lora-block" and self.lora_skip)
 
 
 class TunedModel(nn.Module):
@@ -93,12 +129,15 @@ class TunedModel(nn.Module):
         self.config = config
         self.feature_dim = adapter.feature_dim
         self.block_index: int | None = None
-        if config.method in ("layer", "scl"):
+        if config.method in BLOCK_METHODS:
             self.block_index = adapter.resolve(config.block)
-            if config.method == "scl":
+            if config.uses_skip:
                 self._check_skip_fits(self.block_index)
         self.skip_norm = self._resolve_skip_norm()
         self.bn = self._resolve_bn()
+        self._lora_layers: list[nn.Module] = []
+        if config.method.startswith("lora"):
+            self._lora_layers = _inject_lora(self)
         self._freeze()
 
     # -- construction helpers -------------------------------------------------------------
@@ -119,7 +158,7 @@ class TunedModel(nn.Module):
 
     def _resolve_skip_norm(self) -> bool:
         is_vit = hasattr(self.adapter, "pool_normed")
-        if self.config.skip_norm and not is_vit and self.config.method == "scl":
+        if self.config.skip_norm and not is_vit and self.config.uses_skip:
             warn_once(f"skip_norm has no effect on {self.arch}: it has no final norm.")
         if self.config.skip_norm is None:
             return is_vit
@@ -137,7 +176,9 @@ class TunedModel(nn.Module):
         if self.method == "full":
             return [self.model]
         mods = list(self.adapter.classifier_modules())
-        if self.block_index is not None:
+        if self._lora_layers:  # only the low-rank factors train; the block's own weights stay
+            mods += [d for m in self._lora_layers for d in (m.lora_A, m.lora_B)]
+        elif self.block_index is not None:
             mods.append(self.adapter.blocks[self.block_index])
         return mods
 
@@ -182,10 +223,10 @@ class TunedModel(nn.Module):
     def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen part before the first trained block, run without autograd.
 
-        Returns the input of the tuned block (``layer``/``scl``), the last block's output
-        (``linear``), or ``x`` itself (``full``).
+        Returns the input of the tuned block (``layer``/``scl``/``lora-block``), the last
+        block's output (``linear``), or ``x`` itself (``full``, ``lora``).
         """
-        if self.method == "full":
+        if self.method in ("full", "lora"):
             return x
         stop = self.block_index if self.block_index is not None else None
         with torch.no_grad():
@@ -199,13 +240,13 @@ class TunedModel(nn.Module):
             skip) and the logits.
         """
         a = self.adapter
-        if self.method == "full":
+        if self.method in ("full", "lora"):
             h = a.forward_blocks(a.stem(h))
             return a.classify(h, None)
         if self.method == "linear":
             return a.classify(h, None)
         h = a.blocks[self.block_index](h)
-        skip = self.skip(h) if self.method == "scl" else None
+        skip = self.skip(h) if self.config.uses_skip else None
         h = a.forward_blocks(h, self.block_index + 1)
         return a.classify(h, skip)
 
@@ -256,7 +297,11 @@ class TunedModel(nn.Module):
         where = (
             "" if self.block_index is None else f" at block {self.block_index} ({self.block_name})"
         )
-        extra = f", skip_norm={self.skip_norm}" if self.method == "scl" and self.skip_norm else ""
+        extra = f", skip_norm={self.skip_norm}" if self.config.uses_skip and self.skip_norm else ""
+        if self._lora_layers:
+            alpha = self.config.lora_alpha or self.config.lora_rank
+            extra += f", LoRA r={self.config.lora_rank} alpha={alpha:g} on {len(self._lora_layers)} layers"
+            extra += ", with SCL skip" if self.config.uses_skip else ""
         return (
             f"{METHOD_TITLES[self.method]} of {self.arch}{where}, bn={self.bn}{extra}: "
             f"{self.parameter_report()}"
@@ -293,6 +338,37 @@ class TunedModel(nn.Module):
         save_tuned(self, path)
 
 
+def _inject_lora(tuned: TunedModel) -> list[nn.Module]:
+    """Add peft LoRA adapters to the Linear/Conv2d layers of the tuned block (``lora-block``) or
+    of every block (``lora``), in place; return the LoRA layers."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    a = tuned.adapter
+    blocks = [tuned.block_index] if tuned.block_index is not None else range(len(a.blocks))
+    targets = [
+        f"{a.block_names[i]}.{name}"
+        for i in blocks
+        for name, m in a.blocks[i].named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
+    if not targets:
+        raise ConfigError(
+            f"{tuned.arch} has no Linear or Conv2d layer in the chosen block(s) for LoRA; use "
+            "method='layer' or another block."
+        )
+    cfg = tuned.config
+    config = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+        lora_dropout=0.0,  # keeps the frozen prefix a pure function of the input
+        # a string is matched against whole module names (re.fullmatch): exactly these layers
+        target_modules="|".join(re.escape(t) for t in targets),
+    )
+    inject_adapter_in_model(config, tuned.model)
+    return [m for m in tuned.model.modules() if isinstance(m, LoraLayer)]
+
+
 def wrap(
     model: nn.Module,
     method: str,
@@ -300,9 +376,23 @@ def wrap(
     *,
     bn: str | None = None,
     skip_norm: bool | None = None,
+    lora_rank: int = 8,
+    lora_alpha: float | None = None,
+    lora_skip: bool = False,
 ) -> TunedModel:
-    """Prepare ``model`` for ``method`` (``linear``, ``layer``, ``scl``, ``full``)."""
-    return TunedModel(model, TuningConfig(method=method, block=block, bn=bn, skip_norm=skip_norm))
+    """Prepare ``model`` for ``method`` (one of :data:`METHODS`)."""
+    return TunedModel(
+        model,
+        TuningConfig(
+            method=method,
+            block=block,
+            bn=bn,
+            skip_norm=skip_norm,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_skip=lora_skip,
+        ),
+    )
 
 
 def scl_wrap(
@@ -326,3 +416,27 @@ def linear_wrap(model: nn.Module, *, bn: str | None = None) -> TunedModel:
 def full_wrap(model: nn.Module, *, bn: str | None = None) -> TunedModel:
     """Full fine-tuning: train everything (the baseline, through the same wrapper)."""
     return wrap(model, "full", bn=bn)
+
+
+def lora_block_wrap(
+    model: nn.Module,
+    block: int | str,
+    *,
+    rank: int = 8,
+    alpha: float | None = None,
+    skip: bool = False,
+    bn: str | None = None,
+    skip_norm: bool | None = None,
+) -> TunedModel:
+    """LoRA-in-block: peft LoRA adapters (rank ``rank``) on the Linear/Conv2d layers of one block,
+    plus the classifier; ``skip=True`` adds the SCL skip from that block."""
+    return wrap(
+        model,
+        "lora-block",
+        block,
+        bn=bn,
+        skip_norm=skip_norm,
+        lora_rank=rank,
+        lora_alpha=alpha,
+        lora_skip=skip,
+    )

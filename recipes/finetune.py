@@ -66,6 +66,9 @@ class FinetuneConfig:
     select_max_images: int = 5000  # block: auto: class-balanced sample of the training subset
     bn: str | None = None
     skip_norm: bool | None = None
+    lora_rank: int = 8  # lora-block / lora: rank of the peft LoRA update
+    lora_alpha: float | None = None  # LoRA scale alpha (null = rank)
+    lora_skip: bool = False  # lora-block: also add the SCL skip from the block
     # optimisation (paper defaults, SPEC section 5)
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -94,7 +97,7 @@ class FinetuneConfig:
             p.append(f"cpu_threads must be >= 1 or null (auto), got {self.cpu_threads}")
         if self.method not in ncfinetune.METHODS:
             p.append(f"method {self.method!r} is not one of {', '.join(ncfinetune.METHODS)}")
-        if self.method in ("layer", "scl") and self.block is None:
+        if self.method in ncfinetune.tuning.BLOCK_METHODS and self.block is None:
             p.append(f"method {self.method!r} needs a block (index or name)")
         if self.block == "auto" and self.method not in ("layer", "scl"):
             p.append(f"block 'auto' needs method layer or scl, got {self.method!r}")
@@ -197,10 +200,19 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.model, data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint
     )
     eval_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=False)
-    block = cfg.block if cfg.method in ("layer", "scl") else None
+    block = cfg.block if cfg.method in ncfinetune.tuning.BLOCK_METHODS else None
     if block == "auto":
         block = choose_block(acc, cfg, model, data, train_idx, eval_tf, out)
-    tuned = ncfinetune.wrap(model, cfg.method, block, bn=cfg.bn, skip_norm=cfg.skip_norm)
+    tuned = ncfinetune.wrap(
+        model,
+        cfg.method,
+        block,
+        bn=cfg.bn,
+        skip_norm=cfg.skip_norm,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_skip=cfg.lora_skip,
+    )
     train_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=cfg.augment)
     kw = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
     train_dl = nd.build_loader(

@@ -17,6 +17,8 @@ CASES = [
     ("test_vit", "scl", 2, None),
     ("test_vit", "full", None, None),
     ("deit_tiny_distilled_patch16_224", "scl", 5, None),
+    ("test_resnet", "lora-block", 1, None),
+    ("test_vit", "lora", None, None),
 ]
 
 

@@ -35,6 +35,7 @@ def tuned_pair(arch, method, block, bn):
         ("test_vit", "linear", None, None),
         ("test_resnet", "layer", 2, "frozen"),
         ("test_resnet", "scl", 1, "frozen"),
+        ("test_vit", "lora-block", 2, None),
     ],
 )
 def test_cached_training_equals_uncached(arch, method, block, bn):
@@ -61,6 +62,7 @@ def test_blockers_name_the_reason():
     resnet = make_model("test_resnet")
     assert "bn='frozen'" in prefix_blocker(ncfinetune.scl_wrap(resnet, 1))
     assert "no frozen prefix" in prefix_blocker(ncfinetune.full_wrap(make_model("test_vit")))
+    assert "no frozen prefix" in prefix_blocker(ncfinetune.wrap(make_model("test_vit"), "lora"))
     vit = make_model("test_vit")
     vit.blocks[0].drop_path1 = torch.nn.Dropout(0.1)
     assert "random in train mode" in prefix_blocker(ncfinetune.layer_wrap(vit, 1))

@@ -55,6 +55,23 @@ def test_finetune_smoke_writes_metrics_and_loadable_weights(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_lora_block_recipe_run_saves_and_reloads_its_adapters(tmp_path):
+    m = finetune(
+        "--method", "lora-block", "--lora_rank", 2, "--lora_skip", "true",
+        "--epochs", 1, "--max_steps", 2, "--output_dir", tmp_path,
+    )  # fmt: skip
+    assert 0 <= m["test_accuracy"] <= 1
+    tuned = load_tuned(
+        tmp_path / "tuned", make_model("test_resnet", num_classes=10, seed=99), verify_base=False
+    )
+    assert (tuned.method, tuned.block_index, tuned.config.lora_rank) == ("lora-block", 1, 2)
+    assert tuned.config.uses_skip
+    names = safetensors.torch.load_file(tmp_path / "tuned" / "tuned.safetensors").keys()
+    assert any(".lora_A." in n for n in names) and not any(
+        n.endswith("conv1.weight") for n in names
+    )
+
+
 def test_interrupt_and_resume_gives_the_same_final_numbers(tmp_path):
     args = ["--epochs", 3, "--max_steps", 4, "--per_class", 12, "--seed", 3]
     full = finetune(*args, "--output_dir", tmp_path / "a")
@@ -112,7 +129,7 @@ def test_bad_config_lists_every_problem():
     with pytest.raises(ConfigError) as e:
         finetune(
             "--method",
-            "lora",
+            "adapter",
             "--bn",
             "sometimes",
             "--epochs",
@@ -126,7 +143,7 @@ def test_bad_config_lists_every_problem():
         )
     msg = str(e.value)
     for part in (
-        "method 'lora' is not one of",
+        "method 'adapter' is not one of",
         "bn 'sometimes'",
         "epochs must be >= 1",
         "give per_class or train_size, not both",

@@ -13,12 +13,20 @@ from ncfinetune import (
     full_wrap,
     layer_wrap,
     linear_wrap,
+    lora_block_wrap,
     scl_wrap,
     wrap,
 )
 
 FAMILIES = list(TINY) + ["resnet18", "deit_tiny_distilled_patch16_224"]
-METHODS = [("linear", None), ("layer", 1), ("scl", 1), ("full", None)]
+METHODS = [
+    ("linear", None),
+    ("layer", 1),
+    ("scl", 1),
+    ("full", None),
+    ("lora-block", 1),
+    ("lora", None),
+]
 
 
 def train_steps(tuned, steps=3, lr=0.1):
@@ -148,8 +156,10 @@ def test_scl_block_wider_than_features_is_an_error():
 
 def test_config_errors_list_every_problem():
     with pytest.raises(ConfigError) as e:
-        wrap(make_model("test_resnet"), "lora", bn="sometimes")
-    assert "method='lora' is not one of linear, layer, scl, full" in str(e.value)
+        wrap(make_model("test_resnet"), "adapter", bn="sometimes")
+    assert "method='adapter' is not one of linear, layer, scl, full, lora-block, lora" in str(
+        e.value
+    )
     assert "bn='sometimes' is not one of update, frozen" in str(e.value)
     with pytest.raises(ConfigError, match="method='scl' tunes one block: pass block=INDEX"):
         wrap(make_model("test_resnet"), "scl")
@@ -193,3 +203,40 @@ def test_print_trainable_parameters(capsys):
     linear_wrap(make_model("test_resnet")).print_trainable_parameters()
     out = capsys.readouterr().out
     assert out.startswith("trainable 485 of ") and out.rstrip().endswith("%)")
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_lora_block_trains_low_rank_factors_only_and_starts_at_the_base_model(name):
+    base = make_model(name, seed=0).eval()
+    x = images(3)
+    with torch.no_grad():
+        ref = base(x)
+    tuned = lora_block_wrap(make_model(name, seed=0), 1, rank=4, alpha=8).eval()
+    with torch.no_grad():
+        assert torch.equal(tuned(x), ref)  # B = 0 at init: the update starts at zero
+    trainable = [n for n, p in tuned.model.named_parameters() if p.requires_grad]
+    block = tuned.block_name + "."
+    lora = [n for n in trainable if ".lora_" in n]
+    assert lora and all(n.startswith(block) for n in lora)
+    rest = set(trainable) - set(lora)  # the classifier, nothing else
+    assert rest and all(n.startswith(("fc.", "head.")) for n in rest)
+    for n, p in tuned.model.named_parameters():
+        if ".lora_A." in n:
+            assert p.shape[0] == 4, n
+    assert "LoRA r=4 alpha=8" in tuned.describe()
+    # with the skip, the classifier input is phi(x) + the SCL skip of the block output
+    skipped = lora_block_wrap(make_model(name, seed=0), 1, skip=True, skip_norm=False).eval()
+    with torch.no_grad():
+        h = skipped.adapter.blocks[1](skipped.forward_prefix(x))
+        feats, _ = skipped.forward_suffix(skipped.forward_prefix(x))
+        phi = skipped.model.forward_head(skipped.model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(feats, phi + skipped.skip(h), rtol=0, atol=1e-6)
+
+
+def test_lora_config_errors():
+    with pytest.raises(ConfigError, match="lora_rank=0 must be an integer >= 1"):
+        wrap(make_model("test_vit"), "lora-block", 1, lora_rank=0)
+    with pytest.raises(ConfigError, match="method='lora-block' tunes one block"):
+        wrap(make_model("test_vit"), "lora-block")
+    with pytest.warns(UserWarning, match="lora_skip has no effect with method='lora'"):
+        wrap(make_model("test_vit"), "lora", lora_skip=True)
