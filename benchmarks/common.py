@@ -37,7 +37,7 @@ import torch
 import ncfinetune
 from ncfinetune import data as nd
 from ncfinetune.hub import create_backbone
-from ncfinetune.metrics import nc1
+from ncfinetune.metrics import nc1_or_none
 from ncfinetune.prefix_cache import PrefixCache, prefix_blocker, prefix_stop
 from ncfinetune.training import evaluate_rows, train_steps
 
@@ -178,13 +178,6 @@ def shared_prefix(run: Run, tuned, split: str, fetch) -> PrefixCache | None:
 
 
 # -- one run ------------------------------------------------------------------------------------------
-def _nc1_or_none(features: torch.Tensor, labels: torch.Tensor) -> float | None:
-    try:
-        return nc1(features, labels)
-    except ncfinetune.MetricInputError:
-        return None  # e.g. identical class means on a degenerate run
-
-
 def versions() -> dict:
     import accelerate
     import timm
@@ -231,8 +224,8 @@ def execute(run: Run) -> dict:
     metrics = {
         "test_accuracy": test["accuracy"],
         "train_accuracy": tr["accuracy"],
-        "nc1_train": _nc1_or_none(tr["features"], tr["labels"]),
-        "nc1_test": _nc1_or_none(test["features"], test["labels"]),
+        "nc1_train": nc1_or_none(tr["features"], tr["labels"]),
+        "nc1_test": nc1_or_none(test["features"], test["labels"]),
         "final_train_loss": float(losses[-10:].mean()),
     }
     if run.validate:

@@ -23,9 +23,10 @@ from ncfinetune.metrics import (
     class_separation_r2,
     linear_cka,
     nc1,
+    nc1_or_none,
     numerical_rank,
 )
-from ncfinetune.selection import BlockSelection, select_block
+from ncfinetune.selection import BlockSelection, select_block, select_block_on_split
 from ncfinetune.training import build_cosine_schedule, build_optimizer, evaluate_rows, train_steps
 from ncfinetune.tuning import (
     BN_POLICIES,
@@ -66,6 +67,7 @@ __all__ = [
     "layerwise_nc1",
     "linear_cka",
     "nc1",
+    "nc1_or_none",
     "numerical_rank",
     "plot_layerwise_nc1",
     "full_wrap",
@@ -78,6 +80,7 @@ __all__ = [
     "read_tuned_config",
     "scl_wrap",
     "select_block",
+    "select_block_on_split",
     "train_steps",
     "evaluate_rows",
     "wrap",

@@ -332,6 +332,16 @@ def nc1(features: Any, labels: Any, num_classes: int | None = None) -> float:
     return float((sq * w).sum() / n)
 
 
+def nc1_or_none(features: Any, labels: Any, num_classes: int | None = None) -> float | None:
+    """:func:`nc1`, or ``None`` where the input is not measurable (for example identical class
+    means after a degenerate run) instead of raising :class:`MetricInputError`. For reports
+    over many runs, where one unmeasurable row should not stop the rest."""
+    try:
+        return nc1(features, labels, num_classes)
+    except MetricInputError:
+        return None
+
+
 def _projected_squares(
     h: torch.Tensor, y: torch.Tensor, means: torch.Tensor, u: torch.Tensor, centre: bool
 ) -> torch.Tensor:

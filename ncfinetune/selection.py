@@ -35,9 +35,9 @@ from torch import nn
 from ncfinetune._warn import warn_once
 from ncfinetune.backbones import get_adapter
 from ncfinetune.backbones.base import _arch_name
-from ncfinetune.errors import ConfigError, MetricInputError
+from ncfinetune.errors import ConfigError
 from ncfinetune.features import collect_block_features, plot_layerwise_nc1
-from ncfinetune.metrics import nc1
+from ncfinetune.metrics import nc1_or_none
 from ncfinetune.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
 from ncfinetune.subsets import validation_split
 from ncfinetune.training import evaluate_rows, train_steps
@@ -139,6 +139,11 @@ class BlockSelection:
         tmp.replace(path)
         return path
 
+    def save(self, output_dir: str | Path) -> tuple[Path, Path]:
+        """Write ``block_selection.json`` and ``block_selection.png`` under ``output_dir``."""
+        out = Path(output_dir)
+        return self.save_json(out / "block_selection.json"), self.plot(out / "block_selection.png")
+
     def plot(self, path: str | Path) -> Path:
         """NC1 over depth of the pretrained model (log scale) with the chosen block marked."""
         return plot_layerwise_nc1(
@@ -148,6 +153,44 @@ class BlockSelection:
             f"plotted as block {self.chosen + 1}",
             mark=self.chosen,
         )
+
+
+def select_block_on_split(
+    model: nn.Module,
+    data: Any,
+    transform: Any,
+    rows: Sequence[int] | np.ndarray | None = None,
+    *,
+    max_images: int | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> BlockSelection:
+    """:func:`select_block` on rows of a loaded dataset's *training* split, decoded once.
+
+    Args:
+        model: as for :func:`select_block`.
+        data: a ``ncfinetune.data.ImageData`` (``load_image_dataset``); only ``data.train`` is
+            read.
+        transform: a deterministic ``ncfinetune.data.build_transforms(model, augment=False)``.
+        rows: training-split rows to select on (default: all).
+        max_images: cap on the images used: a seeded class-balanced sample of ``rows``.
+        seed, kwargs: passed to :func:`select_block` (rule, method, bn, ...).
+    """
+    from ncfinetune.data import TensorCache
+    from ncfinetune.subsets import balanced_subset
+
+    labels = data.labels("train")
+    rows = np.arange(labels.size) if rows is None else np.asarray(rows)
+    if max_images is not None and rows.size > max_images:
+        rows = rows[balanced_subset(labels[rows], total=max_images, seed=seed)]
+    cache = TensorCache.build(
+        data.train,
+        transform,
+        image_column=data.image_column,
+        label_column=data.label_column,
+        indices=rows,
+    )
+    return select_block(model, cache, seed=seed, **kwargs)
 
 
 def _as_fetch(data: Any) -> tuple[Any, np.ndarray]:
@@ -188,13 +231,6 @@ def _trainable_percent(model: nn.Module, index: int) -> float:
     block = sum(p.numel() for p in adapter.blocks[index].parameters())
     total = sum(p.numel() for p in model.parameters())
     return 100.0 * (head + block) / total
-
-
-def _nc1(features: torch.Tensor, labels: torch.Tensor) -> float | None:
-    try:
-        return nc1(features, labels)
-    except MetricInputError:
-        return None
 
 
 def select_block(
@@ -291,7 +327,7 @@ def select_block(
                 "index": i,
                 "name": name,
                 "channels": feats.channels[i],
-                "nc1": _nc1(feats.features[name], feats.labels),
+                "nc1": nc1_or_none(feats.features[name], feats.labels),
             }
         )
     for r in rows:
@@ -332,8 +368,8 @@ def select_block(
             )
             ev_fit = evaluate_rows(tuned, fetch, fit, prefix=cache)
             ev_held = evaluate_rows(tuned, fetch, held, prefix=cache)
-            r.nc1_train = _nc1(ev_fit["features"], ev_fit["labels"])
-            r.nc1_heldout = _nc1(ev_held["features"], ev_held["labels"])
+            r.nc1_train = nc1_or_none(ev_fit["features"], ev_fit["labels"])
+            r.nc1_heldout = nc1_or_none(ev_held["features"], ev_held["labels"])
             r.heldout_accuracy = ev_held["accuracy"]
             r.probe_seconds = time.perf_counter() - t1
             images += probe_steps * min(batch_size, fit.size) + labels.size

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -129,20 +128,12 @@ class FinetuneConfig:
 
 def choose_block(acc, cfg, model, data, train_idx, eval_tf, out: Path) -> int:
     """--block auto: select_block on (a class-balanced sample of) the training subset only."""
-    labels = data.labels("train")
-    rows = np.arange(labels.size) if train_idx is None else np.asarray(train_idx)
-    if rows.size > cfg.select_max_images:
-        rows = rows[nd.balanced_subset(labels[rows], total=cfg.select_max_images, seed=cfg.seed)]
-    cache = nd.TensorCache.build(
-        data.train,
-        eval_tf,
-        image_column=data.image_column,
-        label_column=data.label_column,
-        indices=rows,
-    )
-    sel = ncfinetune.select_block(
+    sel = ncfinetune.select_block_on_split(
         model,
-        cache,
+        data,
+        eval_tf,
+        train_idx,
+        max_images=cfg.select_max_images,
         rule=cfg.select_rule,
         method=cfg.method,
         bn=cfg.bn,
@@ -151,9 +142,7 @@ def choose_block(acc, cfg, model, data, train_idx, eval_tf, out: Path) -> int:
     )
     acc.print(str(sel))
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        sel.save_json(out / "block_selection.json")
-        sel.plot(out / "block_selection.png")
+        sel.save(out)
     return sel.chosen
 
 

@@ -69,16 +69,11 @@ def main(argv: list[str] | None = None) -> ncfinetune.BlockSelection:
     rows = None
     if cfg.per_class:
         rows = nd.balanced_subset(data.labels("train"), per_class=cfg.per_class, seed=cfg.seed)
-    cache = nd.TensorCache.build(
-        data.train,
-        nd.build_transforms(model, image_size=cfg.image_size),
-        image_column=data.image_column,
-        label_column=data.label_column,
-        indices=rows,
-    )
-    sel = ncfinetune.select_block(
+    sel = ncfinetune.select_block_on_split(
         model,
-        cache,
+        data,
+        nd.build_transforms(model, image_size=cfg.image_size),
+        rows,
         rule=cfg.rule,
         method=cfg.method,
         candidates=[int(c) if str(c).lstrip("-").isdigit() else c for c in cfg.candidates]
@@ -93,9 +88,8 @@ def main(argv: list[str] | None = None) -> ncfinetune.BlockSelection:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    sel.save_json(out / "block_selection.json")
-    sel.plot(out / "block_selection.png")
-    print(f"{sel}\nreport: {out / 'block_selection.json'}, plot: {out / 'block_selection.png'}")
+    report, png = sel.save(out)
+    print(f"{sel}\nreport: {report}, plot: {png}")
     return sel
 
 
