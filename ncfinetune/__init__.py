@@ -26,6 +26,7 @@ from ncfinetune.metrics import (
     nc1_or_none,
     numerical_rank,
 )
+from ncfinetune.prefix_cache import PrefixCache, prefix_blocker
 from ncfinetune.selection import BlockSelection, select_block, select_block_on_split
 from ncfinetune.training import build_cosine_schedule, build_optimizer, evaluate_rows, train_steps
 from ncfinetune.tuning import (
@@ -53,6 +54,7 @@ __all__ = [
     "MetricInputError",
     "NC1Accumulator",
     "NcFinetuneError",
+    "PrefixCache",
     "TunedModel",
     "TuningConfig",
     "UnsupportedModelError",
@@ -68,6 +70,7 @@ __all__ = [
     "linear_cka",
     "nc1",
     "nc1_or_none",
+    "prefix_blocker",
     "numerical_rank",
     "plot_layerwise_nc1",
     "full_wrap",
