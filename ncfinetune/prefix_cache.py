@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ncfinetune.errors import ConfigError, NcFinetuneError
+from ncfinetune.errors import ConfigError, DataError, NcFinetuneError
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 """Default bound on a cache's stored prefix outputs (2 GiB)."""
@@ -174,7 +174,8 @@ class PrefixCache:
         for s in range(0, len(missing), self.batch_size):
             chunk = missing[s : s + self.batch_size]
             x, y = self.source(chunk)
-            self._insert(chunk, self.tuned.forward_prefix(x), y)
+            device = next(self.tuned.parameters()).device  # run where the model is, keep on CPU
+            self._insert(chunk, self.tuned.forward_prefix(x.to(device)).cpu(), y.cpu())
 
     def fetch(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prefix outputs, labels)`` of ``rows``, computing any not cached yet."""
@@ -214,3 +215,69 @@ def fill_shared(caches: Sequence[PrefixCache], rows: Sequence[int] | np.ndarray)
                 index = torch.as_tensor(need, dtype=torch.long)
                 c._insert([chunk[i] for i in need], h.index_select(0, index), y[index])
     return len(missing)
+
+
+class _PrefixDataset(torch.utils.data.Dataset):
+    """Positions of a loader's dataset -> (prefix outputs, labels), through a PrefixCache."""
+
+    def __init__(self, cache: PrefixCache, size: int) -> None:
+        self.cache, self.size = cache, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.fetch(positions)
+
+
+def prefix_loader(loader, tuned, *, max_bytes: int = DEFAULT_MAX_BYTES, share_with=None):
+    """The same batches as ``loader``, as prefix outputs of ``tuned`` computed once per sample.
+
+    ``loader`` must come from :func:`ncfinetune.data.build_loader` with a pre-decoded,
+    non-augmenting transform (its dataset is a ``TensorCache``). The new loader keeps the
+    batch sampler (order, sharding, ``set_epoch``); each sample's prefix is computed the first
+    time it is drawn and kept (in the main process: ``num_workers`` is 0). Set
+    ``tuned.prefix_inputs = True`` while feeding the model from it. ``share_with``: another
+    prefix loader over the same rows in the same positions (e.g. the training subset without
+    shuffling) whose cache this one reuses.
+
+    Raises:
+        ConfigError: the prefix of ``tuned`` is not a pure function of the input (the reason
+            from :func:`prefix_blocker`).
+        DataError: the loader's data is not pre-decoded and deterministic.
+        CacheTooLarge: caching every sample would pass ``max_bytes``.
+    """
+    from torch.utils.data import DataLoader
+
+    from ncfinetune.data import TensorCache, _pass_batch
+
+    dataset = loader.dataset
+    if not isinstance(dataset, TensorCache):
+        raise DataError(
+            "the prefix cache needs pre-decoded, non-augmenting data (a TensorCache from "
+            f"build_loader with build_transforms(augment=False)); got {type(dataset).__name__}."
+        )
+    if share_with is not None:
+        cache = share_with.dataset.cache
+        return DataLoader(
+            _PrefixDataset(cache, len(dataset)),
+            batch_sampler=loader.batch_sampler,
+            collate_fn=_pass_batch,
+            num_workers=0,
+        )
+    cache = PrefixCache(tuned, dataset.__getitems__, max_bytes=max_bytes)
+    x, _ = dataset.__getitems__([0])
+    device = next(tuned.parameters()).device
+    h = tuned.forward_prefix(x.to(device))
+    need = len(dataset) * h[0].numel() * h.element_size()
+    if need > max_bytes:
+        raise CacheTooLarge(
+            f"caching the prefix outputs of {len(dataset):,} samples ({tuple(h.shape[1:])} each, "
+            f"{need / 2**20:,.0f} MiB) would pass max_bytes ({max_bytes / 2**20:,.0f} MiB)."
+        )
+    return DataLoader(
+        _PrefixDataset(cache, len(dataset)),
+        batch_sampler=loader.batch_sampler,
+        collate_fn=_pass_batch,
+        num_workers=0,
+    )

@@ -135,6 +135,9 @@ class TunedModel(nn.Module):
                 self._check_skip_fits(self.block_index)
         self.skip_norm = self._resolve_skip_norm()
         self.bn = self._resolve_bn()
+        self.prefix_inputs = False
+        """True when the inputs are already the prefix's outputs (batches from a
+        :func:`ncfinetune.prefix_cache.prefix_loader`): forward then runs the suffix alone."""
         self._lora_layers: list[nn.Module] = []
         if config.method.startswith("lora"):
             self._lora_layers = _inject_lora(self)
@@ -260,12 +263,12 @@ class TunedModel(nn.Module):
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, features)`` in one pass; features are the classifier's input."""
-        feats, logits = self.forward_suffix(self.forward_prefix(x))
+        feats, logits = self.forward_suffix(x if self.prefix_inputs else self.forward_prefix(x))
         return logits, feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of images."""
-        return self.forward_suffix(self.forward_prefix(x))[1]
+        """Logits for a batch of images (or of prefix outputs when ``prefix_inputs`` is set)."""
+        return self.forward_suffix(x if self.prefix_inputs else self.forward_prefix(x))[1]
 
     # -- parameters -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -34,6 +34,7 @@ from ncfinetune.loop import (
 )
 from ncfinetune.metric_modules import load_metric
 from ncfinetune.metrics import nc1
+from ncfinetune.prefix_cache import CacheTooLarge, prefix_blocker, prefix_loader
 from ncfinetune.training import build_cosine_schedule, build_optimizer
 
 DEFAULTS = Path(__file__).parent / "configs" / "default.yaml"
@@ -68,6 +69,7 @@ class FinetuneConfig:
     lora_rank: int = 8  # lora-block / lora: rank of the peft LoRA update
     lora_alpha: float | None = None  # LoRA scale alpha (null = rank)
     lora_skip: bool = False  # lora-block: also add the SCL skip from the block
+    prefix_cache: bool | None = None  # null = auto: cache the frozen prefix's outputs when legal
     # optimisation (paper defaults, SPEC section 5)
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -146,6 +148,23 @@ def choose_block(acc, cfg, model, data, train_idx, eval_tf, out: Path) -> int:
     return sel.chosen
 
 
+def cached_loaders(tuned, train_dl, train_eval_dl, test_dl, val_dl):
+    """The loaders as prefix outputs computed once per image (raises where that is not legal:
+    a BatchNorm adapting in the prefix, augmentation, data too large)."""
+    blocker = prefix_blocker(tuned)
+    if blocker is not None:
+        raise ncfinetune.ConfigError(blocker)
+    train = prefix_loader(train_dl, tuned)
+    out = [
+        train,
+        prefix_loader(train_eval_dl, tuned, share_with=train),  # same rows, same positions
+        prefix_loader(test_dl, tuned),
+        None if val_dl is None else prefix_loader(val_dl, tuned),
+    ]
+    tuned.prefix_inputs = True
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(
@@ -214,6 +233,17 @@ def main(argv: list[str] | None = None) -> dict:
         if val_idx is not None
         else None
     )
+    cache_note = "off (prefix_cache: false)"
+    if cfg.prefix_cache is not False:
+        try:
+            train_dl, train_eval_dl, test_dl, val_dl = cached_loaders(
+                tuned, train_dl, train_eval_dl, test_dl, val_dl
+            )
+            cache_note = "on: the frozen prefix runs once per image"
+        except (ncfinetune.ConfigError, ncfinetune.DataError, CacheTooLarge) as err:
+            if cfg.prefix_cache:
+                raise ncfinetune.ConfigError(f"prefix_cache: true, but {err}") from err
+            cache_note = f"off ({err})"
 
     opt = build_optimizer(tuned, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
     steps_per_epoch = -(-min(len(train_dl), cfg.max_steps or len(train_dl)) // cfg.grad_accum)
@@ -240,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     net = acc.unwrap_model(tuned)
     acc.print(
         f"{net.describe()}\ndata: {nd.describe(data)}; training on {len(train_dl.dataset)} images"
+        + f"\nprefix cache: {cache_note}"
         + (f"; {threads} CPU threads per process" if acc.device.type == "cpu" else "")
     )
 
@@ -309,6 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_images_per_s": sum(h["train_images_per_s"] for h in history) / len(history),
         "num_processes": acc.num_processes,
         "cpu_threads": threads if acc.device.type == "cpu" else None,
+        "prefix_cache": net.prefix_inputs,
         "history": history,
     }
     if acc.is_main_process:

@@ -72,6 +72,28 @@ def test_lora_block_recipe_run_saves_and_reloads_its_adapters(tmp_path):
     )
 
 
+@pytest.mark.parametrize("model,extra", [("test_vit", []), ("test_resnet", ["--bn", "frozen"])])
+def test_prefix_cache_is_automatic_where_legal_and_changes_no_number(tmp_path, model, extra):
+    args = ["--model", model, *extra, "--epochs", 2, "--max_steps", 3, "--per_class", 10]
+    cached = finetune(*args, "--output_dir", tmp_path / "a")
+    plain = finetune(*args, "--prefix_cache", "false", "--output_dir", tmp_path / "b")
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert (a["prefix_cache"], b["prefix_cache"]) == (True, False)
+    assert cached["test_accuracy"] == plain["test_accuracy"]
+    assert cached["nc1_train"] == pytest.approx(plain["nc1_train"], rel=1e-4)
+    for ra, rb in zip(a["history"], b["history"], strict=True):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+
+
+def test_prefix_cache_true_where_illegal_says_why(tmp_path):
+    with pytest.raises(ConfigError, match="prefix_cache: true, but BatchNorm .* bn='frozen'"):
+        finetune("--prefix_cache", "true", "--epochs", 1, "--output_dir", tmp_path)
+    m = finetune("--epochs", 1, "--max_steps", 1, "--output_dir", tmp_path)  # auto: falls back
+    assert json.loads((tmp_path / "metrics.json").read_text())["prefix_cache"] is False
+    assert 0 <= m["test_accuracy"] <= 1
+
+
 def test_interrupt_and_resume_gives_the_same_final_numbers(tmp_path):
     args = ["--epochs", 3, "--max_steps", 4, "--per_class", 12, "--seed", 3]
     full = finetune(*args, "--output_dir", tmp_path / "a")
