@@ -299,6 +299,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, a smoke check")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), help="default: all")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -308,7 +309,7 @@ def main(argv=None) -> None:
         )
         print(json.dumps(row))
         return
-    models = QUICK_MODELS if args.quick else MODELS
+    models = QUICK_MODELS if args.quick else {m: MODELS[m] for m in args.models or MODELS}
     settings = QUICK_SETTINGS if args.quick else SETTINGS
     rows, flops = [], {}
     t0 = time.time()
@@ -332,7 +333,9 @@ def main(argv=None) -> None:
                     flush=True,
                 )
     meta = {
-        "command": "python benchmarks/speed.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/speed.py"
+        + (" --quick" if args.quick else "")
+        + (f" --models {' '.join(args.models)}" if args.models else ""),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "versions": f"torch {torch.__version__}, timm {timm.__version__}",
         "repeats": 2 if args.quick else REPEATS,
