@@ -1,4 +1,5 @@
-"""The tuned model: one wrapper type for linear probe, Layer FT, SCL FT and full fine-tuning.
+"""The tuned model: one wrapper type for linear probe, Layer FT, SCL FT, full fine-tuning and
+the peft LoRA methods (``lora-block``, ``lora``).
 
 ``TunedModel`` freezes the backbone, unfreezes what the method trains, applies the BatchNorm
 policy, adds the parameter-free skip for SCL FT, and reports what is trained. Its forward runs in
@@ -112,7 +113,7 @@ class TuningConfig:
 
 
 class TunedModel(nn.Module):
-    """A timm classifier prepared for one of the four tuning methods.
+    """A timm classifier prepared for one of the tuning methods (:data:`METHODS`).
 
     Build it with :func:`wrap` (or :func:`scl_wrap`, :func:`layer_wrap`, :func:`linear_wrap`,
     :func:`full_wrap`). The wrapped timm model is ``self.model``; it is modified in place
