@@ -84,14 +84,19 @@ class Run:
     steps: int = STEPS
     batch: int = BATCH
     validate: bool = False  # also measure accuracy on a validation split outside the subset
+    bn: str | None = None  # BatchNorm policy; None = the paper's "update"
+    skip_norm: bool | None = None  # ViT SCL: None = the library default (skip through the norm)
 
     @property
     def key(self) -> str:
         block = "" if self.method in ("linear", "full") else f"-b{self.block}"
         val = "-val" if self.validate else ""
+        extra = (f"-bn{self.bn}" if self.bn else "") + (
+            "" if self.skip_norm is None else f"-skipnorm{int(self.skip_norm)}"
+        )
         return (
             f"{self.method}{block}-n{self.per_class}-s{self.seed}-lr{self.lr:g}"
-            f"-t{self.steps}-bs{self.batch}{val}"
+            f"-t{self.steps}-bs{self.batch}{val}{extra}"
         )
 
     @property
@@ -201,7 +206,7 @@ def execute(run: Run) -> dict:
     idx = subset(data, run.per_class, run.seed)
     torch.manual_seed(run.seed)
     model = create_backbone(BACKBONES[run.backbone]["model"], data["num_classes"])
-    tuned = ncfinetune.wrap(model, run.method, run.block)
+    tuned = ncfinetune.wrap(model, run.method, run.block, bn=run.bn, skip_norm=run.skip_norm)
     pre_train = shared_prefix(run, tuned, "train", train.__getitems__)
     pre_test = shared_prefix(run, tuned, "test", data["test"].__getitems__)
     computed = 0 if pre_train is None else pre_train.computed
