@@ -25,6 +25,10 @@ VARIANTS = [  # (backbone, method, label, Run overrides)
 ]
 
 
+def diverged(rec: dict) -> bool:
+    return bool(rec["metrics"].get("diverged"))
+
+
 def plan(backbones, targets):
     runs = []
     for b, m, _, kw in VARIANTS:
@@ -63,14 +67,18 @@ def main(argv=None) -> None:
                     base.append(by_key[(b, t, run_for(b, t, m, n, s, lr).key)])
                     var.append(by_key[(b, t, run_for(b, t, m, n, s, lr, **kw).key)])
                 acc0 = [100 * r["metrics"]["test_accuracy"] for r in base]
-                acc1 = [100 * r["metrics"]["test_accuracy"] for r in var]
+                acc1 = [100 * r["metrics"]["test_accuracy"] for r in var if not diverged(r)]
+                bad = sum(map(diverged, var))
                 out.append(
                     {"backbone": b, "target": t, "method": m, "per_class": n, "variant": label,
                      "default": acc0, "variant_acc": acc1}
                 )  # fmt: skip
                 lines.append(
                     f"| {b} | {t} | {m} | {n} | {np.mean(acc0):.1f} ± {np.std(acc0):.1f} | "
-                    f"{label} | {np.mean(acc1):.1f} ± {np.std(acc1):.1f} |"
+                    f"{label} | "
+                    + (f"{np.mean(acc1):.1f} ± {np.std(acc1):.1f}" if acc1 else "-")
+                    + (f" ({bad} of {len(var)} diverged)" if bad else "")
+                    + " |"
                 )
     (RESULTS / "ablations.json").write_text(json.dumps(out, indent=1) + "\n")
     (RESULTS / "ablations.md").write_text("\n".join(lines) + "\n")

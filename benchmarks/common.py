@@ -211,16 +211,30 @@ def execute(run: Run) -> dict:
     pre_test = shared_prefix(run, tuned, "test", data["test"].__getitems__)
     computed = 0 if pre_train is None else pre_train.computed
     t0 = time.perf_counter()
-    losses = train_steps(
-        tuned,
-        train.__getitems__,
-        idx,
-        steps=run.steps,
-        batch_size=run.batch,
-        lr=run.lr,
-        seed=run.seed,
-        prefix=pre_train,
-    )
+    try:
+        losses = train_steps(
+            tuned,
+            train.__getitems__,
+            idx,
+            steps=run.steps,
+            batch_size=run.batch,
+            lr=run.lr,
+            seed=run.seed,
+            prefix=pre_train,
+        )
+    except FloatingPointError as err:  # a diverged run is a result, recorded as such
+        none = dict.fromkeys(("test_accuracy", "train_accuracy", "nc1_train", "nc1_test"))
+        return {
+            "run": asdict(run),
+            "key": run.key,
+            "model": BACKBONES[run.backbone]["model"],
+            "metrics": {**none, "diverged": str(err)},
+            "num_train": len(idx),
+            "train_seconds": time.perf_counter() - t0,
+            "eval_seconds": 0.0,
+            "versions": versions(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     test_rows = np.arange(len(data["test"]))
@@ -272,6 +286,9 @@ def ensure(run: Run, *, force: bool = False, log=print) -> dict:
     tmp.write_text(json.dumps(rec, indent=1) + "\n")
     os.replace(tmp, run.path)
     m = rec["metrics"]
+    if m.get("diverged"):
+        log(f"{run.backbone}/{run.target}/{run.key}: diverged ({m['diverged']})")
+        return rec
     log(
         f"{run.backbone}/{run.target}/{run.key}: test {100 * m['test_accuracy']:.2f}%  "
         f"nc1 train {m['nc1_train'] if m['nc1_train'] is None else round(m['nc1_train'], 3)}  "
@@ -312,7 +329,8 @@ def chosen_lr(backbone: str, target: str, method: str) -> float | None:
     ]
     if len(recs) < len(LR_GRID):
         return None
-    best = max(recs, key=lambda r: (r["metrics"]["val_accuracy"], r["run"]["lr"]))
+    # a diverged run has no validation accuracy: it ranks last
+    best = max(recs, key=lambda r: (r["metrics"].get("val_accuracy") or -1.0, r["run"]["lr"]))
     return best["run"]["lr"]
 
 
