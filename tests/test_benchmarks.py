@@ -56,6 +56,18 @@ def test_a_run_writes_its_record_and_is_not_redone(harness):
     assert common.ensure(run, force=True)["metrics"]["test_accuracy"] == m["test_accuracy"]
 
 
+def test_a_diverged_run_is_recorded_not_raised_and_ablation_keys_differ(harness):
+    run = common.run_for("tiny", "digits", "layer", 5, 0, 1e30, steps=4, batch=16)
+    rec = common.ensure(run)  # lr 1e30: the loss becomes non-finite
+    assert "diverged" in rec["metrics"]["diverged"] and rec["metrics"]["test_accuracy"] is None
+    assert json.loads(run.path.read_text())["metrics"]["diverged"] == rec["metrics"]["diverged"]
+    base = common.run_for("vit_tiny", "digits", "scl", 10, 0, 0.03)
+    raw = common.run_for("vit_tiny", "digits", "scl", 10, 0, 0.03, skip_norm=False)
+    frozen = common.run_for("resnet18", "digits", "scl", 10, 0, 0.03, bn="frozen")
+    assert base.key == "scl-b6-n10-s0-lr0.03-t150-bs32"  # defaults keep the old record names
+    assert raw.key.endswith("-skipnorm0") and frozen.key.endswith("-bnfrozen")
+
+
 def _fake(run, **metrics):
     run.path.parent.mkdir(parents=True, exist_ok=True)
     base = {"test_accuracy": 0.5, "nc1_train": 1.0, "nc1_test": 1.0}
