@@ -230,6 +230,7 @@ def execute(run: Run) -> dict:
             "model": BACKBONES[run.backbone]["model"],
             "metrics": {**none, "diverged": str(err)},
             "num_train": len(idx),
+            "trainable_percent": tuned.trainable_share,
             "train_seconds": time.perf_counter() - t0,
             "eval_seconds": 0.0,
             "versions": versions(),
