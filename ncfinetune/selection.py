@@ -16,6 +16,14 @@ Rules (``rule=``):
 - ``"probe_accuracy"``: the same probes, picking the highest held-out accuracy.
 
 The test split is never an input: selection sees only the training data it is given.
+
+Default: ``"probe"``, the rule with the lowest measured regret (``benchmarks/
+selection_regret.py``, SCL FT, 36 selections over resnet18 and ViT-Tiny, two targets, 10-100
+images per class, 3 seeds): mean regret 1.38 accuracy points against the best block in
+hindsight (best block picked 27 times), against 1.52 for ``probe_accuracy`` and 3.14 for
+``curve``. ``curve`` costs about 2% of one fine-tuning run instead of ~70% and was nearly exact
+on resnet18 (mean regret 0.05 points) but poor on the ViT (mean 6.22 points: 2.4 on Fashion-MNIST, 10.1 on digits): pass
+``rule="curve"`` when selection time matters more.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from ncfinetune.training import evaluate_rows, train_steps
 from ncfinetune.tuning import wrap
 
 RULES = ("curve", "probe", "probe_accuracy")
-DEFAULT_RULE = "curve"
+DEFAULT_RULE = "probe"
 
 
 @dataclass

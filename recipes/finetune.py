@@ -61,7 +61,9 @@ class FinetuneConfig:
     # method
     method: str = "scl"
     block: str | None = "4"  # index, name, or "auto" (select_block on the training subset)
-    select_rule: str = "curve"  # block: auto: curve | probe | probe_accuracy
+    select_rule: str = (
+        ncfinetune.selection.DEFAULT_RULE
+    )  # block auto: curve | probe | probe_accuracy
     select_max_percent: float | None = None  # block: auto: parameter budget (% trainable)
     select_max_images: int = 5000  # block: auto: class-balanced sample of the training subset
     bn: str | None = None
@@ -139,6 +141,7 @@ def choose_block(acc, cfg, model, data, train_idx, eval_tf, out: Path) -> int:
         rule=cfg.select_rule,
         method=cfg.method,
         bn=cfg.bn,
+        lr=cfg.lr,  # probes fine-tune like the run they choose for (as measured in benchmarks/)
         max_trainable_percent=cfg.select_max_percent,
         seed=cfg.seed,
     )

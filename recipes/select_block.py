@@ -21,7 +21,7 @@ import ncfinetune
 from ncfinetune import data as nd
 from ncfinetune.config import parse_config, save_config
 from ncfinetune.hub import DEFAULT_BACKBONE, create_backbone
-from ncfinetune.selection import RULES
+from ncfinetune.selection import DEFAULT_RULE, RULES
 
 
 @dataclass
@@ -34,7 +34,7 @@ class SelectConfig:
     classes: list[int] | None = None
     per_class: int | None = None  # class-balanced subset of the training split (seeded)
     image_size: int | None = None
-    rule: str = "curve"  # curve | probe | probe_accuracy
+    rule: str = DEFAULT_RULE  # curve | probe | probe_accuracy
     method: str = "scl"  # layer | scl
     candidates: list[str] | None = None  # block indices or names; default all
     max_trainable_percent: float | None = None
