@@ -210,6 +210,18 @@ def execute(run: Run) -> dict:
     pre_train = shared_prefix(run, tuned, "train", train.__getitems__)
     pre_test = shared_prefix(run, tuned, "test", data["test"].__getitems__)
     computed = 0 if pre_train is None else pre_train.computed
+    trainable, total = tuned.parameter_counts()
+    record = {  # what every record holds, diverged or not
+        "run": asdict(run),
+        "key": run.key,
+        "model": BACKBONES[run.backbone]["model"],
+        "num_train": len(idx),
+        "num_test": len(data["test"]),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "versions": versions(),
+    }
     t0 = time.perf_counter()
     try:
         losses = train_steps(
@@ -225,15 +237,10 @@ def execute(run: Run) -> dict:
     except FloatingPointError as err:  # a diverged run is a result, recorded as such
         none = dict.fromkeys(("test_accuracy", "train_accuracy", "nc1_train", "nc1_test"))
         return {
-            "run": asdict(run),
-            "key": run.key,
-            "model": BACKBONES[run.backbone]["model"],
+            **record,
             "metrics": {**none, "diverged": str(err)},
-            "num_train": len(idx),
-            "trainable_percent": tuned.trainable_share,
             "train_seconds": time.perf_counter() - t0,
             "eval_seconds": 0.0,
-            "versions": versions(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
     train_s = time.perf_counter() - t0
@@ -253,17 +260,9 @@ def execute(run: Run) -> dict:
         metrics["val_accuracy"] = evaluate_rows(tuned, train.__getitems__, val, prefix=pre_train)[
             "accuracy"
         ]
-    trainable, total = tuned.parameter_counts()
     return {
-        "run": asdict(run),
-        "key": run.key,
-        "model": BACKBONES[run.backbone]["model"],
+        **record,
         "metrics": metrics,
-        "num_train": len(idx),
-        "num_test": len(data["test"]),
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100 * trainable / total,
         "train_seconds": train_s,
         "eval_seconds": time.perf_counter() - t1,
         "train_images_per_s": run.steps * min(run.batch, len(idx)) / train_s,
@@ -272,7 +271,6 @@ def execute(run: Run) -> dict:
         "prefix_rows_computed_in_training": (
             None if pre_train is None else pre_train.computed - computed
         ),
-        "versions": versions(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -72,17 +72,22 @@ def small_data(recs, b, t, lr_of, out):
     """Table and plot of accuracy vs per-class size; returns {method: {size: stats}}."""
     table = {m: {n: stats(group(recs, b, t, m, n, lr_of(m))) for n in SIZES[t]} for m in METHODS}
     lrs = ", ".join(f"{NAMES[m]} {lr_of(m):g}" if lr_of(m) else f"{NAMES[m]} -" for m in METHODS)
+    size_table(out, f"### {b} on {t} (learning rates: {lrs})", table, SIZES[t])
+    plot_curve(b, t, table)
+    return table
+
+
+def size_table(out, title, table, sizes):
+    """Markdown rows: one per per-class size, one column per method ({method: {size: stats}})."""
     out += [
         "",
-        f"### {b} on {t} (learning rates: {lrs})",
+        title,
         "",
         "| per class | " + " | ".join(NAMES[m] for m in METHODS) + " |",
         "|---:|" + "---:|" * len(METHODS),
     ]
-    for n in SIZES[t]:
+    for n in sizes:
         out.append(f"| {n} | " + " | ".join(cell(table[m][n]) for m in METHODS) + " |")
-    plot_curve(b, t, table)
-    return table
 
 
 def plot_curve(b, t, table):
@@ -189,17 +194,13 @@ def main() -> None:
     out += ["", f"## 1b. The paper's fixed setting: SGD lr {PAPER_LR:g} for every method"]
     for b in BACKBONES:
         for t in TARGETS:
-            out += [
-                "",
-                f"### {b} on {t}",
-                "",
-                "| per class | " + " | ".join(NAMES[m] for m in METHODS) + " |",
-                "|---:|" + "---:|" * len(METHODS),
-            ]
+            table = {
+                m: {n: stats(group(recs, b, t, m, n, PAPER_LR)) for n in PAPER_LR_SIZES}
+                for m in METHODS
+            }
+            size_table(out, f"### {b} on {t}", table, PAPER_LR_SIZES)
             for n in PAPER_LR_SIZES:
-                row = {m: stats(group(recs, b, t, m, n, PAPER_LR)) for m in METHODS}
-                summary["paper_lr"][f"{b}/{t}/{n}"] = row
-                out.append(f"| {n} | " + " | ".join(cell(row[m]) for m in METHODS) + " |")
+                summary["paper_lr"][f"{b}/{t}/{n}"] = {m: table[m][n] for m in METHODS}
     out += ["", "## 2. Method x block (lr chosen per method at the middle block)"]
     for b in BACKBONES:
         for t in TARGETS:

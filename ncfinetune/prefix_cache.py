@@ -259,22 +259,17 @@ def prefix_loader(loader, tuned, *, max_bytes: int = DEFAULT_MAX_BYTES, share_wi
         )
     if share_with is not None:
         cache = share_with.dataset.cache
-        return DataLoader(
-            _PrefixDataset(cache, len(dataset)),
-            batch_sampler=loader.batch_sampler,
-            collate_fn=_pass_batch,
-            num_workers=0,
-        )
-    cache = PrefixCache(tuned, dataset.__getitems__, max_bytes=max_bytes)
-    x, _ = dataset.__getitems__([0])
-    device = next(tuned.parameters()).device
-    h = tuned.forward_prefix(x.to(device))
-    need = len(dataset) * h[0].numel() * h.element_size()
-    if need > max_bytes:
-        raise CacheTooLarge(
-            f"caching the prefix outputs of {len(dataset):,} samples ({tuple(h.shape[1:])} each, "
-            f"{need / 2**20:,.0f} MiB) would pass max_bytes ({max_bytes / 2**20:,.0f} MiB)."
-        )
+    else:
+        cache = PrefixCache(tuned, dataset.__getitems__, max_bytes=max_bytes)
+        cache.fill([0])  # one sample gives the per-sample size (and stays cached)
+        h = cache._store[0]
+        need = len(dataset) * h.numel() * h.element_size()
+        if need > max_bytes:
+            raise CacheTooLarge(
+                f"caching the prefix outputs of {len(dataset):,} samples ({tuple(h.shape)} "
+                f"each, {need / 2**20:,.0f} MiB) would pass max_bytes "
+                f"({max_bytes / 2**20:,.0f} MiB)."
+            )
     return DataLoader(
         _PrefixDataset(cache, len(dataset)),
         batch_sampler=loader.batch_sampler,

@@ -61,9 +61,8 @@ class FinetuneConfig:
     # method
     method: str = "scl"
     block: str | None = "4"  # index, name, or "auto" (select_block on the training subset)
-    select_rule: str = (
-        ncfinetune.selection.DEFAULT_RULE
-    )  # block auto: curve | probe | probe_accuracy
+    # block auto: curve | probe | probe_accuracy
+    select_rule: str = ncfinetune.selection.DEFAULT_RULE
     select_max_percent: float | None = None  # block: auto: parameter budget (% trainable)
     select_max_images: int = 5000  # block: auto: class-balanced sample of the training subset
     bn: str | None = None
