@@ -40,13 +40,33 @@ from common import (
 
 import ncfinetune
 from ncfinetune.hub import create_backbone
-from ncfinetune.selection import RULES
 
 SELECTIONS = RESULTS / "selection"  # one record per selection: backbone/target/rule-n-s.json
 
+# what is measured: a label (the record's "rule") -> select_block keyword arguments.
+# - curve, probe, probe_accuracy: the rules at the library's defaults (15 probe steps).
+# - -p10: 10-step probes (cheaper still).
+# - -p50: 50-step probes, the first default (measured with the code of then: the probe's whole
+#   fit part evaluated for its training NC1, probe_accuracy ties broken by the lower index).
+# - -bnfrozen: 15-step probes with BatchNorm frozen in the probes only, which makes resnet18's
+#   prefix cacheable (the final fine-tune keeps bn='update'); measured with the code of -p50.
+VARIANTS: dict[str, dict] = {
+    "curve": {"rule": "curve"},
+    "probe": {"rule": "probe"},
+    "probe_accuracy": {"rule": "probe_accuracy"},
+    "probe-p10": {"rule": "probe", "probe_steps": 10},
+    "probe_accuracy-p10": {"rule": "probe_accuracy", "probe_steps": 10},
+    "probe-p50": {"rule": "probe", "probe_steps": 50},
+    "probe_accuracy-p50": {"rule": "probe_accuracy", "probe_steps": 50},
+    "probe-p15-bnfrozen": {"rule": "probe", "probe_steps": 15, "bn": "frozen"},
+    "probe_accuracy-p15-bnfrozen": {"rule": "probe_accuracy", "probe_steps": 15, "bn": "frozen"},
+}
+NO_BN = {"vit_tiny"}  # no BatchNorm: the bnfrozen variants would be the plain ones; not run
+
 
 def select_record(b: str, t: str, n: int, s: int, rule: str, lr: float, data: dict) -> dict:
-    """One selection on one training subset (record cached under results/selection)."""
+    """One selection (``rule``: a label of ``VARIANTS``) on one training subset, cached under
+    results/selection."""
     path = SELECTIONS / b / t / f"{rule}-n{n}-s{s}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -59,7 +79,13 @@ def select_record(b: str, t: str, n: int, s: int, rule: str, lr: float, data: di
     rec = {"backbone": b, "target": t, "per_class": n, "seed": s, "rule": rule, "lr": lr}
     try:
         sel = ncfinetune.select_block(
-            model, cache, rule=rule, method="scl", candidates=BACKBONES[b]["blocks"], lr=lr, seed=s
+            model,
+            cache,
+            method="scl",
+            candidates=BACKBONES[b]["blocks"],
+            lr=lr,
+            seed=s,
+            **VARIANTS[rule],
         )
         rec.update(
             chosen=sel.chosen,
@@ -78,6 +104,10 @@ def select_record(b: str, t: str, n: int, s: int, rule: str, lr: float, data: di
     return rec
 
 
+def variants_for(b: str) -> list[str]:
+    return [v for v in VARIANTS if not (b in NO_BN and VARIANTS[v].get("bn"))]
+
+
 def measure(backbones: list[str], targets: list[str]) -> None:
     """Run every missing selection (resumable; the fine-tuning runs come from method_block)."""
     for b in backbones:
@@ -88,7 +118,7 @@ def measure(backbones: list[str], targets: list[str]) -> None:
             data = load_data(b, t)
             for n in TABLE_SIZES:
                 for s in SEEDS:
-                    for rule in RULES:
+                    for rule in variants_for(b):
                         r = select_record(b, t, n, s, rule, lr, data)
                         what = r.get("error") or f"block {r['chosen']} in {r['seconds']:.1f}s"
                         print(f"{b}/{t} n={n} s={s} {rule:>14}: {what}", flush=True)
@@ -128,7 +158,7 @@ def report() -> dict:
     errors = [r for r in recs if "error" in r]
     groups = sorted({(r["backbone"], r["target"]) for r in rows})
     summary = {}
-    for rule in RULES:
+    for rule in VARIANTS:
         for g in [*groups, ("all", "all")]:
             ok = [
                 r

@@ -3,6 +3,7 @@ against its FLOP bound.
 
     python benchmarks/speed.py            # results/speed.{json,md,png}; run on a quiet machine
     python benchmarks/speed.py --quick    # tiny models, a smoke check (results/quick/)
+    python benchmarks/speed.py --precision  # fp32/bf16 x NCHW/channels_last (results/precision.*)
 
 For timm resnet18 and vit_small_patch16_224 (random init: speed does not depend on the
 weights), at 224 px batch 32 and 32 px batch 128: images/s of one SGD training step and peak
@@ -121,17 +122,36 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(name: str, px: int, batch: int, method: str, block: int | None, quick: bool) -> dict:
-    """One configuration, in this process: step images/s, peak RSS, cached epoch time."""
+def measure(
+    name: str,
+    px: int,
+    batch: int,
+    method: str,
+    block: int | None,
+    quick: bool,
+    precision: str = "fp32",
+    memory_format: str = "nchw",
+    cached_epochs: bool = True,
+) -> dict:
+    """One configuration, in this process: step images/s, peak RSS, cached epoch time.
+
+    ``precision`` fp32 or bf16 (CPU autocast, as accelerate's ``mixed_precision="bf16"``);
+    ``memory_format`` nchw or channels_last (model and input).
+    """
     torch.manual_seed(0)
     tuned = build(name, px, method, block)
     x = torch.randn(batch, 3, px, px)
+    if memory_format == "channels_last":
+        tuned.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.arange(batch) % NUM_CLASSES
     opt = build_optimizer(tuned, lr=0.01)
     tuned.train()
 
     def step(inp, forward):
-        loss = F.cross_entropy(forward(inp), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = forward(inp)
+        loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -152,6 +172,8 @@ def measure(name: str, px: int, batch: int, method: str, block: int | None, quic
         "batch": batch,
         "method": method,
         "block": block,
+        "precision": precision,
+        "memory_format": memory_format,
         "trainable_percent": tuned.trainable_share,
         "images_per_s": statistics.median(rates),
         "images_per_s_min": min(rates),
@@ -161,8 +183,8 @@ def measure(name: str, px: int, batch: int, method: str, block: int | None, quic
         "training_rss_mib": peak - base_rss,
     }
     # the cached path: bn="frozen" makes the prefix a pure function of the input
-    cached = build(name, px, method, block, bn="frozen")
-    if prefix_blocker(cached) is None:
+    cached = build(name, px, method, block, bn="frozen") if cached_epochs else None
+    if cached is not None and prefix_blocker(cached) is None:
         n = 2 * batch if quick else 4 * batch
         data = torch.randn(n, 3, px, px)
         labels = torch.arange(n) % NUM_CLASSES
@@ -193,12 +215,16 @@ def measure(name: str, px: int, batch: int, method: str, block: int | None, quic
     return row
 
 
-def run_child(args: list[str]) -> dict:
+def run_child(kwargs: dict) -> dict:
+    """``measure(**kwargs)`` in a fresh process (peak RSS is per process)."""
     out = subprocess.run(
-        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--child", json.dumps(kwargs)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"speed.py child {args} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"speed.py child {kwargs} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -297,34 +323,117 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+PRECISIONS = [
+    (p, m) for p in ("fp32", "bf16") for m in ("nchw", "channels_last")
+]  # (precision, memory format): the --precision table
+
+
+def precision_table(models: dict, settings: list, quick: bool, meta: dict, dest: Path) -> None:
+    """Full FT and SCL FT at the middle block under fp32/bf16 autocast x NCHW/channels_last:
+    images/s and the ratio to fp32 NCHW of the same method (what the recipe's defaults follow)."""
+    rows = []
+    for name, spec in models.items():
+        for px, batch in settings:
+            for method, block in (("full", None), ("scl", spec["middle"])):
+                for precision, fmt in PRECISIONS:
+                    row = run_child(
+                        dict(
+                            name=name,
+                            px=px,
+                            batch=batch,
+                            method=method,
+                            block=block,
+                            quick=quick,
+                            precision=precision,
+                            memory_format=fmt,
+                            cached_epochs=False,
+                        )
+                    )
+                    rows.append(row)
+                    print(
+                        f"{name} {px}px {method} {precision} {fmt}: "
+                        f"{row['images_per_s']:.1f} img/s",
+                        flush=True,
+                    )
+    base = {
+        (r["model"], r["px"], r["method"]): r["images_per_s"]
+        for r in rows
+        if (r["precision"], r["memory_format"]) == ("fp32", "nchw")
+    }
+    for r in rows:
+        r["vs_fp32_nchw"] = r["images_per_s"] / base[(r["model"], r["px"], r["method"])]
+    meta = {k: v for k, v in meta.items() if k != "t0"} | {
+        "command": meta["command"] + " --precision",
+        "seconds": time.time() - meta["t0"],
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "precision.json").write_text(json.dumps({"rows": rows, **meta}, indent=1) + "\n")
+    lines = [
+        "# bf16 autocast and channels_last on this CPU",
+        "",
+        f"`{meta['command']}` on {meta['machine']}; {meta['versions']}. One SGD training step, "
+        f"random init, median of {meta['repeats']} repeats (range); `x fp32` = images/s ratio "
+        "to fp32 NCHW of the same method and model in the same run.",
+        "",
+        "| model | px | batch | method | precision | memory format | img/s [range] | x fp32 NCHW |",
+        "|---|---:|---:|---|---|---|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['px']} | {r['batch']} | {r['method']}"
+            f"{'' if r['block'] is None else '@' + str(r['block'])} | {r['precision']} | "
+            f"{r['memory_format']} | {r['images_per_s']:.1f} [{r['images_per_s_min']:.1f}-"
+            f"{r['images_per_s_max']:.1f}] | {r['vs_fp32_nchw']:.2f}x |"
+        )
+    (dest / "precision.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, a smoke check")
     p.add_argument("--models", nargs="+", choices=list(MODELS), help="default: all")
-    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--precision",
+        action="store_true",
+        help="only the fp32/bf16 x NCHW/channels_last table (results/precision.{json,md})",
+    )
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        name, px, batch, method, block, quick = args.child
-        row = measure(
-            name, int(px), int(batch), method, None if block == "-" else int(block), quick == "1"
-        )
-        print(json.dumps(row))
+        print(json.dumps(measure(**json.loads(args.child))))
         return
     models = QUICK_MODELS if args.quick else {m: MODELS[m] for m in args.models or MODELS}
     settings = QUICK_SETTINGS if args.quick else SETTINGS
-    rows, flops = [], {}
     t0 = time.time()
+    meta = {
+        "command": "python benchmarks/speed.py"
+        + (" --quick" if args.quick else "")
+        + (f" --models {' '.join(args.models)}" if args.models else ""),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "versions": f"torch {torch.__version__}, timm {timm.__version__}",
+        "repeats": 2 if args.quick else REPEATS,
+        "t0": t0,
+    }
+    dest = OUT / "quick" if args.quick else OUT
+    if args.precision:
+        precision_table(models, settings, args.quick, meta, dest)
+        return
+    rows, flops = [], {}
     for name, spec in models.items():
         for px, batch in settings:
             flops[f"{name}@{px}"] = part_flops(name, px)
             for method, block in methods_of(spec):
                 if method == "scl" and build(name, px, method, block) is None:
                     continue  # the block is wider than the penultimate features
-                b = "-" if block is None else str(block)
-                row = run_child([name, str(px), str(batch), method, b, str(int(args.quick))])
+                row = run_child(
+                    dict(
+                        name=name, px=px, batch=batch, method=method, block=block, quick=args.quick
+                    )
+                )
                 rows.append(row)
                 print(
-                    f"{name} {px}px {method}@{b}: {row['images_per_s']:.1f} img/s, "
+                    f"{name} {px}px {method}@{block}: {row['images_per_s']:.1f} img/s, "
                     f"peak {row['peak_rss_mib']:.0f} MiB"
                     + (
                         f", cached {row['cached_images_per_s']:.1f}"
@@ -333,16 +442,9 @@ def main(argv=None) -> None:
                     ),
                     flush=True,
                 )
-    meta = {
-        "command": "python benchmarks/speed.py"
-        + (" --quick" if args.quick else "")
-        + (f" --models {' '.join(args.models)}" if args.models else ""),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "versions": f"torch {torch.__version__}, timm {timm.__version__}",
-        "repeats": 2 if args.quick else REPEATS,
-        "seconds": time.time() - t0,
-    }
-    report(rows, flops, OUT / "quick" if args.quick else OUT, meta)
+    meta.pop("t0")
+    meta["seconds"] = time.time() - t0
+    report(rows, flops, dest, meta)
 
 
 if __name__ == "__main__":

@@ -341,6 +341,7 @@ def build_loader(
     label_column: str | None = None,
     predecode: bool | None = None,
     max_predecode_bytes: int = PREDECODE_MAX_BYTES,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
     """Make a DataLoader of (float N x C x H x W images, long N labels) batches.
 
@@ -360,6 +361,8 @@ def build_loader(
             access; None (default) pre-decodes when `transform` is a non-augmenting
             `ImageTransform` and the cache fits in `max_predecode_bytes`.
         max_predecode_bytes: largest cache (uint8 bytes) chosen automatically.
+        pin_memory: page-locked batches for fast asynchronous copies to a GPU; None (default)
+            pins when CUDA is available. Workers, when asked for, persist across epochs.
 
     Returns:
         The loader; `loader.batch_sampler.set_epoch(e)` selects the order of epoch e.
@@ -402,6 +405,8 @@ def build_loader(
         batch_sampler=sampler,
         collate_fn=_pass_batch,
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         generator=torch.Generator().manual_seed(seed),
     )
 

@@ -47,7 +47,7 @@ from ncfinetune.errors import ConfigError
 from ncfinetune.features import collect_block_features, plot_layerwise_nc1
 from ncfinetune.metrics import nc1_or_none
 from ncfinetune.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
-from ncfinetune.subsets import validation_split
+from ncfinetune.subsets import balanced_subset, validation_split
 from ncfinetune.training import evaluate_rows, train_steps
 from ncfinetune.tuning import wrap
 
@@ -63,9 +63,9 @@ class CandidateRow:
         index, name, channels: the block (see :func:`ncfinetune.list_blocks`).
         trainable_percent: % of the model's parameters trained by ``method`` at this block.
         nc1_block: NC1 of the block's pooled output of the pretrained model on all the data.
-        nc1_train, nc1_heldout, heldout_accuracy: probe rules only: penultimate NC1 on the
-            probe's training part and on the held-out part after the probe, and its held-out
-            accuracy.
+        nc1_train, nc1_heldout, heldout_accuracy: probe rules only: penultimate NC1 after the
+            probe on its training part (a class-balanced sample as large as the held-out part)
+            and on the held-out part, and its held-out accuracy.
         probe_seconds: wall time of this candidate's probe (training + evaluation).
     """
 
@@ -185,7 +185,6 @@ def select_block_on_split(
         seed, kwargs: passed to :func:`select_block` (rule, method, bn, ...).
     """
     from ncfinetune.data import TensorCache
-    from ncfinetune.subsets import balanced_subset
 
     labels = data.labels("train")
     rows = np.arange(labels.size) if rows is None else np.asarray(rows)
@@ -250,7 +249,7 @@ def select_block(
     candidates: Sequence[int | str] | None = None,
     max_trainable_percent: float | None = None,
     heldout_fraction: float = 0.3,
-    probe_steps: int = 50,
+    probe_steps: int = 15,
     batch_size: int = 32,
     lr: float = 0.03,
     bn: str | None = None,
@@ -353,6 +352,13 @@ def select_block(
         )
     else:
         fit, held = _holdout(labels, heldout_fraction, seed)
+        # training NC1 (reported, not scored) on a class-balanced sample of the fit part as
+        # large as the held-out part: evaluating all of it cost about a fifth of the probes
+        fit_eval = (
+            fit[balanced_subset(labels[fit], total=held.size, seed=seed)]
+            if fit.size > held.size
+            else fit
+        )
         caches = _probe_caches(model, fetch, method, [r.index for r in rows], bn)
         try:
             images += fill_shared(list(caches.values()), all_rows)
@@ -374,13 +380,13 @@ def select_block(
                 seed=seed,
                 prefix=cache,
             )
-            ev_fit = evaluate_rows(tuned, fetch, fit, prefix=cache)
+            ev_fit = evaluate_rows(tuned, fetch, fit_eval, prefix=cache)
             ev_held = evaluate_rows(tuned, fetch, held, prefix=cache)
             r.nc1_train = nc1_or_none(ev_fit["features"], ev_fit["labels"])
             r.nc1_heldout = nc1_or_none(ev_held["features"], ev_held["labels"])
             r.heldout_accuracy = ev_held["accuracy"]
             r.probe_seconds = time.perf_counter() - t1
-            images += probe_steps * min(batch_size, fit.size) + labels.size
+            images += probe_steps * min(batch_size, fit.size) + fit_eval.size + held.size
         if rule == "probe":
             best = min(rows, key=lambda r: (r.nc1_heldout is None, r.nc1_heldout or 0.0))
             reason = (
@@ -389,11 +395,17 @@ def select_block(
                 "candidates (training NC1 alone can overfit on small data)."
             )
         else:
-            best = max(rows, key=lambda r: (r.heldout_accuracy, -r.index))
+            best = _choose_by_accuracy(rows)
+            tied = sum(r.heldout_accuracy == best.heldout_accuracy for r in rows)
             reason = (
                 f"After a {probe_steps}-step {method} probe it has the highest accuracy on the "
                 f"held-out {held.size} images ({100 * best.heldout_accuracy:.1f}%) among "
-                f"{len(rows)} candidates."
+                f"{len(rows)} candidates"
+                + (
+                    f"; of the {tied} tied, its held-out NC1 is the lowest ({best.nc1_heldout:.3f})."
+                    if tied > 1 and best.nc1_heldout is not None
+                    else "."
+                )
             )
     return BlockSelection(
         rule=rule,
@@ -406,6 +418,21 @@ def select_block(
         seconds=time.perf_counter() - t0,
         images_processed=int(images),
         curve=curve,
+    )
+
+
+def _choose_by_accuracy(rows: list[CandidateRow]) -> CandidateRow:
+    """The highest held-out accuracy; a few held-out images per class make ties common, and
+    among tied candidates the lowest held-out NC1 (the paper's criterion) wins, then the
+    earlier block."""
+    return max(
+        rows,
+        key=lambda r: (
+            r.heldout_accuracy,
+            r.nc1_heldout is not None,
+            -(r.nc1_heldout or 0.0),
+            -r.index,
+        ),
     )
 
 

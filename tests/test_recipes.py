@@ -36,6 +36,11 @@ TINY_RUN = [
 
 
 def finetune(*args):
+    # accelerate keeps one AcceleratorState per process (mixed precision, dynamo backend):
+    # reset it so that each in-process run configures its own, as a new launch would
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
     return FINETUNE["main"]([*TINY_RUN, *map(str, args)])
 
 
@@ -92,6 +97,43 @@ def test_prefix_cache_true_where_illegal_says_why(tmp_path):
     m = finetune("--epochs", 1, "--max_steps", 1, "--output_dir", tmp_path)  # auto: falls back
     assert json.loads((tmp_path / "metrics.json").read_text())["prefix_cache"] is False
     assert 0 <= m["test_accuracy"] <= 1
+
+
+def test_fast_defaults_are_recorded_and_can_be_turned_off(tmp_path):
+    from ncfinetune.loop import native_bf16
+
+    args = ["--epochs", 1, "--max_steps", 2, "--per_class", 10]
+    fast = finetune(*args, "--output_dir", tmp_path / "a")
+    plain = finetune(
+        *args, "--mixed_precision", "no", "--channels_last", "false", "--output_dir", tmp_path / "b"
+    )
+    assert fast["mixed_precision"] == ("bf16" if native_bf16("cpu") else "no")
+    assert (fast["channels_last"], plain["channels_last"]) == (True, False)  # auto: conv net
+    assert (plain["mixed_precision"], fast["compile"]) == ("no", "no")
+    # both train and evaluate the same rows; bf16 rounds the same computation differently
+    assert fast["test_samples_evaluated"] == plain["test_samples_evaluated"] == 360
+    loss_a, loss_b = fast["history"][0]["train_loss"], plain["history"][0]["train_loss"]
+    assert loss_a == pytest.approx(loss_b, rel=0.05)
+    vit = finetune("--model", "test_vit", *args, "--output_dir", tmp_path / "c")
+    assert vit["channels_last"] is False  # auto: off for a ViT (one convolution)
+
+
+def test_compile_flag_compiles_the_training_step_and_saves_plain_weights(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    args = ["--epochs", 1, "--max_steps", 2, "--per_class", 10, "--mixed_precision", "no"]
+    m = finetune(*args, "--compile", "aot_eager", "--output_dir", tmp_path / "a")
+    assert m["compile"] == "aot_eager"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    eager = finetune(*args, "--output_dir", tmp_path / "b")
+    assert m["history"][0]["train_loss"] == pytest.approx(
+        eager["history"][0]["train_loss"], rel=1e-3
+    )
+    names = safetensors.torch.load_file(tmp_path / "a" / "tuned" / "tuned.safetensors").keys()
+    assert names and not any("_orig_mod" in n for n in names)
+    torch._dynamo.reset()
 
 
 def test_interrupt_and_resume_gives_the_same_final_numbers(tmp_path):
@@ -162,6 +204,10 @@ def test_bad_config_lists_every_problem():
             50,
             "--cpu_threads",
             0,
+            "--mixed_precision",
+            "fp8",
+            "--compile",
+            "fast",
         )
     msg = str(e.value)
     for part in (
@@ -170,6 +216,8 @@ def test_bad_config_lists_every_problem():
         "epochs must be >= 1",
         "give per_class or train_size, not both",
         "cpu_threads must be >= 1 or null (auto), got 0",
+        "mixed_precision 'fp8' is not one of auto, no, fp16, bf16",
+        "compile 'fast' is not a torch.compile backend; use one of inductor, aot_eager",
     ):
         assert part in msg
 

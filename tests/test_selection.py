@@ -52,10 +52,14 @@ def test_probe_rules_score_a_held_out_split_and_leave_the_model_alone(tmp_path):
     assert sel.chosen == min(sel.rows, key=lambda r: r.nc1_heldout).index
     assert all(r.nc1_train is not None and 0 <= r.heldout_accuracy <= 1 for r in sel.rows)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    # 30% of 10 per class held out: 15 images; 2 probes of 3 steps x batch 32 (35 fit images)
-    assert sel.images_processed == 50 + 2 * (3 * 32 + 50)
+    # 30% of 10 per class held out: 15 images; 2 probes of 3 steps x batch 32 (35 fit images),
+    # each evaluated on the 15 held-out images and on 15 of the fit images (training NC1)
+    assert sel.images_processed == 50 + 2 * (3 * 32 + 15 + 15)
     acc = select_block(model, data, rule="probe_accuracy", candidates=[0, 3], probe_steps=3)
-    assert acc.chosen == max(acc.rows, key=lambda r: (r.heldout_accuracy, -r.index)).index
+    assert (
+        acc.chosen
+        == max(acc.rows, key=lambda r: (r.heldout_accuracy, -r.nc1_heldout, -r.index)).index
+    )
     saved = json.loads(sel.save_json(tmp_path / "sel.json").read_text())
     assert saved["chosen"] == sel.chosen and len(saved["rows"]) == 2
     png = sel.plot(tmp_path / "sel.png")
@@ -70,14 +74,26 @@ def test_vit_probes_share_one_prefix_pass_and_match_uncached(monkeypatch):
     kw = dict(rule="probe", candidates=[0, 1, 2], probe_steps=3, seed=0)
     cached = select_block(model, data, **kw)
     # one shared pass of the 50 images through the prefix, not one per candidate
-    assert cached.images_processed == 50 + 50 + 3 * (3 * 32 + 50)
+    assert cached.images_processed == 50 + 50 + 3 * (3 * 32 + 15 + 15)
     monkeypatch.setattr(sel_mod, "_probe_caches", lambda *a: {})
     plain = select_block(model, data, **kw)
-    assert plain.images_processed == 50 + 3 * (3 * 32 + 50)
+    assert plain.images_processed == 50 + 3 * (3 * 32 + 15 + 15)
     assert cached.chosen == plain.chosen
     for a, b in zip(cached.rows, plain.rows, strict=True):
         assert a.heldout_accuracy == b.heldout_accuracy
         assert a.nc1_heldout == pytest.approx(b.nc1_heldout, rel=1e-4)
+
+
+def test_accuracy_ties_go_to_the_lower_held_out_nc1_then_the_earlier_block():
+    from ncfinetune.selection import CandidateRow, _choose_by_accuracy
+
+    def row(i, acc, nc1):
+        return CandidateRow(i, f"b{i}", 8, 1.0, heldout_accuracy=acc, nc1_heldout=nc1)
+
+    assert _choose_by_accuracy([row(0, 0.8, 0.5), row(2, 0.8, 0.3), row(4, 0.7, 0.1)]).index == 2
+    assert _choose_by_accuracy([row(0, 0.8, 0.5), row(2, 0.9, 0.9)]).index == 2
+    assert _choose_by_accuracy([row(0, 0.8, 0.4), row(2, 0.8, 0.4)]).index == 0
+    assert _choose_by_accuracy([row(0, 0.8, None), row(2, 0.8, 2.0)]).index == 2
 
 
 def test_budget_keeps_only_cheap_candidates():
