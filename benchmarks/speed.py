@@ -2,6 +2,7 @@
 against its FLOP bound.
 
     python benchmarks/speed.py            # results/speed.{json,md,png}; run on a quiet machine
+    python benchmarks/speed.py --models resnet18   # results/speed_resnet18.{json,md,png}
     python benchmarks/speed.py --quick    # tiny models, a smoke check (results/quick/)
     python benchmarks/speed.py --precision  # fp32/bf16 x NCHW/channels_last (results/precision.*)
 
@@ -74,15 +75,12 @@ def build(name: str, px: int, method: str, block: int | None, bn: str | None = N
     if "vit" in name:
         kwargs["img_size"] = px
     model = timm.create_model(name, num_classes=NUM_CLASSES, **kwargs)
-    if method == "scl" and ncfinetune.get_adapter(model).block_channels(block) > (
-        model.num_features
-    ):
-        return None
     return ncfinetune.wrap(model, method, block, bn=bn)
 
 
 def part_flops(name: str, px: int) -> dict:
-    """Forward FLOPs per image of the stem, each block and the head."""
+    """Forward FLOPs per image of the stem, each block and the head; and each block's width
+    against the penultimate features (where the SCL skip fits)."""
     tuned = build(name, px, "full", None).eval()
     a = tuned.adapter
     x = torch.randn(1, 3, px, px)
@@ -100,6 +98,7 @@ def part_flops(name: str, px: int) -> dict:
             a.classify(h, None)
         flops["head"] = fc.get_total_flops()
     flops["blocks"] = blocks
+    flops["skip_fits"] = [a.block_channels(i) <= a.feature_dim for i in range(len(a.blocks))]
     return flops
 
 
@@ -228,7 +227,7 @@ def run_child(kwargs: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(rows: list[dict], flops: dict, dest: Path, meta: dict) -> None:
+def report(rows: list[dict], flops: dict, dest: Path, meta: dict, stem: str = "speed") -> None:
     full = {(r["model"], r["px"]): r for r in rows if r["method"] == "full"}
     for r in rows:
         f = flops[f"{r['model']}@{r['px']}"]
@@ -245,7 +244,7 @@ def report(rows: list[dict], flops: dict, dest: Path, meta: dict) -> None:
             )
             r["cached_fraction_of_bound"] = r["cached_speedup"] / r["cached_bound"]
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "speed.json").write_text(
+    (dest / f"{stem}.json").write_text(
         json.dumps({"rows": rows, "flops": flops, **meta}, indent=1) + "\n"
     )
     lines = [
@@ -285,8 +284,8 @@ def report(rows: list[dict], flops: dict, dest: Path, meta: dict) -> None:
                 f"{cached} | {r['peak_rss_mib']:.0f} | {100 * r['memory_vs_full']:.0f}% | "
                 f"{r['training_rss_mib']:.0f} | {100 * r['training_memory_vs_full']:.0f}% |"
             )
-    (dest / "speed.md").write_text("\n".join(lines) + "\n")
-    plot(rows, dest / "speed.png")
+    (dest / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, dest / f"{stem}.png")
     print("\n".join(lines))
 
 
@@ -424,7 +423,7 @@ def main(argv=None) -> None:
         for px, batch in settings:
             flops[f"{name}@{px}"] = part_flops(name, px)
             for method, block in methods_of(spec):
-                if method == "scl" and build(name, px, method, block) is None:
+                if method == "scl" and not flops[f"{name}@{px}"]["skip_fits"][block]:
                     continue  # the block is wider than the penultimate features
                 row = run_child(
                     dict(
@@ -444,7 +443,8 @@ def main(argv=None) -> None:
                 )
     meta.pop("t0")
     meta["seconds"] = time.time() - t0
-    report(rows, flops, dest, meta)
+    # one table per run: a run over some models writes speed_<models>.*, over all speed.*
+    report(rows, flops, dest, meta, "_".join(["speed", *(args.models or [])]))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ncfinetune.errors import ConfigError
+from ncfinetune.hub import DEFAULT_BACKBONE
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -166,3 +167,59 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+@dataclasses.dataclass
+class DownstreamConfig:
+    """The backbone and downstream-data keys shared by ``recipes/finetune.py`` and
+    ``recipes/select_block.py`` (each recipe's config extends it), and how both load them.
+
+    ``per_class`` draws a class-balanced, seeded subset of the training split; the split itself
+    (``test_fraction``, seeded) is the same in both recipes, so a block selected by one is
+    selected on the training rows the other trains on.
+    """
+
+    # backbone: a bundled name, or any timm name with pretrained (hub) or checkpoint (local file)
+    model: str = DEFAULT_BACKBONE
+    pretrained: bool = False
+    checkpoint: str | None = None
+    # data
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    classes: list[int] | None = None
+    per_class: int | None = None
+    test_fraction: float = 0.2
+    image_size: int | None = None
+    seed: int = 0
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.pretrained and self.checkpoint:
+            p.append("give pretrained or checkpoint, not both")
+        if not 0 < self.test_fraction < 1:
+            p.append(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        return p
+
+    def load_data(self):
+        """The dataset (``ncfinetune.data.ImageData``), restricted to ``classes`` if given."""
+        from ncfinetune import data as nd
+
+        data = nd.load_image_dataset(
+            self.dataset,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            data_dir=self.data_dir,
+            test_fraction=self.test_fraction,
+            seed=self.seed,
+        )
+        return nd.select_classes(data, self.classes) if self.classes else data
+
+    def load_model(self, num_classes: int):
+        """The backbone with a fresh ``num_classes``-way classifier."""
+        from ncfinetune.hub import create_backbone
+
+        return create_backbone(
+            self.model, num_classes, pretrained=self.pretrained, checkpoint=self.checkpoint
+        )

@@ -168,8 +168,8 @@ def predict(
         items = [logits.argmax(1), y] + ([feats.float()] if features else [])
         items = accelerator.gather_for_metrics(items)
         for key, value in zip(out, items, strict=True):
-            out[key].append(value.cpu())
-    return {k: torch.cat(v) if v else torch.empty(0) for k, v in out.items()}
+            out[key].append(value)  # stays on the device: one copy to the host at the end
+    return {k: torch.cat(v).cpu() if v else torch.empty(0) for k, v in out.items()}
 
 
 # -- checkpoints for resume (atomic: write to a temporary folder, then rename) -------------------

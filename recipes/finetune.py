@@ -12,6 +12,7 @@ the newest), ``metrics.json`` and the tuned weights (``tuned/``) under ``output_
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,8 +25,7 @@ from accelerate.utils import set_seed
 import ncfinetune
 import ncfinetune.selection
 from ncfinetune import data as nd
-from ncfinetune.config import config_to_dict, parse_config, save_config
-from ncfinetune.hub import DEFAULT_BACKBONE, create_backbone
+from ncfinetune.config import DownstreamConfig, config_to_dict, parse_config, save_config
 from ncfinetune.loop import (
     MIXED_PRECISION,
     is_conv_net,
@@ -47,22 +47,11 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")  # torch.com
 
 
 @dataclass
-class FinetuneConfig:
-    # backbone
-    model: str = DEFAULT_BACKBONE
-    pretrained: bool = False
-    checkpoint: str | None = None
-    # data
-    dataset: str = "digits"
-    data_dir: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    classes: list[int] | None = None
-    per_class: int | None = None
+class FinetuneConfig(DownstreamConfig):
+    # backbone and data keys: DownstreamConfig (model, pretrained, checkpoint, dataset, data_dir,
+    # image_column, label_column, classes, per_class, test_fraction, image_size, seed)
     train_size: int | None = None
-    test_fraction: float = 0.2
     val_fraction: float = 0.0
-    image_size: int | None = None
     augment: bool = False
     # method
     method: str = "scl"
@@ -91,7 +80,6 @@ class FinetuneConfig:
     compile: str | None = None  # a torch.compile backend (e.g. inductor), via accelerate
     cpu_threads: int | None = None  # CPU only; null = cores / processes on this machine
     num_workers: int = 0
-    seed: int = 0
     max_steps: int | None = None  # per epoch; for smoke tests
     # evaluation and output
     metric: str = "accuracy"
@@ -102,7 +90,7 @@ class FinetuneConfig:
     tracker: str | None = "tensorboard"  # or none
 
     def validate(self) -> list[str]:
-        p = []
+        p = super().validate()
         if self.cpu_threads is not None and self.cpu_threads < 1:
             p.append(f"cpu_threads must be >= 1 or null (auto), got {self.cpu_threads}")
         if self.method not in ncfinetune.METHODS:
@@ -133,14 +121,10 @@ class FinetuneConfig:
                 p.append(f"{key} must be >= 1, got {getattr(self, key)}")
         if not self.lr > 0:
             p.append(f"lr must be > 0, got {self.lr}")
-        if not 0 < self.test_fraction < 1:
-            p.append(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0 <= self.val_fraction < 1:
             p.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.per_class is not None and self.train_size is not None:
             p.append("give per_class or train_size, not both")
-        if self.pretrained and self.checkpoint:
-            p.append("give pretrained or checkpoint, not both")
         return p
 
 
@@ -199,18 +183,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
     set_seed(cfg.seed)
     threads = set_cpu_threads(acc, cfg.cpu_threads)
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # accelerate launch always sets it
+    if cfg.mixed_precision == "auto" and launched and launched != precision:
+        acc.print(
+            f"mixed precision: the recipe's mixed_precision 'auto' chose {precision} over the "
+            f"launcher's {launched!r}; pass --mixed_precision {launched} after the script name "
+            "to train in that instead."
+        )
 
     # data: the training subset is drawn from the training split only; the test split stays whole
-    data = nd.load_image_dataset(
-        cfg.dataset,
-        image_column=cfg.image_column,
-        label_column=cfg.label_column,
-        data_dir=cfg.data_dir,
-        test_fraction=cfg.test_fraction,
-        seed=cfg.seed,
-    )
-    if cfg.classes:
-        data = nd.select_classes(data, cfg.classes)
+    data = cfg.load_data()
     labels = data.labels("train")
     train_idx = None
     if cfg.per_class or cfg.train_size:
@@ -224,9 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         val_idx = nd.validation_split(labels, cfg.val_fraction, seed=cfg.seed, exclude=train_idx)[1]
 
     # model
-    model = create_backbone(
-        cfg.model, data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint
-    )
+    model = cfg.load_model(data.num_classes)
     eval_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=False)
     block = cfg.block if cfg.method in ncfinetune.tuning.BLOCK_METHODS else None
     if block == "auto":

@@ -19,53 +19,40 @@ import torch
 
 import ncfinetune
 from ncfinetune import data as nd
-from ncfinetune.config import parse_config, save_config
-from ncfinetune.hub import DEFAULT_BACKBONE, create_backbone
-from ncfinetune.selection import DEFAULT_RULE, RULES
+from ncfinetune.config import DownstreamConfig, parse_config, save_config
+from ncfinetune.selection import DEFAULT_RULE, PROBE_STEPS, RULES
 
 
 @dataclass
-class SelectConfig:
-    model: str = DEFAULT_BACKBONE
-    pretrained: bool = False
-    checkpoint: str | None = None
-    dataset: str = "digits"
-    data_dir: str | None = None
-    classes: list[int] | None = None
-    per_class: int | None = None  # class-balanced subset of the training split (seeded)
-    image_size: int | None = None
+class SelectConfig(DownstreamConfig):
+    # backbone and data keys: DownstreamConfig (model, pretrained, checkpoint, dataset, data_dir,
+    # image_column, label_column, classes, per_class, test_fraction, image_size, seed); only
+    # the training split is read
     rule: str = DEFAULT_RULE  # curve | probe | probe_accuracy
     method: str = "scl"  # layer | scl
     candidates: list[str] | None = None  # block indices or names; default all
     max_trainable_percent: float | None = None
-    probe_steps: int = 50
+    probe_steps: int = PROBE_STEPS
     lr: float = 0.03
     bn: str | None = None
-    seed: int = 0
     output_dir: str = "runs/select_block"
 
     def validate(self) -> list[str]:
-        p = []
+        p = super().validate()
         if self.rule not in RULES:
             p.append(f"rule {self.rule!r} is not one of {', '.join(RULES)}")
         if self.method not in ("layer", "scl"):
             p.append(f"method {self.method!r} is not one of layer, scl")
         if self.probe_steps < 1:
             p.append(f"probe_steps must be >= 1, got {self.probe_steps}")
-        if self.pretrained and self.checkpoint:
-            p.append("give pretrained or checkpoint, not both")
         return p
 
 
 def main(argv: list[str] | None = None) -> ncfinetune.BlockSelection:
     cfg = parse_config(SelectConfig, sys.argv[1:] if argv is None else argv)
     torch.manual_seed(cfg.seed)
-    data = nd.load_image_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed)
-    if cfg.classes:
-        data = nd.select_classes(data, cfg.classes)
-    model = create_backbone(
-        cfg.model, data.num_classes, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint
-    )
+    data = cfg.load_data()
+    model = cfg.load_model(data.num_classes)
     rows = None
     if cfg.per_class:
         rows = nd.balanced_subset(data.labels("train"), per_class=cfg.per_class, seed=cfg.seed)

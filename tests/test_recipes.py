@@ -35,12 +35,16 @@ TINY_RUN = [
 ]
 
 
-def finetune(*args):
-    # accelerate keeps one AcceleratorState per process (mixed precision, dynamo backend):
-    # reset it so that each in-process run configures its own, as a new launch would
+def fresh_accelerate():
+    """accelerate keeps one AcceleratorState per process (mixed precision, dynamo backend):
+    reset it so that each in-process recipe run configures its own, as a new launch would."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def finetune(*args):
+    fresh_accelerate()
     return FINETUNE["main"]([*TINY_RUN, *map(str, args)])
 
 
@@ -79,7 +83,10 @@ def test_lora_block_recipe_run_saves_and_reloads_its_adapters(tmp_path):
 
 @pytest.mark.parametrize("model,extra", [("test_vit", []), ("test_resnet", ["--bn", "frozen"])])
 def test_prefix_cache_is_automatic_where_legal_and_changes_no_number(tmp_path, model, extra):
+    # in fp32; under bf16 autocast the cache keeps the prefix's fp32 outputs, while the uncached
+    # path recomputes them in bf16 (see the bf16 test below)
     args = ["--model", model, *extra, "--epochs", 2, "--max_steps", 3, "--per_class", 10]
+    args += ["--mixed_precision", "no"]
     cached = finetune(*args, "--output_dir", tmp_path / "a")
     plain = finetune(*args, "--prefix_cache", "false", "--output_dir", tmp_path / "b")
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())
@@ -89,6 +96,18 @@ def test_prefix_cache_is_automatic_where_legal_and_changes_no_number(tmp_path, m
     assert cached["nc1_train"] == pytest.approx(plain["nc1_train"], rel=1e-4)
     for ra, rb in zip(a["history"], b["history"], strict=True):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+
+
+def test_prefix_cache_under_bf16_stays_within_bf16_rounding_of_uncached(tmp_path):
+    args = ["--model", "test_vit", "--epochs", 2, "--max_steps", 3, "--per_class", 10]
+    args += ["--mixed_precision", "bf16"]
+    cached = finetune(*args, "--output_dir", tmp_path / "a")
+    plain = finetune(*args, "--prefix_cache", "false", "--output_dir", tmp_path / "b")
+    assert (cached["prefix_cache"], plain["prefix_cache"]) == (True, False)
+    assert cached["mixed_precision"] == plain["mixed_precision"] == "bf16"
+    for ra, rb in zip(cached["history"], plain["history"], strict=True):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=0.02)
+    assert abs(cached["test_accuracy"] - plain["test_accuracy"]) <= 0.05
 
 
 def test_prefix_cache_true_where_illegal_says_why(tmp_path):
@@ -182,6 +201,11 @@ def test_two_process_cpu_run_counts_each_test_sample_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["num_processes"] == 2
+    from ncfinetune.loop import native_bf16
+
+    if native_bf16("cpu"):  # the recipe's 'auto' wins over the launcher's default, and says so
+        assert saved["mixed_precision"] == "bf16"
+        assert "'auto' chose bf16 over the launcher's 'no'" in proc.stdout
     # OMP_NUM_THREADS=1 from the environment is overridden: cores split between the 2 processes
     assert saved["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     # 360 test images in batches of 48 over 2 processes: the last round is padded, and the
@@ -247,6 +271,7 @@ def test_every_config_file_loads():
 
 
 def test_pretrain_smoke_then_finetune_from_its_checkpoint(tmp_path):
+    fresh_accelerate()
     PRETRAIN["main"](
         [
             "--model",
@@ -310,8 +335,9 @@ def test_block_auto_selects_on_the_training_subset_and_tunes_the_choice(tmp_path
     sel = json.loads((tmp_path / "block_selection.json").read_text())
     assert sel["rule"] == "probe" and m["block"] == sel["chosen"]
     assert (tmp_path / "block_selection.png").is_file()
-    # the probe held out part of the 60-image training subset, never the 360 test images
-    assert sel["images_processed"] == 60 + len(sel["rows"]) * (50 * 32 + 60)
+    # the probe held out 30% of the 60-image training subset (18), never the 360 test images:
+    # 15 steps of 32 on the other 42, evaluated on the 18 held out + 18 of the 42
+    assert sel["images_processed"] == 60 + len(sel["rows"]) * (15 * 32 + 18 + 18)
 
 
 def test_select_block_recipe_writes_report_and_plot(tmp_path, capsys):
