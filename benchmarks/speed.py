@@ -327,7 +327,9 @@ PRECISIONS = [
 ]  # (precision, memory format): the --precision table
 
 
-def precision_table(models: dict, settings: list, quick: bool, meta: dict, dest: Path) -> None:
+def precision_table(
+    models: dict, settings: list, quick: bool, meta: dict, dest: Path, t0: float
+) -> None:
     """Full FT and SCL FT at the middle block under fp32/bf16 autocast x NCHW/channels_last:
     images/s and the ratio to fp32 NCHW of the same method (what the recipe's defaults follow)."""
     rows = []
@@ -361,10 +363,7 @@ def precision_table(models: dict, settings: list, quick: bool, meta: dict, dest:
     }
     for r in rows:
         r["vs_fp32_nchw"] = r["images_per_s"] / base[(r["model"], r["px"], r["method"])]
-    meta = {k: v for k, v in meta.items() if k != "t0"} | {
-        "command": meta["command"] + " --precision",
-        "seconds": time.time() - meta["t0"],
-    }
+    meta = meta | {"command": meta["command"] + " --precision", "seconds": time.time() - t0}
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "precision.json").write_text(json.dumps({"rows": rows, **meta}, indent=1) + "\n")
     lines = [
@@ -412,11 +411,10 @@ def main(argv=None) -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "versions": f"torch {torch.__version__}, timm {timm.__version__}",
         "repeats": 2 if args.quick else REPEATS,
-        "t0": t0,
     }
     dest = OUT / "quick" if args.quick else OUT
     if args.precision:
-        precision_table(models, settings, args.quick, meta, dest)
+        precision_table(models, settings, args.quick, meta, dest, t0)
         return
     rows, flops = [], {}
     for name, spec in models.items():
@@ -441,7 +439,6 @@ def main(argv=None) -> None:
                     ),
                     flush=True,
                 )
-    meta.pop("t0")
     meta["seconds"] = time.time() - t0
     # one table per run: a run over some models writes speed_<models>.*, over all speed.*
     report(rows, flops, dest, meta, "_".join(["speed", *(args.models or [])]))

@@ -271,11 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.tracker:
         acc.init_trackers("finetune", config={k: str(v) for k, v in config_to_dict(cfg).items()})
     net = acc.unwrap_model(tuned, keep_torch_compile=False)
+    compiled = acc.state.dynamo_plugin.backend.value.lower()  # "no" unless a backend was set
     acc.print(
         f"{net.describe()}\ndata: {nd.describe(data)}; training on {len(train_dl.dataset)} images"
         + f"\nprefix cache: {cache_note}"
         + f"\nmixed precision: {precision}; channels_last: {channels_last}; "
-        + f"compile: {acc.state.dynamo_plugin.backend.value.lower()}"
+        + f"compile: {compiled}"
         + (f"; {threads} CPU threads per process" if acc.device.type == "cpu" else "")
     )
 
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prefix_cache": net.prefix_inputs,
         "mixed_precision": precision,
         "channels_last": channels_last,
-        "compile": acc.state.dynamo_plugin.backend.value.lower(),
+        "compile": compiled,
         "history": history,
     }
     if acc.is_main_process:
