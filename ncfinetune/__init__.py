@@ -27,7 +27,14 @@ from ncfinetune.metrics import (
     numerical_rank,
 )
 from ncfinetune.prefix_cache import PrefixCache, prefix_blocker
-from ncfinetune.selection import BlockSelection, select_block, select_block_on_split
+from ncfinetune.selection import (
+    BlockSelection,
+    LRSelection,
+    select_block,
+    select_block_on_split,
+    select_lr,
+    select_lr_on_split,
+)
 from ncfinetune.training import build_cosine_schedule, build_optimizer, evaluate_rows, train_steps
 from ncfinetune.tuning import (
     BN_POLICIES,
@@ -84,6 +91,9 @@ __all__ = [
     "scl_wrap",
     "select_block",
     "select_block_on_split",
+    "select_lr",
+    "select_lr_on_split",
+    "LRSelection",
     "train_steps",
     "evaluate_rows",
     "wrap",

@@ -39,7 +39,9 @@ def create_backbone(
     """A timm classifier with a fresh ``num_classes``-way head.
 
     Args:
-        name: a bundled backbone (see :func:`bundled_backbones`) or any timm model name.
+        name: a bundled backbone (see :func:`bundled_backbones`), a folder written by
+            ``recipes/pretrain.py`` (``backbone.json`` + ``backbone.safetensors``), or any timm
+            model name.
         num_classes: downstream class count (the classifier is created anew).
         pretrained: download timm's pretrained weights from the hub (needs network).
         checkpoint: a local weights file (.safetensors, or a timm/torch checkpoint) for ``name``.
@@ -47,14 +49,21 @@ def create_backbone(
     """
     kwargs = dict(model_kwargs or {})
     bundled = bundled_backbones()
-    if name in bundled:
+    folder = Path(name)
+    if name in bundled or (folder / "backbone.json").is_file():
         if pretrained or checkpoint:
             raise ConfigError(
-                f"{name!r} is a bundled backbone with its own weights; do not combine it with "
-                "pretrained=True or a checkpoint (pass a timm architecture name for those)."
+                f"{name!r} is a backbone with its own weights (bundled, or a folder written by "
+                "recipes/pretrain.py); do not combine it with pretrained=True or a checkpoint "
+                "(pass a timm architecture name for those)."
             )
-        card = bundled[name]
-        overlay = {**card["pretrained_cfg"], "file": str(ASSETS / f"{name}.safetensors")}
+        if name in bundled:
+            card, weights = bundled[name], ASSETS / f"{name}.safetensors"
+        else:
+            card, weights = json.loads((folder / "backbone.json").read_text()), folder / "backbone.safetensors"
+            if not weights.is_file():
+                raise ConfigError(f"{folder} has backbone.json but no backbone.safetensors.")
+        overlay = {**card["pretrained_cfg"], "file": str(weights)}
         return timm.create_model(
             card["architecture"],
             pretrained=True,
@@ -64,8 +73,9 @@ def create_backbone(
         )
     if not timm.is_model(name):
         raise ConfigError(
-            f"unknown model {name!r}: not a bundled backbone ({', '.join(bundled) or 'none'}) "
-            "and not a timm architecture (see timm.list_models())."
+            f"unknown model {name!r}: not a bundled backbone ({', '.join(bundled) or 'none'}), "
+            "not a folder with backbone.json from recipes/pretrain.py, and not a timm "
+            "architecture (see timm.list_models())."
         )
     if checkpoint:
         if not Path(checkpoint).is_file():

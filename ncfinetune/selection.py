@@ -1,34 +1,34 @@
-"""Which block to fine-tune, chosen from neural collapse on the downstream training data.
+"""Which block to fine-tune (and at which learning rate), chosen on the downstream training data.
 
 The paper's principle (seeds/002, section 3): fine-tune the block that makes the penultimate
 features of the downstream training data most collapsed (lowest NC1); on small data the lowest
-*training* NC1 can overfit (its Appendix C.2), so the probe rules score a held-out split.
+*training* NC1 can overfit (its Appendix C.2). Which rule actually picks well is measured, leave
+one target out, in ``benchmarks/selection_loto.py`` (results/selection_loto.md).
 
-Rules (``rule=``):
+Every selection makes one inference pass of the pretrained model over the training data and
+reports, for each candidate block, the NC1 of its pooled output and the cross-validated accuracy
+of a linear (ridge) classifier on that output (stage-wise linear evaluation, seeds/001). Then a
+rule (``rule=``) picks the block:
 
-- ``"curve"`` (zero training): one inference pass of the pretrained model over the training
-  data; pick the candidate whose own pooled output has the lowest NC1 (the bottom of the
-  layer-wise NC1 curve, paper Fig. 9/10). Cost: one forward pass.
-- ``"probe"``: for each candidate, a short fine-tune (``probe_steps`` SGD steps) of the model
-  wrapped with ``method`` at that block on a stratified part of the training data; pick the
-  lowest penultimate NC1 on the held-out rest. Cost: candidates x probe_steps steps plus
-  evaluation, reported in the result.
-- ``"probe_accuracy"``: the same probes, picking the highest held-out accuracy; with a few
-  held-out images per class ties are common, and among tied candidates the lowest held-out NC1
-  wins.
+- ``"middle"``: the fixed middle block (index ``n_blocks // 2``: resnet18 4, ViT-Tiny 6), or
+  the deepest candidate before it when it is not a candidate. Measures nothing.
+- ``"curve"``: the lowest NC1 of the block's own pooled output (the bottom of the layer-wise
+  NC1 curve, paper Fig. 9/10).
+- ``"linear"``: the highest cross-validated linear-probe accuracy on the block's pooled output;
+  ties go to the deeper block.
+- ``"probe"``: a short fine-tune (``probe_steps`` SGD steps) of ``method`` at each candidate on a
+  stratified part of the training data; the lowest penultimate NC1 on the held-out rest.
+- ``"probe_accuracy"``: the same probes; the highest held-out accuracy (ties: the lower
+  held-out NC1).
 
-The test split is never an input: selection sees only the training data it is given.
+With ``lr="auto"`` the learning rate is chosen with the block: the probe rules probe every
+(block, lr) pair of ``lr_grid`` and pick the pair; the other rules sweep ``lr_grid`` on the
+chosen block with the same short probes (highest held-out accuracy; ties: the lower held-out
+NC1, then the larger lr). The test split is never an input.
 
-Default: ``"probe_accuracy"`` with 15 probe steps, the rule with the lowest measured regret
-(``benchmarks/selection_regret.py``, SCL FT, 36 selections over resnet18 and ViT-Tiny, two
-targets, 10-100 images per class, 3 seeds): mean regret 0.95 accuracy points against the best
-block in hindsight, at 23% of the time of one 150-step full fine-tuning run. ``"probe"`` with
-the same probes: 1.35 points. 50-step probes were no better (1.52 and 1.38 points) at 70% of
-a run; 10-step probes were worse (1.85 and 1.78 points) at 21-22%. The NC1 tie-break was
-chosen after the 15-step records had been seen (by index instead: 1.07 points), so 0.95 is an
-optimistic figure. ``"curve"`` costs about 2% of a run and was nearly exact on resnet18 (mean
-regret 0.05 points) but poor on the ViT (6.22 points), whose best block is the first and
-least collapsed: pass ``rule="curve"`` for a conv net when selection time matters more.
+The default candidates respect a parameter budget (``max_trainable_percent``, default 10%) and
+are at most ``MAX_CANDIDATES`` blocks evenly spaced in depth. The defaults (rule, probe steps)
+and their evidence are in the README's "Choosing the block" section.
 """
 
 from __future__ import annotations
@@ -49,16 +49,23 @@ from ncfinetune._warn import warn_once
 from ncfinetune.backbones import get_adapter
 from ncfinetune.backbones.base import _arch_name
 from ncfinetune.errors import ConfigError
-from ncfinetune.features import collect_block_features, plot_layerwise_nc1
+from ncfinetune.features import collect_block_features
 from ncfinetune.metrics import nc1_or_none
 from ncfinetune.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
 from ncfinetune.subsets import balanced_subset, validation_split
-from ncfinetune.training import evaluate_rows, train_steps
+from ncfinetune.training import PRECISIONS, evaluate_rows, train_steps
 from ncfinetune.tuning import wrap
 
-RULES = ("curve", "probe", "probe_accuracy")
-PROBE_STEPS = 15  # per candidate; as measured (benchmarks/results/selection_regret.md)
-DEFAULT_RULE = "probe_accuracy"
+RULES = ("middle", "curve", "linear", "probe", "probe_accuracy")
+PROBE_RULES = ("probe", "probe_accuracy")
+DEFAULT_RULE = "middle"  # measured leave-one-target-out: benchmarks/results/selection_loto.md
+LR_GRID = (0.1, 0.03, 0.01)  # lr="auto" chooses among these
+PROBE_STEPS = 10  # per probe; as measured (benchmarks/results/selection_loto.md)
+MAX_TRAINABLE_PERCENT = 10.0  # default parameter budget of the candidates
+MAX_CANDIDATES = 3  # first, middle and deepest block within the budget
+HELDOUT_FRACTION = 0.3
+LINEAR_FOLDS = 5
+PROBE_BATCH = 32
 
 
 @dataclass
@@ -68,11 +75,10 @@ class CandidateRow:
     Attributes:
         index, name, channels: the block (see :func:`ncfinetune.list_blocks`).
         trainable_percent: % of the model's parameters trained by ``method`` at this block.
-        nc1_block: NC1 of the block's pooled output of the pretrained model on all the data.
-        nc1_train, nc1_heldout, heldout_accuracy: probe rules only: penultimate NC1 after the
-            probe on its training part (a class-balanced sample as large as the held-out part)
-            and on the held-out part, and its held-out accuracy.
-        probe_seconds: wall time of this candidate's probe (training + evaluation).
+        nc1_block: NC1 of the block's pooled output (pretrained model, all the training data).
+        linear_accuracy: cross-validated accuracy of a ridge linear classifier on that output.
+        probes: short fine-tunes at this block, one per learning rate (key: the lr as text):
+            held-out ``accuracy``, held-out penultimate ``nc1`` and ``seconds``.
     """
 
     index: int
@@ -80,10 +86,8 @@ class CandidateRow:
     channels: int
     trainable_percent: float
     nc1_block: float | None = None
-    nc1_train: float | None = None
-    nc1_heldout: float | None = None
-    heldout_accuracy: float | None = None
-    probe_seconds: float | None = None
+    linear_accuracy: float | None = None
+    probes: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,42 +100,60 @@ class BlockSelection:
     rows: list[CandidateRow]
     chosen: int
     chosen_name: str
+    lr: float | None  # the chosen learning rate (None: lr was given, not chosen)
     reason: str
     seconds: float
     images_processed: int
+    probe_steps: int
+    num_blocks: int
     curve: list[dict] = field(default_factory=list)  # every block's NC1, for the plot
+
+    def row(self, index: int) -> CandidateRow:
+        return next(r for r in self.rows if r.index == index)
+
+    def score(self, r: CandidateRow) -> float | None:
+        """The quantity the rule chose by, for candidate ``r`` (None where not measured)."""
+        if self.rule == "curve":
+            return r.nc1_block
+        if self.rule in ("linear", "middle"):
+            return r.linear_accuracy
+        key = "nc1" if self.rule == "probe" else "accuracy"
+        vals = [p[key] for p in r.probes.values() if p.get(key) is not None]
+        if not vals:
+            return None
+        return min(vals) if self.rule == "probe" else max(vals)
+
+    @property
+    def score_name(self) -> str:
+        return {
+            "curve": "NC1 of the block output (lower chooses)",
+            "linear": "linear-probe CV accuracy (higher chooses)",
+            "middle": "linear-probe CV accuracy (reported; the middle rule measures nothing)",
+            "probe": "probe held-out NC1, best lr (lower chooses)",
+            "probe_accuracy": "probe held-out accuracy, best lr (higher chooses)",
+        }[self.rule]
 
     def table(self) -> str:
         """The report as aligned text, the chosen row marked with ``*``."""
-        cols = [("nc1_block", "NC1 block")]
-        if self.rule != "curve":
-            cols += [
-                ("nc1_train", "NC1 train"),
-                ("nc1_heldout", "NC1 held-out"),
-                ("heldout_accuracy", "acc held-out"),
-            ]
-        head = f"   {'idx':>3}  {'block':<12} {'ch':>5} {'train %':>8}" + "".join(
-            f" {t:>13}" for _, t in cols
-        )
+        lrs = sorted({k for r in self.rows for k in r.probes}, key=float, reverse=True)
+        head = f"   {'idx':>3}  {'block':<12} {'ch':>5} {'train %':>8} {'NC1 block':>10} {'linear acc':>11}"
+        head += "".join(f" {'probe lr ' + k:>14}" for k in lrs)
         lines = [head]
         for r in self.rows:
             mark = "*" if r.index == self.chosen else " "
-            vals = []
-            for key, _ in cols:
-                v = getattr(r, key)
-                vals.append(
-                    f" {'-':>13}"
-                    if v is None
-                    else f" {100 * v:>12.1f}%"
-                    if key == "heldout_accuracy"
-                    else f" {v:>13.4f}"
-                )
-            lines.append(
-                f" {mark} {r.index:>3}  {r.name:<12} {r.channels:>5} "
-                f"{r.trainable_percent:>7.2f}%" + "".join(vals)
-            )
+            nc = "-" if r.nc1_block is None else f"{r.nc1_block:.4f}"
+            la = "-" if r.linear_accuracy is None else f"{100 * r.linear_accuracy:.1f}%"
+            line = f" {mark} {r.index:>3}  {r.name:<12} {r.channels:>5} {r.trainable_percent:>7.2f}% {nc:>10} {la:>11}"
+            for k in lrs:
+                p = r.probes.get(k)
+                line += f" {'-':>14}" if p is None else f" {100 * p['accuracy']:>13.1f}%"
+            lines.append(line)
+        if lrs:
+            lines.append("(probe columns: held-out accuracy after a "
+                         f"{self.probe_steps}-step fine-tune at that lr)")
+        lr = "" if self.lr is None else f", lr {self.lr:g}"
         lines.append(
-            f"chosen: block {self.chosen} ({self.chosen_name}). {self.reason} "
+            f"chosen: block {self.chosen} ({self.chosen_name}){lr}. {self.reason} "
             f"Cost: {self.seconds:.1f} s, {self.images_processed:,} images processed."
         )
         return "\n".join(lines)
@@ -159,14 +181,54 @@ class BlockSelection:
         return self.save_json(out / "block_selection.json"), self.plot(out / "block_selection.png")
 
     def plot(self, path: str | Path) -> Path:
-        """NC1 over depth of the pretrained model (log scale) with the chosen block marked."""
-        return plot_layerwise_nc1(
-            {"pretrained, training data": self.curve},
-            path,
-            title=f"{self.arch}: {self.rule} rule chose index {self.chosen} ({self.chosen_name}), "
-            f"plotted as block {self.chosen + 1}",
-            mark=self.chosen,
-        )
+        """Left: the quantity the rule chose by, per candidate, the choice marked. Right:
+        accuracy against trainable share for the candidates (linear probe; probe fine-tunes at
+        the chosen lr where measured)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        xs = [r.index for r in self.rows]
+        ys = [self.score(r) for r in self.rows]
+        ok = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+        if ok:
+            a.plot(*zip(*ok, strict=True), "o-", color="C0")
+        chosen = self.score(self.row(self.chosen))
+        if chosen is not None:
+            a.plot([self.chosen], [chosen], "r*", ms=16, label=f"chosen: block {self.chosen}")
+        else:
+            a.axvline(self.chosen, color="r", ls="--", label=f"chosen: block {self.chosen}")
+        if self.rule == "curve":
+            a.set_yscale("log")
+        a.set_xticks(xs, [f"{r.index}\n{r.name}" for r in self.rows], fontsize=7)
+        a.set_xlabel("candidate block")
+        a.set_ylabel(self.score_name, fontsize=8)
+        a.legend(fontsize=8)
+        a.set_title(f"{self.arch}: rule {self.rule!r} chose block {self.chosen} ({self.chosen_name})",
+                    fontsize=9)
+        share = [r.trainable_percent for r in self.rows]
+        lin = [r.linear_accuracy for r in self.rows]
+        if any(v is not None for v in lin):
+            b.plot(share, [100 * (v or 0) for v in lin], "s-", label="linear probe (CV)")
+        key = None if self.lr is None else f"{self.lr:g}"
+        probe = [r.probes.get(key, {}).get("accuracy") for r in self.rows] if key else []
+        if any(v is not None for v in probe):
+            pts = [(s, 100 * v) for s, v in zip(share, probe, strict=True) if v is not None]
+            b.plot(*zip(*pts, strict=True), "o-", label=f"probe fine-tune, lr {key} (held-out)")
+        c = self.row(self.chosen)
+        b.axvline(c.trainable_percent, color="r", ls="--", label=f"chosen: block {self.chosen}")
+        b.set_xlabel("trainable parameters (%)")
+        b.set_ylabel("accuracy (%)")
+        b.legend(fontsize=8)
+        b.set_title("accuracy against trainable share (training data only)", fontsize=9)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
 
 
 def select_block_on_split(
@@ -181,6 +243,9 @@ def select_block_on_split(
 ) -> BlockSelection:
     """:func:`select_block` on rows of a loaded dataset's *training* split, decoded once.
 
+    Used by ``recipes/select_block.py`` and ``recipes/finetune.py --block auto`` alike, so both
+    give the choice :func:`select_block` gives on the same rows and seed.
+
     Args:
         model: as for :func:`select_block`.
         data: a ``ncfinetune.data.ImageData`` (``load_image_dataset``); only ``data.train`` is
@@ -188,22 +253,42 @@ def select_block_on_split(
         transform: a deterministic ``ncfinetune.data.build_transforms(model, augment=False)``.
         rows: training-split rows to select on (default: all).
         max_images: cap on the images used: a seeded class-balanced sample of ``rows``.
-        seed, kwargs: passed to :func:`select_block` (rule, method, bn, ...).
+        seed, kwargs: passed to :func:`select_block` (rule, method, bn, lr, ...).
     """
+    cache = _training_cache(data, transform, rows, max_images, seed)
+    return select_block(model, cache, seed=seed, **kwargs)
+
+
+def select_lr_on_split(
+    model: nn.Module,
+    data: Any,
+    transform: Any,
+    rows: Sequence[int] | np.ndarray | None = None,
+    *,
+    max_images: int | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> LRSelection:
+    """:func:`select_lr` on rows of a loaded dataset's *training* split (``--lr auto``); the
+    arguments are those of :func:`select_block_on_split`."""
+    cache = _training_cache(data, transform, rows, max_images, seed)
+    return select_lr(model, cache, seed=seed, **kwargs)
+
+
+def _training_cache(data, transform, rows, max_images, seed):
     from ncfinetune.data import TensorCache
 
     labels = data.labels("train")
     rows = np.arange(labels.size) if rows is None else np.asarray(rows)
     if max_images is not None and rows.size > max_images:
         rows = rows[balanced_subset(labels[rows], total=max_images, seed=seed)]
-    cache = TensorCache.build(
+    return TensorCache.build(
         data.train,
         transform,
         image_column=data.image_column,
         label_column=data.label_column,
         indices=rows,
     )
-    return select_block(model, cache, seed=seed, **kwargs)
 
 
 def _as_fetch(data: Any) -> tuple[Any, np.ndarray]:
@@ -246,6 +331,38 @@ def _trainable_percent(model: nn.Module, index: int) -> float:
     return 100.0 * (head + block) / total
 
 
+def default_candidates(
+    model: nn.Module,
+    method: str = "scl",
+    max_trainable_percent: float | None = MAX_TRAINABLE_PERCENT,
+    max_candidates: int = MAX_CANDIDATES,
+) -> list[int]:
+    """The blocks :func:`select_block` considers by default: those that ``method`` can use (for
+    scl, whose width fits the skip) within the parameter budget, at most ``max_candidates`` of
+    them evenly spaced in depth (the first and the deepest always included)."""
+    adapter = get_adapter(model)
+    idx = [i for i in range(len(adapter.blocks)) if method == "layer" or _fits(adapter, i)]
+    if max_trainable_percent is not None:
+        idx = [i for i in idx if _trainable_percent(model, i) <= max_trainable_percent]
+    if len(idx) > max_candidates:
+        pick = np.unique(np.round(np.linspace(0, len(idx) - 1, max_candidates)).astype(int))
+        idx = [idx[p] for p in pick]
+    return idx
+
+
+def min_per_class(rule: str, lr: float | str = "auto", heldout_fraction: float = HELDOUT_FRACTION) -> int:
+    """The fewest training samples per class ``rule`` (with ``lr``; rule ``"lr"``: the lr sweep
+    alone) can work with: 2 for the
+    curve and linear rules (NC1 and cross-validation need two samples of a class), and for the
+    probe rules or ``lr="auto"`` enough to hold ``heldout_fraction`` of each class out (>= 1
+    held out, >= 2 to fit)."""
+    need = 1 if rule in ("middle", "lr") else 2
+    if rule in PROBE_RULES or lr == "auto":
+        f = heldout_fraction
+        need = max(need, 3, int(np.ceil(1 / min(f, 1 - f))) + 1)
+    return need
+
+
 def select_block(
     model: nn.Module,
     train_data: Any,
@@ -253,79 +370,84 @@ def select_block(
     rule: str = DEFAULT_RULE,
     method: str = "scl",
     candidates: Sequence[int | str] | None = None,
-    max_trainable_percent: float | None = None,
-    heldout_fraction: float = 0.3,
+    max_trainable_percent: float | None = MAX_TRAINABLE_PERCENT,
+    lr: float | str = "auto",
+    lr_grid: Sequence[float] = LR_GRID,
+    heldout_fraction: float = HELDOUT_FRACTION,
     probe_steps: int = PROBE_STEPS,
-    batch_size: int = 32,
-    lr: float = 0.03,
+    batch_size: int = PROBE_BATCH,
     bn: str | None = None,
+    precision: str = "auto",
     seed: int = 0,
+    probe_all: bool = False,
 ) -> BlockSelection:
-    """Choose the block to fine-tune from NC1 on the downstream training data.
+    """Choose the block (and with ``lr="auto"`` the learning rate) to fine-tune.
 
     Args:
         model: the pretrained timm model with its downstream classifier (not modified: the
             probes train copies).
         train_data: the downstream *training* data: (images, labels) tensors, a
             ``ncfinetune.data.TensorCache``, or a map-style dataset of (image tensor, label).
-        rule: ``"curve"``, ``"probe"`` or ``"probe_accuracy"`` (see the module docstring).
+        rule: ``"middle"``, ``"curve"``, ``"linear"``, ``"probe"`` or ``"probe_accuracy"``
+            (see the module docstring).
         method: ``"scl"`` or ``"layer"``: what will be fine-tuned (the probes train it; it also
             sets the trainable share and, for scl, which blocks fit the skip).
-        candidates: block indices or names (default: every block, for scl every block whose
-            width fits the skip).
-        max_trainable_percent: drop candidates that would train more than this share.
-        heldout_fraction: probe rules: stratified share of ``train_data`` held out.
-        probe_steps, batch_size, lr, bn, seed: the probe fine-tunes (SGD, cosine schedule).
+        candidates: block indices or names (default: :func:`default_candidates`).
+        max_trainable_percent: parameter budget: drop candidates that would train more than
+            this share (default 10%; None: no budget).
+        lr: ``"auto"`` (choose from ``lr_grid`` with short probes on held-out training rows) or
+            the learning rate the fine-tune will use (the probe rules then probe at it).
+        lr_grid: the learning rates ``lr="auto"`` chooses among.
+        heldout_fraction: probes: stratified share of ``train_data`` held out.
+        probe_steps, batch_size, bn, seed: the probe fine-tunes (SGD, cosine schedule).
+        precision: probes: ``"auto"`` (bf16 autocast where the device computes it natively, as
+            the finetune recipe's default), ``"bf16"`` or ``"no"``.
+        probe_all: probe every (candidate, lr) pair whatever the rule (for benchmarks).
 
     Returns:
-        A :class:`BlockSelection`; print it for the table, ``.save_json()``, ``.plot()``.
+        A :class:`BlockSelection`; print it for the table, ``.save()`` for JSON + plot.
 
     Raises:
-        ConfigError: unknown rule or method, an empty candidate list, a budget no candidate
-            meets, or (probe rules) too few samples per class to hold some out.
+        ConfigError: unknown rule or method, bad lr, an empty candidate list, a budget no
+            candidate meets, or fewer training samples per class than the rule needs (the
+            message names the minimum, see :func:`min_per_class`).
     """
     t0 = time.perf_counter()
     if rule not in RULES:
         raise ConfigError(f"rule {rule!r} is not one of {', '.join(RULES)}.")
     if method not in ("layer", "scl"):
         raise ConfigError(f"method {method!r} cannot be placed at a block; use 'layer' or 'scl'.")
+    if not (lr == "auto" or (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0)):
+        raise ConfigError(f"lr must be 'auto' or a positive number, got {lr!r}.")
+    if lr == "auto" and (len(lr_grid) == 0 or any(not v > 0 for v in lr_grid)):
+        raise ConfigError(f"lr_grid must hold positive learning rates, got {list(lr_grid)}.")
+    if probe_steps < 1:
+        raise ConfigError(f"probe_steps must be >= 1, got {probe_steps}.")
+    precision = _resolve_precision(model, precision)
     adapter = get_adapter(model)
     names = adapter.block_names
     if candidates is None:
-        idx = [i for i in range(len(names)) if method == "layer" or _fits(adapter, i)]
+        idx = default_candidates(model, method, max_trainable_percent)
+        if not idx:
+            allowed = [i for i in range(len(names)) if method == "layer" or _fits(adapter, i)]
+            least = min(allowed, key=lambda i: _trainable_percent(model, i))
+            raise ConfigError(
+                f"no block of {_arch_name(model)} trains at most {max_trainable_percent}% of the "
+                f"parameters with {method}; the smallest is block {least} ({names[least]}) at "
+                f"{_trainable_percent(model, least):.2f}%. Raise max_trainable_percent or pass "
+                "candidates."
+            )
     else:
-        if len(candidates) == 0:
-            raise ConfigError(
-                f"candidates is empty; pass block indices or names of {_arch_name(model)} "
-                f"(0..{len(names) - 1}) or None for every block."
-            )
-        idx = sorted({adapter.resolve(c) for c in candidates})
-        wide = [i for i in idx if method == "scl" and not _fits(adapter, i)]
-        if wide:
-            raise ConfigError(
-                f"SCL skip cannot fit candidate block(s) "
-                f"{', '.join(f'{i} ({names[i]}, {adapter.block_channels(i)} channels)' for i in wide)}: "
-                f"wider than the {adapter.feature_dim} penultimate features. Drop them, or use "
-                "method='layer'."
-            )
+        idx = _explicit_candidates(model, adapter, method, candidates, max_trainable_percent)
     rows = [
         CandidateRow(i, names[i], adapter.block_channels(i), _trainable_percent(model, i))
         for i in idx
     ]
-    if max_trainable_percent is not None:
-        kept = [r for r in rows if r.trainable_percent <= max_trainable_percent]
-        if not kept:
-            least = min(rows, key=lambda r: r.trainable_percent)
-            raise ConfigError(
-                f"no candidate block trains at most {max_trainable_percent}% of the parameters; "
-                f"the smallest is block {least.index} ({least.name}) at "
-                f"{least.trainable_percent:.2f}%. Raise max_trainable_percent or add candidates."
-            )
-        rows = kept
     fetch, labels = _as_fetch(train_data)
+    _check_samples(labels, rule, lr, heldout_fraction)
     all_rows = np.arange(labels.size)
 
-    # the pretrained layer-wise curve: one pass over all the training data
+    # one pass of the pretrained model: NC1 and a linear probe of every candidate's output
     was_training = model.training
     model.eval()
     feats = collect_block_features(
@@ -333,126 +455,309 @@ def select_block(
         (fetch(all_rows[s : s + 256].tolist()) for s in range(0, labels.size, 256)),
     )
     model.train(was_training)
-    curve = []
-    for i, name in enumerate(feats.names[:-1]):
-        curve.append(
-            {
-                "index": i,
-                "name": name,
-                "channels": feats.channels[i],
-                "nc1": nc1_or_none(feats.features[name], feats.labels),
-            }
-        )
+    curve = [
+        {"index": i, "name": n, "channels": feats.channels[i],
+         "nc1": nc1_or_none(feats.features[n], feats.labels)}
+        for i, n in enumerate(feats.names[:-1])
+    ]
+    y = feats.labels.numpy()
+    measurable = np.unique(y, return_counts=True)[1].min() >= 2  # else NC1 is 0, CV impossible
     for r in rows:
-        r.nc1_block = curve[r.index]["nc1"]
+        if measurable:
+            r.nc1_block = curve[r.index]["nc1"]
+            r.linear_accuracy = linear_probe_accuracy(feats.features[r.name].numpy(), y, seed)
     images = labels.size
 
-    if rule == "curve":
-        scored = [r for r in rows if r.nc1_block is not None]
-        best = min(scored, key=lambda r: r.nc1_block)
-        second = sorted(r.nc1_block for r in scored)[1] if len(scored) > 1 else None
-        reason = (
-            f"Its pooled output has the lowest NC1 on the training data ({best.nc1_block:.3f}"
-            + (f"; next best {second:.3f}" if second is not None else "")
-            + f") among {len(rows)} candidates: the pretrained features are most collapsed there."
-        )
-    else:
-        fit, held = _holdout(labels, heldout_fraction, seed)
-        # training NC1 (reported, not scored) on a class-balanced sample of the fit part as
-        # large as the held-out part: evaluating all of it cost about a fifth of the probes
-        fit_eval = (
-            fit[balanced_subset(labels[fit], total=held.size, seed=seed)]
-            if fit.size > held.size
-            else fit
-        )
-        caches = _probe_caches(model, fetch, method, [r.index for r in rows], bn)
-        try:
-            images += fill_shared(list(caches.values()), all_rows)
-        except CacheTooLarge as err:
-            warn_once(f"block selection: {err} The probes run without the prefix cache.")
-            caches = {}
-        for r in rows:
-            t1 = time.perf_counter()
-            torch.manual_seed(seed)
-            tuned = wrap(copy.deepcopy(model), method, r.index, bn=bn)
-            cache = caches.get(r.index)
-            train_steps(
-                tuned,
-                fetch,
-                fit,
-                steps=probe_steps,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                prefix=cache,
-            )
-            ev_fit = evaluate_rows(tuned, fetch, fit_eval, prefix=cache)
-            ev_held = evaluate_rows(tuned, fetch, held, prefix=cache)
-            r.nc1_train = nc1_or_none(ev_fit["features"], ev_fit["labels"])
-            r.nc1_heldout = nc1_or_none(ev_held["features"], ev_held["labels"])
-            r.heldout_accuracy = ev_held["accuracy"]
-            r.probe_seconds = time.perf_counter() - t1
-            images += probe_steps * min(batch_size, fit.size) + fit_eval.size + held.size
-        if rule == "probe":
-            best = min(rows, key=lambda r: (r.nc1_heldout is None, r.nc1_heldout or 0.0))
-            reason = (
-                f"After a {probe_steps}-step {method} probe its penultimate NC1 on the held-out "
-                f"{held.size} images is the lowest ({best.nc1_heldout:.3f}) among {len(rows)} "
-                "candidates (training NC1 alone can overfit on small data)."
-            )
-        else:
-            best = _choose_by_accuracy(rows)
-            tied = sum(r.heldout_accuracy == best.heldout_accuracy for r in rows)
-            reason = (
-                f"After a {probe_steps}-step {method} probe it has the highest accuracy on the "
-                f"held-out {held.size} images ({100 * best.heldout_accuracy:.1f}%) among "
-                f"{len(rows)} candidates"
-                + (
-                    f"; of the {tied} tied, its held-out NC1 is the lowest ({best.nc1_heldout:.3f})."
-                    if tied > 1 and best.nc1_heldout is not None
-                    else "."
-                )
-            )
+    probe = _Prober(model, fetch, labels, method, bn, seed, heldout_fraction, probe_steps,
+                    batch_size, precision)
+    grid = [float(v) for v in lr_grid] if lr == "auto" else [float(lr)]
+    if rule in PROBE_RULES or probe_all:
+        images += probe.run(rows, grid)
+    chosen, chosen_lr, reason = choose(rule, rows, len(names), probe_steps)
+    if lr == "auto" and chosen_lr is None:
+        row = next(r for r in rows if r.index == chosen)
+        if not row.probes:
+            images += probe.run([row], grid)
+        chosen_lr, lr_reason = choose_lr(row)
+        reason += " " + lr_reason
     return BlockSelection(
         rule=rule,
         method=method,
         arch=_arch_name(model),
         rows=rows,
-        chosen=best.index,
-        chosen_name=best.name,
+        chosen=chosen,
+        chosen_name=names[chosen],
+        lr=chosen_lr if lr == "auto" else None,
         reason=reason,
         seconds=time.perf_counter() - t0,
         images_processed=int(images),
+        probe_steps=probe_steps,
+        num_blocks=len(names),
         curve=curve,
     )
 
 
-def _choose_by_accuracy(rows: list[CandidateRow]) -> CandidateRow:
-    """The highest held-out accuracy; a few held-out images per class make ties common, and
-    among tied candidates the lowest held-out NC1 (the paper's criterion) wins, then the
-    earlier block."""
-    return max(
-        rows,
-        key=lambda r: (
-            r.heldout_accuracy,
-            r.nc1_heldout is not None,
-            -(r.nc1_heldout or 0.0),
-            -r.index,
-        ),
+def choose(
+    rule: str, rows: Sequence[CandidateRow], num_blocks: int, probe_steps: int = PROBE_STEPS
+) -> tuple[int, float | None, str]:
+    """Apply ``rule`` to measured candidate rows: (chosen block, chosen lr or None, reason).
+
+    The probe rules pick a (block, lr) pair among the probes measured; the other rules pick a
+    block only. The one place a rule is decided: :func:`select_block` and the benchmarks both
+    call it.
+    """
+    if rule == "middle":
+        mid = num_blocks // 2
+        before = [r for r in rows if r.index <= mid]
+        best = max(before, key=lambda r: r.index) if before else min(rows, key=lambda r: r.index)
+        return best.index, None, (
+            f"The fixed middle block (index {mid} of {num_blocks})"
+            + ("." if best.index == mid else f" is not a candidate; the deepest candidate before it.")
+        )
+    if rule == "curve":
+        scored = [r for r in rows if r.nc1_block is not None]
+        if not scored:
+            raise ConfigError("rule 'curve': no candidate has a finite NC1 on this data.")
+        best = min(scored, key=lambda r: (r.nc1_block, -r.index))
+        return best.index, None, (
+            f"Its pooled output has the lowest NC1 on the training data ({best.nc1_block:.3f}) "
+            f"among {len(rows)} candidates."
+        )
+    if rule == "linear":
+        best = max(rows, key=lambda r: (r.linear_accuracy or 0.0, r.index))
+        return best.index, None, (
+            f"A linear probe on its pooled output has the highest cross-validated accuracy "
+            f"({100 * (best.linear_accuracy or 0):.1f}%) among {len(rows)} candidates "
+            "(ties: the deeper block)."
+        )
+    pairs = [(r, lr, p) for r in rows for lr, p in r.probes.items()]
+    if not pairs:
+        raise ConfigError(f"rule {rule!r} needs probes; none were measured.")
+    if rule == "probe":
+        r, lr, p = min(pairs, key=lambda t: (t[2]["nc1"] is None, t[2]["nc1"] or 0.0, -float(t[1])))
+        why = f"the lowest held-out penultimate NC1 ({p['nc1']:.3f})" if p["nc1"] is not None else "no finite NC1 anywhere"
+    else:
+        r, lr, p = max(pairs, key=lambda t: _accuracy_key(t[2], t[1]))
+        why = f"the highest held-out accuracy ({100 * p['accuracy']:.1f}%; ties: lower held-out NC1)"
+    return r.index, float(lr), (
+        f"After a {probe_steps}-step probe at lr {lr}, {why} among {len(pairs)} (block, lr) pairs."
     )
 
 
-def _probe_caches(model, fetch, method, indices, bn) -> dict[int, PrefixCache]:
-    """Prefix caches for the probes, one per candidate, filled later in one shared pass;
-    empty where the frozen prefix is not a pure function of the input (e.g. bn='update')."""
-    frozen = copy.deepcopy(model)  # one copy serves every cache: only its frozen part runs
-    caches = {}
-    for i in indices:
-        tuned = wrap(frozen, method, i, bn=bn)
+def choose_lr(row: CandidateRow) -> tuple[float, str]:
+    """The lr of ``row``'s probes with the highest held-out accuracy (ties: the lower held-out
+    NC1, then the larger lr), and why."""
+    lr, p = max(row.probes.items(), key=lambda kv: _accuracy_key(kv[1], kv[0]))
+    return float(lr), (
+        f"Learning rate {lr}: the highest held-out accuracy ({100 * p['accuracy']:.1f}%) of "
+        f"short probes at {', '.join(row.probes)}."
+    )
+
+
+def _accuracy_key(p: dict, lr: str) -> tuple:
+    return (p["accuracy"], p["nc1"] is not None, -(p["nc1"] or 0.0), float(lr))
+
+
+def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+    """Stratified k-fold (k = min(5, smallest class)) accuracy of a ridge linear classifier on
+    standardised features: stage-wise linear evaluation in closed form (milliseconds a block)."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    k = int(min(LINEAR_FOLDS, np.unique(labels, return_counts=True)[1].min()))
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    clf = make_pipeline(StandardScaler(), RidgeClassifier(alpha=1.0))
+    return float(cross_val_score(clf, features.astype(np.float64), labels, cv=folds).mean())
+
+
+class _Prober:
+    """Short fine-tunes of copies of the model on the fit part, scored on the held-out part;
+    prefix caches are shared across blocks where the frozen prefix is cacheable."""
+
+    def __init__(self, model, fetch, labels, method, bn, seed, fraction, steps, batch, precision):
+        self.model, self.fetch, self.labels = model, fetch, labels
+        self.method, self.bn, self.seed = method, bn, seed
+        self.fraction, self.steps, self.batch, self.precision = fraction, steps, batch, precision
+        self.fit = self.held = None
+        self.caches: dict[int | None, PrefixCache | None] = {}
+        self.images = 0
+
+    def run(self, rows: list[CandidateRow], grid: list[float]) -> int:
+        """Probe every (row, lr) into ``row.probes``; return the images processed."""
+        before = self.images
+        for r in rows:
+            for lr in grid:
+                r.probes[f"{lr:g}"] = self.probe(r.index, lr)
+        return self.images - before
+
+    def probe(self, block: int | None, lr: float) -> dict[str, float | None]:
+        """One short fine-tune of ``method`` at ``block`` (None: linear/full) at ``lr``."""
+        from ncfinetune.loop import is_conv_net
+
+        if self.fit is None:
+            self.fit, self.held = _holdout(self.labels, self.fraction, self.seed)
+        if block not in self.caches:
+            self.caches[block] = self._cache(block)
+        cache = self.caches[block]
+        t1 = time.perf_counter()
+        torch.manual_seed(self.seed)
+        tuned = wrap(copy.deepcopy(self.model), self.method, block, bn=self.bn)
+        if cache is None and is_conv_net(self.model):
+            tuned.to(memory_format=torch.channels_last)
+        try:
+            train_steps(tuned, self.fetch, self.fit, steps=self.steps, batch_size=self.batch,
+                        lr=lr, seed=self.seed, prefix=cache, precision=self.precision)
+            ev = evaluate_rows(tuned, self.fetch, self.held, prefix=cache,
+                               precision=self.precision)
+            acc, nc = ev["accuracy"], nc1_or_none(ev["features"], ev["labels"])
+        except FloatingPointError:  # diverged at this lr: ranks last
+            acc, nc = 0.0, None
+        self.images += self.steps * min(self.batch, self.fit.size) + self.held.size
+        return {"accuracy": acc, "nc1": nc, "seconds": time.perf_counter() - t1}
+
+    def _cache(self, block: int | None) -> PrefixCache | None:
+        """A filled prefix cache for probes at ``block``, or None where not legal."""
+        tuned = wrap(copy.deepcopy(self.model), self.method, block, bn=self.bn)
         if prefix_blocker(tuned) is not None:
-            return {}
-        caches[i] = PrefixCache(tuned, fetch)
-    return caches
+            return None
+        cache = PrefixCache(tuned, self.fetch)
+        try:
+            self.images += fill_shared([cache], np.arange(self.labels.size))
+        except CacheTooLarge as err:
+            warn_once(f"block selection: {err} The probes run without the prefix cache.")
+            return None
+        return cache
+
+
+@dataclass
+class LRSelection:
+    """The result of :func:`select_lr`: the probes per learning rate, the choice and why."""
+
+    method: str
+    block: int | None
+    lr: float
+    probes: dict[str, dict[str, float | None]]
+    reason: str
+    seconds: float
+    images_processed: int
+    probe_steps: int
+
+    def __str__(self) -> str:
+        lines = [f"learning rate for {self.method} FT" + (
+            "" if self.block is None else f" at block {self.block}") + ":"]
+        for k, p in self.probes.items():
+            mark = "*" if float(k) == self.lr else " "
+            lines.append(f" {mark} lr {k:>8}: held-out accuracy {100 * p['accuracy']:.1f}% after "
+                         f"{self.probe_steps} steps")
+        lines.append(f"{self.reason} Cost: {self.seconds:.1f} s, {self.images_processed:,} images.")
+        return "\n".join(lines)
+
+
+def select_lr(
+    model: nn.Module,
+    train_data: Any,
+    *,
+    method: str,
+    block: int | str | None = None,
+    lr_grid: Sequence[float] = LR_GRID,
+    heldout_fraction: float = HELDOUT_FRACTION,
+    probe_steps: int = PROBE_STEPS,
+    batch_size: int = PROBE_BATCH,
+    bn: str | None = None,
+    precision: str = "auto",
+    seed: int = 0,
+) -> LRSelection:
+    """Choose the learning rate of any method (``--lr auto``) by the short probes of
+    :func:`select_block`: ``probe_steps`` SGD steps at each lr of ``lr_grid`` on a stratified
+    part of the training data, the highest accuracy on the held-out rest (ties: the lower
+    held-out NC1, then the larger lr). The test split is never an input.
+
+    Raises:
+        ConfigError: bad lr_grid or probe settings, or fewer training samples per class than
+            holding some out needs (the message names the minimum).
+    """
+    t0 = time.perf_counter()
+    if len(lr_grid) == 0 or any(not (v > 0 and np.isfinite(v)) for v in lr_grid):
+        raise ConfigError(f"lr_grid must hold positive learning rates, got {list(lr_grid)}.")
+    if probe_steps < 1:
+        raise ConfigError(f"probe_steps must be >= 1, got {probe_steps}.")
+    fetch, labels = _as_fetch(train_data)
+    _check_samples(labels, "lr", "auto", heldout_fraction)
+    index = None if block is None else get_adapter(model).resolve(block)
+    prober = _Prober(model, fetch, labels, method, bn, seed, heldout_fraction, probe_steps,
+                     batch_size, _resolve_precision(model, precision))
+    probes = {f"{v:g}": prober.probe(index, float(v)) for v in lr_grid}
+    lr, reason = choose_lr(CandidateRow(-1, "", 0, 0.0, probes=probes))
+    return LRSelection(method, index, lr, probes, reason, time.perf_counter() - t0,
+                       prober.images, probe_steps)
+
+
+def _resolve_precision(model: nn.Module, precision: str) -> str:
+    from ncfinetune.loop import resolve_mixed_precision
+
+    device = next(model.parameters()).device.type
+    if precision == "auto":
+        return resolve_mixed_precision("auto", device)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}.")
+    return precision
+
+
+def _explicit_candidates(model, adapter, method, candidates, max_trainable_percent) -> list[int]:
+    names = adapter.block_names
+    if len(candidates) == 0:
+        raise ConfigError(
+            f"candidates is empty; pass block indices or names of {_arch_name(model)} "
+            f"(0..{len(names) - 1}) or None for the default candidates."
+        )
+    idx = sorted({adapter.resolve(c) for c in candidates})
+    wide = [i for i in idx if method == "scl" and not _fits(adapter, i)]
+    if wide:
+        raise ConfigError(
+            f"SCL skip cannot fit candidate block(s) "
+            f"{', '.join(f'{i} ({names[i]}, {adapter.block_channels(i)} channels)' for i in wide)}: "
+            f"wider than the {adapter.feature_dim} penultimate features. Drop them, or use "
+            "method='layer'."
+        )
+    if max_trainable_percent is not None:
+        over = [i for i in idx if _trainable_percent(model, i) > max_trainable_percent]
+        if len(over) == len(idx):
+            least = min(idx, key=lambda i: _trainable_percent(model, i))
+            raise ConfigError(
+                f"no candidate block trains at most {max_trainable_percent}% of the parameters; "
+                f"the smallest is block {least} ({names[least]}) at "
+                f"{_trainable_percent(model, least):.2f}%. Raise max_trainable_percent "
+                "(None: no budget) or add candidates."
+            )
+        idx = [i for i in idx if i not in over]
+    return idx
+
+
+def _check_samples(labels: np.ndarray, rule: str, lr: float | str, fraction: float) -> None:
+    if not 0 < fraction < 1:
+        raise ConfigError(f"heldout_fraction must be in (0, 1), got {fraction}.")
+    classes, counts = np.unique(labels, return_counts=True)
+    if classes.size < 2:
+        raise ConfigError(
+            f"block selection needs at least 2 classes in the training data, got {classes.size}."
+        )
+    need = min_per_class(rule, lr, fraction)
+    if counts.min() < need:
+        worst = classes[counts.argmin()]
+        why = (
+            "to hold some out for the probes" if need > 2
+            else "(NC1 and cross-validation need two samples of a class)"
+        )
+        what = "lr 'auto'" if rule == "lr" else f"rule {rule!r} with lr {lr!r}"
+        raise ConfigError(
+            f"class {worst} has {counts.min()} training samples; {what} "
+            f"needs at least {need} per class {why}. Use more data"
+            + (", rule='curve' or 'linear' with a fixed lr" if need > 2 and rule != "lr" else "")
+            + (", or rule='middle' with a fixed lr" if rule != "middle" else "")
+            + "."
+        )
 
 
 def _fits(adapter, index: int) -> bool:
@@ -460,16 +765,5 @@ def _fits(adapter, index: int) -> bool:
 
 
 def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified (fit, held-out) rows; each class needs >= 2 fit rows and >= 1 held out."""
-    if not 0 < fraction < 1:
-        raise ConfigError(f"heldout_fraction must be in (0, 1), got {fraction}.")
-    classes, counts = np.unique(labels, return_counts=True)
-    need = max(3, int(np.ceil(1 / min(fraction, 1 - fraction))) + 1)
-    if counts.min() < need:
-        worst = classes[counts.argmin()]
-        raise ConfigError(
-            f"class {worst} has {counts.min()} training samples; a probe rule needs at least "
-            f"{need} per class to hold out {fraction:.0%} of each (>= 1 held out, >= 2 to fit). "
-            "Use rule='curve' (no held-out split) or more data."
-        )
+    """Stratified (fit, held-out) rows; the caller checked :func:`min_per_class`."""
     return validation_split(labels, fraction, seed=seed)

@@ -49,6 +49,15 @@ def build_cosine_schedule(
 
 
 Fetch = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+PRECISIONS = ("no", "bf16")
+
+
+def _autocast(tuned: TunedModel, precision: str):
+    """bf16 autocast on the model's device, or a no-op context for ``"no"``."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    device = next(tuned.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def train_steps(
@@ -65,6 +74,7 @@ def train_steps(
     weight_decay: float = 1e-4,
     min_lr: float = 1e-4,
     prefix: PrefixCache | None = None,
+    precision: str = "no",
 ) -> torch.Tensor:
     """Train ``tuned`` for a fixed number of optimizer steps on ``rows`` of an in-memory dataset.
 
@@ -77,6 +87,8 @@ def train_steps(
     With ``prefix`` (a :class:`~ncfinetune.prefix_cache.PrefixCache` over the same data), each
     step runs only the model's suffix on cached prefix outputs; each row's prefix is computed
     once. Same seed, same batches: the result equals the uncached path up to float rounding.
+    ``precision="bf16"`` runs forward passes under bf16 autocast (faster on CPUs and GPUs with
+    native bf16; the recipe's ``mixed_precision: auto`` makes the same choice).
 
     Returns:
         The training loss of every step (float32 tensor).
@@ -103,7 +115,8 @@ def train_steps(
             order += rows[torch.randperm(rows.size, generator=gen).numpy()].tolist()
         picked, order = order[:batch], order[batch:]
         x, y = fetch(picked)
-        loss = F.cross_entropy(forward(x), y)
+        with _autocast(tuned, precision):
+            loss = F.cross_entropy(forward(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -125,9 +138,10 @@ def evaluate_rows(
     rows: Sequence[int] | np.ndarray,
     batch_size: int = 500,
     prefix: PrefixCache | None = None,
+    precision: str = "no",
 ) -> dict[str, Any]:
     """Accuracy, penultimate features and labels of ``rows`` (eval mode, one pass); with
-    ``prefix``, from cached prefix outputs (see :func:`train_steps`)."""
+    ``prefix``, from cached prefix outputs, and ``precision`` as in :func:`train_steps`."""
     tuned.eval()
     rows = np.asarray(rows)
     if prefix is not None:
@@ -136,10 +150,11 @@ def evaluate_rows(
     preds, feats, labels = [], [], []
     for s in range(0, rows.size, batch_size):
         x, y = fetch(rows[s : s + batch_size].tolist())
-        if prefix is None:
-            logits, f = tuned.forward_with_features(x)
-        else:
-            f, logits = tuned.forward_suffix(x)
+        with _autocast(tuned, precision):
+            if prefix is None:
+                logits, f = tuned.forward_with_features(x)
+            else:
+                f, logits = tuned.forward_suffix(x)
         preds.append(logits.argmax(1))
         feats.append(f.float())
         labels.append(y)

@@ -56,10 +56,12 @@ class FinetuneConfig(DownstreamConfig):
     # method
     method: str = "scl"
     block: str | None = "4"  # index, name, or "auto" (select_block on the training subset)
-    # block auto: curve | probe | probe_accuracy
+    # block auto: middle | curve | linear | probe | probe_accuracy (ncfinetune.select_block)
     select_rule: str = ncfinetune.selection.DEFAULT_RULE
-    select_max_percent: float | None = None  # block: auto: parameter budget (% trainable)
-    select_max_images: int = 5000  # block: auto: class-balanced sample of the training subset
+    # block auto: parameter budget of the candidates (% trainable; null = no budget)
+    select_max_percent: float | None = ncfinetune.selection.MAX_TRAINABLE_PERCENT
+    # block auto / lr auto: selection runs on a class-balanced sample of the training subset
+    select_max_images: int = 5000
     bn: str | None = None
     skip_norm: bool | None = None
     lora_rank: int = 8  # lora-block / lora: rank of the peft LoRA update
@@ -68,7 +70,9 @@ class FinetuneConfig(DownstreamConfig):
     prefix_cache: bool | None = None  # null = auto: cache the frozen prefix's outputs when legal
     # optimisation (paper defaults, SPEC section 5)
     optimizer: str = "sgd"
-    lr: float = 0.1
+    # a number, or auto: short probes at 0.1, 0.03, 0.01 on held-out training rows choose it
+    # (with --block auto, together with the block); never the test split
+    lr: float | str = 0.1
     min_lr: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -119,8 +123,10 @@ class FinetuneConfig(DownstreamConfig):
         for key in ("epochs", "batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 p.append(f"{key} must be >= 1, got {getattr(self, key)}")
-        if not self.lr > 0:
-            p.append(f"lr must be > 0, got {self.lr}")
+        if self.lr != "auto" and not (isinstance(self.lr, float) and self.lr > 0):
+            p.append(f"lr must be a number > 0 or auto, got {self.lr!r}")
+        if self.select_max_images < 1:
+            p.append(f"select_max_images must be >= 1, got {self.select_max_images}")
         if not 0 <= self.val_fraction < 1:
             p.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.per_class is not None and self.train_size is not None:
@@ -128,25 +134,52 @@ class FinetuneConfig(DownstreamConfig):
         return p
 
 
-def choose_block(acc, cfg, model, data, train_idx, eval_tf, out: Path) -> int:
-    """--block auto: select_block on (a class-balanced sample of) the training subset only."""
-    sel = ncfinetune.select_block_on_split(
-        model,
-        data,
-        eval_tf,
-        train_idx,
-        max_images=cfg.select_max_images,
-        rule=cfg.select_rule,
-        method=cfg.method,
-        bn=cfg.bn,
-        lr=cfg.lr,  # probes fine-tune like the run they choose for (as measured in benchmarks/)
-        max_trainable_percent=cfg.select_max_percent,
-        seed=cfg.seed,
-    )
-    acc.print(str(sel))
+def choose_block_and_lr(acc, cfg, model, data, train_idx, eval_tf, precision, out: Path):
+    """--block auto and/or --lr auto, on (a class-balanced sample of) the training subset only,
+    through the same code path as ``ncfinetune.select_block`` and ``recipes/select_block.py``.
+    The main process selects; the others receive its choice. Returns (block, lr, record)."""
+    from accelerate.utils import broadcast_object_list
+
+    block = cfg.block if cfg.method in ncfinetune.tuning.BLOCK_METHODS else None
+    found = [block, cfg.lr, None]
     if acc.is_main_process:
-        sel.save(out)
-    return sel.chosen
+        common = {
+            "max_images": cfg.select_max_images,
+            "method": cfg.method,
+            "bn": cfg.bn,
+            "seed": cfg.seed,
+            "precision": "bf16" if precision == "bf16" else "no",
+        }
+        if block == "auto":
+            sel = ncfinetune.select_block_on_split(
+                model, data, eval_tf, train_idx, rule=cfg.select_rule, lr=cfg.lr,
+                max_trainable_percent=cfg.select_max_percent, **common,
+            )
+            sel.save(out)
+            found = [sel.chosen, cfg.lr if sel.lr is None else sel.lr,
+                     {"rule": sel.rule, "block": sel.chosen, "lr": sel.lr,
+                      "seconds": sel.seconds, "images_processed": sel.images_processed}]
+        else:
+            sel = ncfinetune.select_lr_on_split(model, data, eval_tf, train_idx, block=block,
+                                                **common)
+            found = [block, sel.lr, {"lr": sel.lr, "seconds": sel.seconds,
+                                     "images_processed": sel.images_processed}]
+        print(sel, flush=True)
+    if acc.num_processes > 1:
+        broadcast_object_list(found)
+    return found
+
+
+def read_selection(out: Path, block, lr):
+    """The block and lr chosen before an interruption (``selection.json``)."""
+    path = out / "selection.json"
+    if not path.is_file():
+        raise ncfinetune.ConfigError(
+            f"--resume with block/lr auto needs {path}, written when the choice was made; "
+            "it is missing. Start afresh (without --resume) or pass the block and lr."
+        )
+    saved = json.loads(path.read_text())
+    return (saved["block"] if block == "auto" else block), (saved["lr"] if lr == "auto" else lr)
 
 
 def cached_loaders(tuned, train_dl, train_eval_dl, test_dl, val_dl):
@@ -209,8 +242,13 @@ def main(argv: list[str] | None = None) -> dict:
     model = cfg.load_model(data.num_classes)
     eval_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=False)
     block = cfg.block if cfg.method in ncfinetune.tuning.BLOCK_METHODS else None
-    if block == "auto":
-        block = choose_block(acc, cfg, model, data, train_idx, eval_tf, out)
+    lr, selection = cfg.lr, None
+    if (block == "auto" or lr == "auto") and not (cfg.resume and latest_training_state(out / "checkpoints")):
+        block, lr, selection = choose_block_and_lr(
+            acc, cfg, model, data, train_idx, eval_tf, precision, out
+        )
+    elif block == "auto" or lr == "auto":  # resuming: the choice made before the interruption
+        block, lr = read_selection(out, block, lr)
     tuned = ncfinetune.wrap(
         model,
         cfg.method,
@@ -248,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise ncfinetune.ConfigError(f"prefix_cache: true, but {err}") from err
             cache_note = f"off ({err})"
 
-    opt = build_optimizer(tuned, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    opt = build_optimizer(tuned, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay)
     steps_per_epoch = -(-min(len(train_dl), cfg.max_steps or len(train_dl)) // cfg.grad_accum)
     # the prepared scheduler steps once per process per optimizer step; give it the global count
     sched = build_cosine_schedule(opt, cfg.epochs * steps_per_epoch * acc.num_processes, cfg.min_lr)
@@ -268,6 +306,10 @@ def main(argv: list[str] | None = None) -> dict:
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        if selection is not None:  # what --resume reuses
+            tmp = out / "selection.json.tmp"
+            tmp.write_text(json.dumps({"block": block, "lr": lr, **selection}) + "\n")
+            tmp.replace(out / "selection.json")
     if cfg.tracker:
         acc.init_trackers("finetune", config={k: str(v) for k, v in config_to_dict(cfg).items()})
     net = acc.unwrap_model(tuned, keep_torch_compile=False)
@@ -351,6 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
         "mixed_precision": precision,
         "channels_last": channels_last,
         "compile": compiled,
+        "lr": lr,
+        "selection": selection,  # --block auto / --lr auto: what was chosen, at what cost
         "history": history,
     }
     if acc.is_main_process:

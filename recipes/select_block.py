@@ -1,12 +1,15 @@
-"""Choose the block to fine-tune from NC1 on a downstream training set, and write the report.
+"""Choose the block (and the learning rate) to fine-tune on a downstream training set.
 
     python recipes/select_block.py                                   # bundled resnet18, digits
     python recipes/select_block.py --dataset fashion_mnist --classes 5,6,7,8,9 --per_class 20 \\
-        --rule probe --output_dir runs/select
+        --rule probe_accuracy --output_dir runs/select
 
 Writes ``block_selection.json`` (one row per candidate, the choice and why) and
-``block_selection.png`` (NC1 over depth, choice marked) under ``output_dir`` and prints the
-table. Only the training split is used (a seeded class-balanced subset with --per_class).
+``block_selection.png`` (the quantity the rule chose by, the choice marked; accuracy against
+trainable share) under ``output_dir`` and prints the table. Only the training split is used (a
+seeded class-balanced subset with --per_class). The defaults are ``ncfinetune.select_block``'s,
+and ``recipes/finetune.py --block auto --lr auto`` runs the same code: same data and seed, same
+choice.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import torch
 
 import ncfinetune
 from ncfinetune import data as nd
+from ncfinetune import selection as S
 from ncfinetune.config import DownstreamConfig, parse_config, save_config
-from ncfinetune.selection import DEFAULT_RULE, PROBE_STEPS, RULES
 
 
 @dataclass
@@ -28,23 +31,31 @@ class SelectConfig(DownstreamConfig):
     # backbone and data keys: DownstreamConfig (model, pretrained, checkpoint, dataset, data_dir,
     # image_column, label_column, classes, per_class, test_fraction, image_size, seed); only
     # the training split is read
-    rule: str = DEFAULT_RULE  # curve | probe | probe_accuracy
+    rule: str = S.DEFAULT_RULE  # middle | curve | linear | probe | probe_accuracy
     method: str = "scl"  # layer | scl
-    candidates: list[str] | None = None  # block indices or names; default all
-    max_trainable_percent: float | None = None
-    probe_steps: int = PROBE_STEPS
-    lr: float = 0.03
+    candidates: list[str] | None = None  # block indices or names; default: within the budget
+    max_trainable_percent: float | None = S.MAX_TRAINABLE_PERCENT  # null = no budget
+    lr: float | str = "auto"  # auto: chosen with the block by short probes; or the fine-tune's lr
+    probe_steps: int = S.PROBE_STEPS
     bn: str | None = None
+    mixed_precision: str = "auto"  # probes: auto (bf16 where native, as finetune.py) | no | bf16
+    select_max_images: int = 5000  # a class-balanced sample of the training subset, as finetune.py
     output_dir: str = "runs/select_block"
 
     def validate(self) -> list[str]:
         p = super().validate()
-        if self.rule not in RULES:
-            p.append(f"rule {self.rule!r} is not one of {', '.join(RULES)}")
+        if self.rule not in S.RULES:
+            p.append(f"rule {self.rule!r} is not one of {', '.join(S.RULES)}")
         if self.method not in ("layer", "scl"):
             p.append(f"method {self.method!r} is not one of layer, scl")
         if self.probe_steps < 1:
             p.append(f"probe_steps must be >= 1, got {self.probe_steps}")
+        if self.lr != "auto" and not (isinstance(self.lr, float) and self.lr > 0):
+            p.append(f"lr must be a number > 0 or auto, got {self.lr!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            p.append(f"mixed_precision {self.mixed_precision!r} is not one of auto, no, bf16")
+        if self.select_max_images < 1:
+            p.append(f"select_max_images must be >= 1, got {self.select_max_images}")
         return p
 
 
@@ -61,15 +72,17 @@ def main(argv: list[str] | None = None) -> ncfinetune.BlockSelection:
         data,
         nd.build_transforms(model, image_size=cfg.image_size),
         rows,
+        max_images=cfg.select_max_images,
         rule=cfg.rule,
         method=cfg.method,
         candidates=[int(c) if str(c).lstrip("-").isdigit() else c for c in cfg.candidates]
         if cfg.candidates
         else None,
         max_trainable_percent=cfg.max_trainable_percent,
-        probe_steps=cfg.probe_steps,
         lr=cfg.lr,
+        probe_steps=cfg.probe_steps,
         bn=cfg.bn,
+        precision=cfg.mixed_precision,
         seed=cfg.seed,
     )
     out = Path(cfg.output_dir)

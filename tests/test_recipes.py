@@ -317,27 +317,51 @@ def test_unknown_model_and_offline_hub_errors(monkeypatch):
         create_backbone("resnet18", 3, pretrained=True)
 
 
-def test_block_auto_selects_on_the_training_subset_and_tunes_the_choice(tmp_path):
-    m = finetune(
-        "--block",
-        "auto",
-        "--select_rule",
-        "probe",
-        "--per_class",
-        6,
-        "--epochs",
-        1,
-        "--max_steps",
-        1,
-        "--output_dir",
-        tmp_path,
+def test_block_and_lr_auto_choose_the_same_everywhere_and_tune_the_choice(tmp_path):
+    """select_block (API), recipes/select_block.py and finetune.py --block auto --lr auto: one
+    code path, the same defaults, the same choice on the same data and seed."""
+    import ncfinetune
+    from ncfinetune import data as nd
+
+    data_args = ["--model", "test_resnet", "--image_size", "32", "--per_class", "6",
+                 "--seed", "1"]  # fmt: skip
+    m = finetune(*data_args, "--block", "auto", "--lr", "auto", "--epochs", 1, "--max_steps", 1,
+                 "--output_dir", tmp_path / "ft")  # fmt: skip
+    from_ft = json.loads((tmp_path / "ft" / "block_selection.json").read_text())
+    assert (tmp_path / "ft" / "block_selection.png").is_file()
+    assert m["block"] == from_ft["chosen"] and m["lr"] == from_ft["lr"] and m["lr"] in (0.1, 0.03, 0.01)
+    assert m["selection"]["rule"] == ncfinetune.selection.DEFAULT_RULE
+    recipe = runpy.run_path(str(ROOT / "recipes" / "select_block.py"), run_name="select_recipe")
+    from_recipe = recipe["main"]([*data_args, "--output_dir", str(tmp_path / "sel")])
+    cfg = parse_config(recipe["SelectConfig"], data_args)
+    data = cfg.load_data()
+    model = cfg.load_model(data.num_classes)
+    rows = nd.balanced_subset(data.labels("train"), per_class=6, seed=1)
+    from_api = ncfinetune.select_block_on_split(
+        model, data, nd.build_transforms(model, image_size=32), rows, seed=1
     )
-    sel = json.loads((tmp_path / "block_selection.json").read_text())
-    assert sel["rule"] == "probe" and m["block"] == sel["chosen"]
-    assert (tmp_path / "block_selection.png").is_file()
-    # the probe held out 30% of the 60-image training subset (18), never the 360 test images:
-    # 15 steps of 32 on the other 42, evaluated on the 18 held out + 18 of the 42
-    assert sel["images_processed"] == 60 + len(sel["rows"]) * (15 * 32 + 18 + 18)
+    for sel in (from_recipe, from_api):
+        assert (sel.chosen, sel.lr) == (from_ft["chosen"], from_ft["lr"])
+        got = {(r.index, k): v["accuracy"] for r in sel.rows for k, v in r.probes.items()}
+        want = {(r["index"], k): v["accuracy"] for r in from_ft["rows"] for k, v in r["probes"].items()}
+        assert got == want and got
+    # the 60-image training subset only: 30% held out (18), never the 360 test images;
+    # one inference pass + 3 lr probes of 10 steps on the chosen block
+    assert from_ft["images_processed"] == 60 + 3 * (10 * 32 + 18)
+
+
+def test_lr_auto_for_full_fine_tuning_and_resume_keeps_the_choice(tmp_path):
+    args = ["--method", "full", "--block", "null", "--lr", "auto", "--per_class", 5,
+            "--epochs", 2, "--max_steps", 1, "--output_dir", tmp_path]  # fmt: skip
+    first = finetune(*args, "--stop_after", 1)
+    assert first["stopped"]
+    saved = json.loads((tmp_path / "selection.json").read_text())
+    assert saved["lr"] in (0.1, 0.03, 0.01) and saved["block"] is None
+    m = finetune(*args, "--resume", "true")
+    assert m["lr"] == saved["lr"] and m["selection"] is None  # reused, not chosen again
+    (tmp_path / "selection.json").unlink()
+    with pytest.raises(ConfigError, match="selection.json, written when the choice was made"):
+        finetune(*args, "--resume", "true")
 
 
 def test_select_block_recipe_writes_report_and_plot(tmp_path, capsys):
@@ -352,12 +376,20 @@ def test_select_block_recipe_writes_report_and_plot(tmp_path, capsys):
             "5",
             "--candidates",
             "0,layer4.0",
+            "--max_trainable_percent",
+            "null",
+            "--rule",
+            "curve",
+            "--lr",
+            "0.05",
             "--output_dir",
             str(tmp_path),
         ]
     )
     assert [r.index for r in sel.rows] == [0, 3] and sel.chosen in (0, 3)
+    assert sel.chosen == min(sel.rows, key=lambda r: r.nc1_block).index
     assert json.loads((tmp_path / "block_selection.json").read_text())["chosen"] == sel.chosen
     assert "chosen: block" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="rule 'best' is not one of curve, probe"):
+    with pytest.raises(ConfigError, match="rule 'best' is not one of middle, curve, linear"):
         recipe["main"](["--rule", "best"])
+

@@ -1,15 +1,29 @@
-"""Block selection: the rules pick what their reports say, the model is left untouched,
-the report prints/saves/plots, and bad input fails clearly."""
+"""Block (and lr) selection: each rule picks what its report says through the one `choose`, the
+model is left untouched, the report prints/saves/plots, the minimum samples per rule are
+enforced with clear errors, and bad input fails clearly."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import IMAGE_SIZE, NUM_CLASSES, make_model
 
 import ncfinetune
 from ncfinetune import ConfigError
-from ncfinetune.selection import select_block
+from ncfinetune.selection import (
+    LR_GRID,
+    CandidateRow,
+    choose,
+    choose_lr,
+    default_candidates,
+    linear_probe_accuracy,
+    min_per_class,
+    select_block,
+    select_lr,
+)
+
+FP32 = {"precision": "no"}
 
 
 def class_data(per_class: int = 8, seed: int = 0):
@@ -22,87 +36,178 @@ def class_data(per_class: int = 8, seed: int = 0):
 
 
 @pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
-def test_curve_rule_picks_the_lowest_block_nc1(arch):
+def test_curve_rule_picks_the_lowest_block_nc1_and_leaves_the_model_alone(arch):
     model = make_model(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sel = select_block(model, class_data(), rule="curve")
+    sel = select_block(model, class_data(), rule="curve", lr=0.1, max_trainable_percent=None, **FP32)
     assert sel.chosen == min(sel.rows, key=lambda r: r.nc1_block).index
     assert [c["index"] for c in sel.curve] == list(range(len(ncfinetune.list_blocks(model))))
-    assert sel.images_processed == NUM_CLASSES * 8 and sel.seconds > 0
+    # one inference pass, no probes (the lr was given)
+    assert sel.images_processed == NUM_CLASSES * 8 and sel.seconds > 0 and sel.lr is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert f"chosen: block {sel.chosen} ({sel.chosen_name})" in str(sel)
 
 
-def test_trainable_share_matches_the_wrapped_model():
+def test_linear_rule_is_the_cross_validated_ridge_probe_of_each_block():
     model = make_model("test_resnet")
-    sel = select_block(model, class_data(), rule="curve", method="layer")
-    for row in sel.rows:
-        trainable, total = ncfinetune.layer_wrap(
-            make_model("test_resnet"), row.index
-        ).parameter_counts()
-        assert row.trainable_percent == pytest.approx(100 * trainable / total)
+    x, y = class_data(per_class=10)
+    sel = select_block(model, (x, y), rule="linear", lr=0.1, method="layer",
+                       max_trainable_percent=None, **FP32)
+    feats = ncfinetune.collect_block_features(model, [(x, y)])
+    for r in sel.rows:  # the report's number is the probe on that block's pooled output
+        assert r.linear_accuracy == pytest.approx(
+            linear_probe_accuracy(feats.features[r.name].numpy(), y.numpy(), seed=0)
+        )
+    best = max(r.linear_accuracy for r in sel.rows)
+    assert sel.chosen == max(r.index for r in sel.rows if r.linear_accuracy == best)
 
 
-def test_probe_rules_score_a_held_out_split_and_leave_the_model_alone(tmp_path):
+def test_linear_probe_accuracy_separates_separable_from_noise():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 10)
+    noise = rng.normal(size=(40, 16))
+    signal = noise * 0.1 + np.eye(4)[y] @ rng.normal(size=(4, 16)) * 3
+    assert linear_probe_accuracy(signal, y) == 1.0
+    assert linear_probe_accuracy(noise, y) < 0.6
+
+
+def test_middle_rule_and_its_fallback_before_the_middle():
+    rows = [CandidateRow(i, f"b{i}", 8, 1.0) for i in (0, 1, 3)]
+    assert choose("middle", rows, num_blocks=4)[0] == 1  # middle 2 absent: deepest before it
+    assert choose("middle", rows, num_blocks=6)[0] == 3
+    assert choose("middle", [CandidateRow(5, "b5", 8, 1.0)], num_blocks=8)[0] == 5
+
+
+def test_choose_tie_breaks():
+    def row(i, acc, linear=None, nc=None, probes=None):
+        return CandidateRow(i, f"b{i}", 8, 1.0, nc1_block=nc, linear_accuracy=linear,
+                            probes=probes or {})
+
+    # linear: ties go to the deeper block
+    assert choose("linear", [row(0, 0, linear=0.8), row(2, 0, linear=0.8)], 4)[0] == 2
+    # curve: the lowest NC1
+    assert choose("curve", [row(0, 0, nc=0.5), row(2, 0, nc=0.3), row(3, 0, nc=None)], 4)[0] == 2
+
+    def p(acc, nc):
+        return {"accuracy": acc, "nc1": nc, "seconds": 0.0}
+
+    rows = [row(0, 0, probes={"0.1": p(0.8, 0.5), "0.01": p(0.8, 0.2)}),
+            row(2, 0, probes={"0.1": p(0.7, 0.1), "0.01": p(0.6, 0.05)})]
+    # probe_accuracy: the best (block, lr) pair; ties by the lower held-out NC1
+    assert choose("probe_accuracy", rows, 4)[:2] == (0, 0.01)
+    # probe: the lowest held-out NC1 over every pair
+    assert choose("probe", rows, 4)[:2] == (2, 0.01)
+    # lr of one block: ties by NC1, then the larger lr
+    assert choose_lr(rows[0])[0] == 0.01
+    assert choose_lr(row(0, 0, probes={"0.1": p(0.8, None), "0.03": p(0.8, None)}))[0] == 0.1
+
+
+def test_probe_rules_probe_every_block_and_lr_and_leave_the_model_alone(tmp_path):
     model = make_model("test_resnet")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = class_data(per_class=10)
-    sel = select_block(model, data, rule="probe", candidates=[0, "layer4.0"], probe_steps=3)
+    sel = select_block(model, data, rule="probe_accuracy", candidates=[0, "layer4.0"],
+                       max_trainable_percent=None, probe_steps=3, **FP32)
     assert [r.index for r in sel.rows] == [0, 3]
-    assert sel.chosen == min(sel.rows, key=lambda r: r.nc1_heldout).index
-    assert all(r.nc1_train is not None and 0 <= r.heldout_accuracy <= 1 for r in sel.rows)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    # 30% of 10 per class held out: 15 images; 2 probes of 3 steps x batch 32 (35 fit images),
-    # each evaluated on the 15 held-out images and on 15 of the fit images (training NC1)
-    assert sel.images_processed == 50 + 2 * (3 * 32 + 15 + 15)
-    acc = select_block(model, data, rule="probe_accuracy", candidates=[0, 3], probe_steps=3)
-    assert (
-        acc.chosen
-        == max(acc.rows, key=lambda r: (r.heldout_accuracy, -r.nc1_heldout, -r.index)).index
+    assert all(set(r.probes) == {f"{v:g}" for v in LR_GRID} for r in sel.rows)
+    best = max(((r.index, float(k)), v["accuracy"], -(v["nc1"] or 0), float(k))
+               for r in sel.rows for k, v in r.probes.items())
+    assert (sel.chosen, sel.lr) == choose("probe_accuracy", sel.rows, 4)[:2]
+    assert sel.row(sel.chosen).probes[f"{sel.lr:g}"]["accuracy"] == max(
+        v["accuracy"] for r in sel.rows for v in r.probes.values()
     )
+    assert best  # (kept for readability of the failure output)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # 30% of 10 per class held out: 15; 2 blocks x 3 lrs x (3 steps x batch 32 + 15 held out)
+    assert sel.images_processed == 50 + 2 * 3 * (3 * 32 + 15)
     saved = json.loads(sel.save_json(tmp_path / "sel.json").read_text())
-    assert saved["chosen"] == sel.chosen and len(saved["rows"]) == 2
+    assert saved["chosen"] == sel.chosen and saved["lr"] == sel.lr and len(saved["rows"]) == 2
     png = sel.plot(tmp_path / "sel.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_vit_probes_share_one_prefix_pass_and_match_uncached(monkeypatch):
+def test_lr_auto_with_a_block_rule_sweeps_only_the_chosen_block():
+    model = make_model("test_resnet")
+    sel = select_block(model, class_data(per_class=10), rule="middle", method="layer",
+                       probe_steps=2, **FP32)
+    probed = [r for r in sel.rows if r.probes]
+    assert [r.index for r in probed] == [sel.chosen] and sel.chosen == 1  # middle within budget
+    assert sel.lr == choose_lr(probed[0])[0]
+    assert sel.images_processed == 50 + 3 * (2 * 32 + 15)
+    assert "Learning rate" in sel.reason
+
+
+def test_select_lr_for_full_fine_tuning():
+    model = make_model("test_resnet")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = select_lr(model, class_data(per_class=10), method="full", lr_grid=(0.1, 0.01),
+                    probe_steps=2, **FP32)
+    assert set(res.probes) == {"0.1", "0.01"} and res.lr in (0.1, 0.01) and res.block is None
+    assert res.lr == choose_lr(CandidateRow(0, "", 0, 0.0, probes=res.probes))[0]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "learning rate for full FT" in str(res)
+
+
+def test_vit_probes_from_the_prefix_cache_match_uncached(monkeypatch):
     import ncfinetune.selection as sel_mod
 
     model = make_model("test_vit")
     data = class_data(per_class=10)
-    kw = dict(rule="probe", candidates=[0, 1, 2], probe_steps=3, seed=0)
+    kw = dict(rule="probe", candidates=[1, 2], probe_steps=3, lr=0.1, max_trainable_percent=None,
+              seed=0, **FP32)
     cached = select_block(model, data, **kw)
-    # one shared pass of the 50 images through the prefix, not one per candidate
-    assert cached.images_processed == 50 + 50 + 3 * (3 * 32 + 15 + 15)
-    monkeypatch.setattr(sel_mod, "_probe_caches", lambda *a: {})
+    # each candidate's prefix computed once for the 50 images, then 3-step probes
+    assert cached.images_processed == 50 + 2 * 50 + 2 * (3 * 32 + 15)
+    monkeypatch.setattr(sel_mod._Prober, "_cache", lambda self, block: None)
     plain = select_block(model, data, **kw)
-    assert plain.images_processed == 50 + 3 * (3 * 32 + 15 + 15)
+    assert plain.images_processed == 50 + 2 * (3 * 32 + 15)
     assert cached.chosen == plain.chosen
     for a, b in zip(cached.rows, plain.rows, strict=True):
-        assert a.heldout_accuracy == b.heldout_accuracy
-        assert a.nc1_heldout == pytest.approx(b.nc1_heldout, rel=1e-4)
+        assert a.probes["0.1"]["accuracy"] == b.probes["0.1"]["accuracy"]
+        assert a.probes["0.1"]["nc1"] == pytest.approx(b.probes["0.1"]["nc1"], rel=1e-4)
 
 
-def test_accuracy_ties_go_to_the_lower_held_out_nc1_then_the_earlier_block():
-    from ncfinetune.selection import CandidateRow, _choose_by_accuracy
-
-    def row(i, acc, nc1):
-        return CandidateRow(i, f"b{i}", 8, 1.0, heldout_accuracy=acc, nc1_heldout=nc1)
-
-    assert _choose_by_accuracy([row(0, 0.8, 0.5), row(2, 0.8, 0.3), row(4, 0.7, 0.1)]).index == 2
-    assert _choose_by_accuracy([row(0, 0.8, 0.5), row(2, 0.9, 0.9)]).index == 2
-    assert _choose_by_accuracy([row(0, 0.8, 0.4), row(2, 0.8, 0.4)]).index == 0
-    assert _choose_by_accuracy([row(0, 0.8, None), row(2, 0.8, 2.0)]).index == 2
-
-
-def test_budget_keeps_only_cheap_candidates():
+def test_default_candidates_respect_the_budget_and_are_evenly_spaced():
+    r18 = make_model("resnet18", num_classes=10)
+    assert default_candidates(r18, "scl") == [0, 2, 4]  # <= 10%: blocks 0-4; block 4 = 8.27%
+    assert default_candidates(r18, "scl", None) == [0, 4, 7]  # all 8 fit the skip
+    vit = make_model("vit_tiny_patch16_224", num_classes=10)
+    assert default_candidates(vit, "scl") == [0, 6, 11]
     model = make_model("test_resnet")
-    full = select_block(model, class_data(), rule="curve")
-    cap = sorted(r.trainable_percent for r in full.rows)[1]
-    sel = select_block(model, class_data(), rule="curve", max_trainable_percent=cap)
-    assert sel.rows and all(r.trainable_percent <= cap for r in sel.rows)
-    assert len(sel.rows) < len(full.rows)
+    full = select_block(model, class_data(), rule="curve", lr=0.1, max_trainable_percent=None,
+                        **FP32)
+    cap = sorted(r.trainable_percent for r in full.rows)[0]
+    sel = select_block(model, class_data(), rule="curve", lr=0.1, max_trainable_percent=cap,
+                       **FP32)
+    assert [r.index for r in sel.rows] == [0] and len(full.rows) > 1
+
+
+@pytest.mark.parametrize(
+    ("rule", "lr", "need"),
+    [("curve", 0.1, 2), ("linear", 0.1, 2), ("probe", 0.1, 5), ("probe_accuracy", "auto", 5),
+     ("middle", "auto", 5), ("curve", "auto", 5)],
+)
+def test_too_few_samples_name_the_minimum_for_the_rule(rule, lr, need):
+    assert min_per_class(rule, lr) == need
+    model = make_model("test_resnet")
+    with pytest.raises(
+        ConfigError,
+        match=rf"class 0 has {need - 1} training samples; rule '{rule}' with lr .* needs at "
+        rf"least {need} per class",
+    ):
+        select_block(model, class_data(per_class=need - 1), rule=rule, lr=lr, **FP32)
+
+
+def test_one_sample_per_class_is_an_error_for_the_curve_not_a_choice():
+    # with one sample per class every block's NC1 is 0: nothing to choose by
+    model = make_model("test_resnet")
+    with pytest.raises(ConfigError, match="has 1 training samples; rule 'curve' .* at least 2"):
+        select_block(model, class_data(per_class=1), rule="curve", lr=0.1, **FP32)
+    # the middle block with a fixed lr measures nothing and works with one per class
+    sel = select_block(model, class_data(per_class=1), rule="middle", lr=0.1, **FP32)
+    assert sel.chosen == 1
+    with pytest.raises(ConfigError, match=r"lr 'auto' needs at least 5 per class"):
+        select_lr(model, class_data(per_class=4), method="full")
 
 
 def test_bad_input_errors():
@@ -117,14 +222,22 @@ def test_bad_input_errors():
     with pytest.raises(
         ConfigError, match=r"no candidate block trains at most 0.01% .* smallest is block"
     ):
+        select_block(model, data, candidates=[0, 1], max_trainable_percent=0.01)
+    with pytest.raises(ConfigError, match=r"no block of test_resnet trains at most 0.01%"):
         select_block(model, data, max_trainable_percent=0.01)
-    with pytest.raises(ConfigError, match="rule 'best' is not one of curve, probe, probe_accuracy"):
+    with pytest.raises(
+        ConfigError, match="rule 'best' is not one of middle, curve, linear, probe, probe_accuracy"
+    ):
         select_block(model, data, rule="best")
     with pytest.raises(ConfigError, match="method 'full' cannot be placed at a block"):
         select_block(model, data, method="full")
-    with pytest.raises(
-        ConfigError, match=r"class 0 has 2 training samples; a probe rule needs at least 5"
-    ):
-        select_block(model, class_data(per_class=2), rule="probe")
+    with pytest.raises(ConfigError, match="lr must be 'auto' or a positive number, got -1"):
+        select_block(model, data, lr=-1)
+    with pytest.raises(ConfigError, match=r"lr_grid must hold positive learning rates, got \[\]"):
+        select_block(model, data, lr_grid=[])
+    with pytest.raises(ConfigError, match="precision 'fp8' is not one of auto, no, bf16"):
+        select_block(model, data, precision="fp8")
+    with pytest.raises(ConfigError, match="needs at least 2 classes"):
+        select_block(model, (data[0], torch.zeros_like(data[1])), rule="curve", lr=0.1)
     with pytest.raises(ConfigError, match="has 40 images but 3 labels"):
         select_block(model, (data[0], data[1][:3]))

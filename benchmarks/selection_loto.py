@@ -1,0 +1,424 @@
+"""Issue 13: does block selection hold on targets it was never designed on?
+
+    python benchmarks/selection_loto.py measure [--pairs ...]   # resumable; hours on 2 cores
+    python benchmarks/selection_loto.py report                  # tables + plot from the records
+
+Development pairs (backbone, target), all built offline from real data here (PAIRS): the bundled
+resnet18 (source: Fashion-MNIST 0-4) on Fashion-MNIST 5-9, digits, inverted Fashion-MNIST 5-9
+and digits rotated by 90 degrees; a second resnet18 pretrained here on Fashion-MNIST 5-9 on
+classes 0-4 and on digits; the bundled ViT-Tiny on digits and Fashion-MNIST 5-9.
+
+For each pair, size in SIZES (per class) and seed in SEEDS, on the class-balanced training
+subset (``common.subset``):
+
+1. **Hindsight grid**: SCL FT at every default candidate block
+   (``ncfinetune.selection.default_candidates``: at most 10% of the parameters trainable, at
+   most 3 blocks evenly spaced) and full FT, each at every lr of ``LR_GRID``: 150 SGD steps of
+   batch 32, fp32, test accuracy on the test split (digits: all 360; Fashion-MNIST: a fixed
+   class-balanced 2,000 of 5,000, to fit the grid in a session).
+2. **Signals**: one ``select_block(..., probe_all=True)`` per probe length in PROBE_STEPS: the
+   pretrained curve (NC1 per block), the per-block linear probe, and a short probe fine-tune
+   for every (candidate, lr) on 70% of the subset, scored on the other 30%. Timed.
+
+``report`` applies every rule (``ncfinetune.selection.choose`` / ``choose_lr``: the library's
+one code path) to the recorded signals. A rule's design choices (probe length; lr procedure:
+the rule's own sweep or one fixed lr) are chosen on the other pairs and scored on the held-out
+pair (leave one target out); so is the choice of the default rule itself. Regret = test accuracy
+of the best candidate block in hindsight at the lr the rule chose, minus the chosen block's
+(same subset, seed, lr). Baselines in the same table: the fixed middle block, the per-block
+linear probe, the curve and probe rules, and full FT with the same lr procedure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from itertools import product
+
+import numpy as np
+import torch
+from common import (
+    BACKBONES,
+    RESULTS,
+    SEEDS,
+    TABLE_SIZES,
+    load_data,
+    run_all,
+    run_for,
+    subset,
+    versions,
+)
+
+import ncfinetune
+from ncfinetune.hub import create_backbone
+from ncfinetune.selection import CandidateRow, choose, choose_lr, default_candidates
+
+PAIRS = [
+    ("resnet18", "fmnist59"),
+    ("resnet18", "digits"),
+    ("resnet18", "fmnist59_inv"),
+    ("resnet18", "digits_rot90"),
+    ("resnet18_src59", "fmnist04"),
+    ("resnet18_src59", "digits"),
+    ("vit_tiny", "digits"),
+    ("vit_tiny", "fmnist59"),
+]
+SIZES = TABLE_SIZES  # 10, 20, 100 per class
+LR_GRID = (0.1, 0.03, 0.01)  # = ncfinetune.selection.LR_GRID
+PROBE_STEPS = (10,)  # 3 lrs x 10 steps = 20% of a 150-step fine-tune
+PRECISION = "no"  # measured: bf16 autocast was no faster at 32 px, batch 32 on this CPU
+TEST_MAX = 2000  # a fixed class-balanced sample of the 5,000-image Fashion-MNIST test splits
+SIGNALS = RESULTS / "selection_loto"  # one record per (pair, size, seed, probe length)
+
+
+def pair_name(b: str, t: str) -> str:
+    return f"{b}/{t}"
+
+
+def candidates(b: str, num_classes: int) -> list[int]:
+    return default_candidates(create_backbone(BACKBONES[b]["model"], num_classes), "scl")
+
+
+def grid_runs(b: str, t: str) -> list:
+    data = load_data(b, t)
+    cands = candidates(b, data["num_classes"])
+    runs = []
+    for n, s, lr in product(SIZES, SEEDS, LR_GRID):
+        kw = {"precision": PRECISION, "test_max": TEST_MAX}
+        runs += [run_for(b, t, "scl", n, s, lr, block=k, **kw) for k in cands]
+        runs.append(run_for(b, t, "full", n, s, lr, **kw))
+    return runs
+
+
+def signal_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
+    """select_block's measurements on one training subset (every probe), cached on disk."""
+    path = SIGNALS / b / t / f"n{n}-s{s}-p{steps}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    data = load_data(b, t)
+    idx = subset(data, n, s)
+    train = data["train"]
+    cache = ncfinetune.data.TensorCache(train.images[idx], train.labels[idx], train.transform)
+    torch.manual_seed(s)
+    model = create_backbone(BACKBONES[b]["model"], data["num_classes"])
+    t0 = time.perf_counter()
+    sel = ncfinetune.select_block(
+        model, cache, rule="linear", method="scl", lr="auto", lr_grid=LR_GRID,
+        probe_steps=steps, precision=PRECISION, seed=s, probe_all=True,
+    )
+    probe_s = sum(p["seconds"] for r in sel.rows for p in r.probes.values())
+    rec = {
+        "backbone": b, "target": t, "per_class": n, "seed": s, "probe_steps": steps,
+        "num_blocks": sel.num_blocks,
+        "rows": [asdict(r) for r in sel.rows],
+        "seconds": time.perf_counter() - t0,
+        # the inference pass + linear probes, which every rule runs (the rest is probes)
+        "base_seconds": sel.seconds - probe_s,
+        "num_train": len(idx),
+        "versions": versions(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1) + "\n")
+    tmp.replace(path)
+    return rec
+
+
+def full_lr_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
+    """Full FT's lr by the same procedure (``ncfinetune.select_lr``), cached on disk."""
+    path = SIGNALS / b / t / f"full-n{n}-s{s}-p{steps}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    data = load_data(b, t)
+    idx = subset(data, n, s)
+    train = data["train"]
+    cache = ncfinetune.data.TensorCache(train.images[idx], train.labels[idx], train.transform)
+    torch.manual_seed(s)
+    model = create_backbone(BACKBONES[b]["model"], data["num_classes"])
+    sel = ncfinetune.select_lr(
+        model, cache, method="full", lr_grid=LR_GRID, probe_steps=steps, precision=PRECISION, seed=s
+    )
+    rec = {"backbone": b, "target": t, "per_class": n, "seed": s, "probe_steps": steps,
+           **asdict(sel), "versions": versions()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1) + "\n")
+    tmp.replace(path)
+    return rec
+
+
+def measure(pairs: list[tuple[str, str]], what: str) -> None:
+    for b, t in pairs:
+        if what in ("signals", "all"):
+            for n, s, steps in product(SIZES, SEEDS, PROBE_STEPS):
+                rec = signal_record(b, t, n, s, steps)
+                print(f"{b}/{t} n={n} s={s} p={steps}: signals in {rec['seconds']:.1f}s", flush=True)
+        if what in ("full_lr", "all"):
+            for n, s, steps in product(SIZES, SEEDS, PROBE_STEPS):
+                rec = full_lr_record(b, t, n, s, steps)
+                print(f"{b}/{t} n={n} s={s} p={steps}: full FT lr {rec['lr']:g} in "
+                      f"{rec['seconds']:.1f}s", flush=True)
+        if what in ("grid", "all"):
+            run_all(grid_runs(b, t))
+
+
+# -- report: rules applied to the records, leave one target out ------------------------------------
+RULE_NAMES = ["middle", "curve", "linear", "probe", "probe_accuracy"]
+LR_PROCEDURES = ["auto", *LR_GRID]  # auto: the rule's own probes (select_block(lr="auto"))
+
+
+def load_subsets(pairs, steps: int = PROBE_STEPS[0]) -> list[dict]:
+    """Every (pair, size, seed) with its signals and its hindsight grid; None where missing."""
+    out = []
+    for b, t in pairs:
+        data = load_data(b, t)
+        cands = candidates(b, data["num_classes"])
+        for n, s in product(SIZES, SEEDS):
+            sig = SIGNALS / b / t / f"n{n}-s{s}-p{steps}.json"
+            full_sig = SIGNALS / b / t / f"full-n{n}-s{s}-p{steps}.json"
+            kw = {"precision": PRECISION, "test_max": TEST_MAX}
+            scl = {(k, lr): run_for(b, t, "scl", n, s, lr, block=k, **kw) for k in cands for lr in LR_GRID}
+            full = {lr: run_for(b, t, "full", n, s, lr, **kw) for lr in LR_GRID}
+            runs = [*scl.values(), *full.values()]
+            if not (sig.is_file() and full_sig.is_file() and all(r.path.is_file() for r in runs)):
+                continue
+            read = lambda r: json.loads(r.path.read_text())  # noqa: E731
+            recs = {key: read(r) for key, r in scl.items()}
+            out.append({
+                "pair": pair_name(b, t), "per_class": n, "seed": s,
+                "signals": json.loads(sig.read_text()),
+                "full_lr": json.loads(full_sig.read_text()),
+                "acc": {key: _acc(rec) for key, rec in recs.items()},
+                "train_s": {key: rec["train_seconds"] for key, rec in recs.items()},
+                "full_acc": {lr: _acc(read(r)) for lr, r in full.items()},
+            })
+    return out
+
+
+def _acc(rec: dict) -> float:
+    a = rec["metrics"]["test_accuracy"]
+    return 0.0 if a is None else a  # a diverged run predicts nothing
+
+
+def apply_rule(sub: dict, rule: str, lr_proc) -> dict:
+    """One rule (with one lr procedure) on one subset, through the library's ``choose``."""
+    sig = sub["signals"]
+    rows = [CandidateRow(**r) for r in sig["rows"]]
+    if lr_proc != "auto":  # a fixed lr: the probe rules see only their probes at it
+        for r in rows:
+            r.probes = {k: v for k, v in r.probes.items() if float(k) == lr_proc}
+    block, lr, _ = choose(rule, rows, sig["num_blocks"], sig["probe_steps"])
+    probe_s = 0.0
+    if rule in ("probe", "probe_accuracy"):
+        probe_s = sum(p["seconds"] for r in rows for p in r.probes.values())
+    if lr is None:
+        if lr_proc == "auto":
+            row = next(r for r in rows if r.index == block)
+            lr, _ = choose_lr(row)
+            probe_s = sum(p["seconds"] for p in row.probes.values())
+        else:
+            lr = lr_proc
+    accs = {k: a for (k, l_), a in sub["acc"].items() if l_ == lr}
+    best = max(accs.values())
+    grid_best = max(sub["acc"].values())
+    cost_s = sig["base_seconds"] + probe_s
+    return {
+        "block": block, "lr": lr, "accuracy": accs[block],
+        "regret": 100 * (best - accs[block]),  # best block at the same lr
+        "regret_grid": 100 * (grid_best - accs[block]),  # best (block, lr) of the grid
+        "cost": cost_s / sub["train_s"][(block, lr)],
+        "seconds": cost_s,
+    }
+
+
+def full_result(sub: dict, lr_proc) -> float:
+    lr = sub["full_lr"]["lr"] if lr_proc == "auto" else lr_proc
+    return sub["full_acc"][lr]
+
+
+def mean_acc(subs, rule, lr_proc) -> float:
+    return float(np.mean([apply_rule(x, rule, lr_proc)["accuracy"] for x in subs]))
+
+
+def loto(subs: list[dict]) -> dict:
+    """Per held-out pair: each rule's lr procedure chosen on the other pairs (highest mean test
+    accuracy there), and the default (rule and procedure) chosen the same way."""
+    pairs = sorted({x["pair"] for x in subs})
+    out = {}
+    for p in pairs:
+        train = [x for x in subs if x["pair"] != p]
+        test = [x for x in subs if x["pair"] == p]
+        design = {r: max(LR_PROCEDURES, key=lambda lp: mean_acc(train, r, lp)) for r in RULE_NAMES}
+        default = max(RULE_NAMES, key=lambda r: mean_acc(train, r, design[r]))
+        full_proc = max(LR_PROCEDURES, key=lambda lp: np.mean([full_result(x, lp) for x in train]))
+        res = {r: [apply_rule(x, r, design[r]) for x in test] for r in RULE_NAMES}
+        res["default (LOTO)"] = res[default]
+        out[p] = {"design": design, "default": default, "results": res,
+                  "full": [full_result(x, full_proc) for x in test], "full_procedure": full_proc,
+                  "subsets": [(x["per_class"], x["seed"]) for x in test]}
+    return out
+
+
+def report(pairs) -> dict:
+    subs = load_subsets(pairs)
+    if not subs:
+        raise SystemExit("no complete records yet: run `selection_loto.py measure` first")
+    res = loto(subs)
+    rules = [*RULE_NAMES, "default (LOTO)"]
+    table = {}
+    for p, v in res.items():
+        mid = np.mean([r["accuracy"] for r in v["results"]["middle"]])
+        for r in rules:
+            rr = v["results"][r]
+            table[(p, r)] = {
+                "procedure": v["design"].get(r, v["design"][v["default"]]),
+                "chose": v["default"] if r == "default (LOTO)" else r,
+                "accuracy": 100 * float(np.mean([x["accuracy"] for x in rr])),
+                "mean_regret": float(np.mean([x["regret"] for x in rr])),
+                "max_regret": float(np.max([x["regret"] for x in rr])),
+                "mean_regret_grid": float(np.mean([x["regret_grid"] for x in rr])),
+                "vs_middle": 100 * (float(np.mean([x["accuracy"] for x in rr])) - mid),
+                "cost": float(np.mean([x["cost"] for x in rr])),
+                "max_cost": float(np.max([x["cost"] for x in rr])),
+                "blocks": [x["block"] for x in rr], "lrs": [x["lr"] for x in rr],
+            }
+    overall = {}
+    for r in rules:
+        rows = [table[(p, r)] for p in res]
+        overall[r] = {
+            "mean_regret": float(np.mean([x["mean_regret"] for x in rows])),
+            "worst_pair_regret": float(np.max([x["mean_regret"] for x in rows])),
+            "mean_regret_grid": float(np.mean([x["mean_regret_grid"] for x in rows])),
+            "mean_vs_middle": float(np.mean([x["vs_middle"] for x in rows])),
+            "worst_pair_vs_middle": float(np.min([x["vs_middle"] for x in rows])),
+            "pairs_within_half_point_of_middle": sum(x["vs_middle"] >= -0.5 for x in rows),
+            "mean_cost": float(np.mean([x["cost"] for x in rows])),
+            "max_cost": float(np.max([x["max_cost"] for x in rows])),
+            "accuracy": float(np.mean([x["accuracy"] for x in rows])),
+        }
+    full_vs = {p: {"full_ft": 100 * float(np.mean(v["full"])), "procedure": v["full_procedure"],
+                   "default_scl": table[(p, "default (LOTO)")]["accuracy"]} for p, v in res.items()}
+    out = {
+        "pairs": list(res), "subsets": len(subs),
+        "table": {f"{p}|{r}": v for (p, r), v in table.items()},
+        "overall": overall, "full_ft": full_vs,
+        "loto_defaults": {p: v["default"] for p, v in res.items()},
+        "loto_designs": {p: v["design"] for p, v in res.items()},
+        "default_on_all_pairs": _design_on(subs),
+    }
+    (RESULTS / "selection_loto.json").write_text(json.dumps(out, indent=1) + "\n")
+    md = _markdown(out, table, res)
+    (RESULTS / "selection_loto.md").write_text(md)
+    _plot(table, list(res), rules)
+    print(md)
+    return out
+
+
+def _design_on(subs) -> dict:
+    """The rule and lr procedure the same procedure picks with every pair available (what the
+    library ships), with each rule's mean accuracy on all pairs."""
+    design = {r: max(LR_PROCEDURES, key=lambda lp: mean_acc(subs, r, lp)) for r in RULE_NAMES}
+    accs = {r: 100 * mean_acc(subs, r, design[r]) for r in RULE_NAMES}
+    return {"design": design, "accuracy": accs, "default": max(accs, key=accs.get)}
+
+
+def _markdown(out, table, res) -> str:
+    ov = out["overall"]
+    lines = [
+        "# Block selection, leave one target out",
+        "",
+        f"`python benchmarks/selection_loto.py measure && python benchmarks/selection_loto.py "
+        f"report`. {len(out['pairs'])} (backbone, target) pairs, sizes {SIZES} per class, seeds "
+        f"{SEEDS} ({out['subsets']} subsets). SCL FT, 150 SGD steps of batch 32; candidates: "
+        "`default_candidates` (<= 10% trainable, 3 blocks evenly spaced); probes: "
+        f"{PROBE_STEPS[0]} steps on 70% of the subset, scored on the other 30%. lr procedure: "
+        "`auto` = the rule's own probes (`select_block(lr='auto')`), or one fixed lr; each "
+        "rule's procedure and the default rule are chosen on the other pairs (highest mean "
+        "test accuracy) and scored on the held-out pair. Regret: best candidate block in "
+        "hindsight at the chosen lr minus the chosen block (accuracy points); regret vs grid: "
+        "against the best (block, lr) of the grid. vs middle: accuracy minus the fixed middle "
+        "block's (with its own held-out lr procedure). Cost: selection wall time / the 150-step "
+        "fine-tune's train time at the chosen block and lr.",
+        "",
+        "## Over all pairs (each pair's numbers from rules designed without it)",
+        "",
+        "| rule | mean regret | worst-pair regret | regret vs grid | mean vs middle | worst pair vs "
+        "middle | pairs >= middle - 0.5 | accuracy | cost (mean) | cost (max) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r, v in ov.items():
+        lines.append(
+            f"| {r} | {v['mean_regret']:.2f} | {v['worst_pair_regret']:.2f} | "
+            f"{v['mean_regret_grid']:.2f} | {v['mean_vs_middle']:+.2f} | "
+            f"{v['worst_pair_vs_middle']:+.2f} | {v['pairs_within_half_point_of_middle']}/"
+            f"{len(out['pairs'])} | {v['accuracy']:.2f} | {100 * v['mean_cost']:.0f}% | "
+            f"{100 * v['max_cost']:.0f}% |"
+        )
+    lines += ["", "## Per pair", "",
+              "| pair | rule | lr procedure (LOTO) | accuracy | mean regret | max regret | regret vs "
+              "grid | vs middle | cost | blocks chosen |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for (p, r), v in table.items():
+        name = r if r != "default (LOTO)" else f"default (LOTO: {v['chose']})"
+        blocks = " ".join(str(b) for b in v["blocks"])
+        lines.append(
+            f"| {p} | {name} | {v['procedure']} | {v['accuracy']:.2f} | {v['mean_regret']:.2f} | "
+            f"{v['max_regret']:.2f} | {v['mean_regret_grid']:.2f} | {v['vs_middle']:+.2f} | "
+            f"{100 * v['cost']:.0f}% | {blocks} |"
+        )
+    lines += ["", "## Full FT with the same lr procedure (chosen LOTO) against the default", "",
+              "| pair | full FT lr procedure | full FT accuracy | default SCL accuracy |",
+              "|---|---|---:|---:|"]
+    for p, v in out["full_ft"].items():
+        lines.append(f"| {p} | {v['procedure']} | {v['full_ft']:.2f} | {v['default_scl']:.2f} |")
+    d = out["default_on_all_pairs"]
+    lines += ["", "## With every pair available (what the library ships)", "",
+              "| rule | lr procedure | mean accuracy (all pairs, in-sample) |", "|---|---|---:|"]
+    for r in RULE_NAMES:
+        lines.append(f"| {r} | {d['design'][r]} | {d['accuracy'][r]:.2f} |")
+    lines += ["", f"Chosen default: **{d['default']}** with lr procedure {d['design'][d['default']]}.",
+              f"Defaults chosen leave-one-out per held-out pair: {out['loto_defaults']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(table, pairs, rules) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    w = 0.8 / len(rules)
+    for i, r in enumerate(rules):
+        xs = np.arange(len(pairs)) + i * w
+        axes[0].bar(xs, [table[(p, r)]["mean_regret"] for p in pairs], w, label=r)
+        axes[1].bar(xs, [table[(p, r)]["vs_middle"] for p in pairs], w, label=r)
+    for ax, title in zip(axes, ["mean regret (points, LOTO)", "accuracy vs fixed middle block (points)"], strict=True):
+        ax.set_xticks(np.arange(len(pairs)) + 0.4 - w / 2, pairs, rotation=30, ha="right", fontsize=7)
+        ax.set_title(title)
+        ax.axhline(0, color="k", lw=0.5)
+    axes[1].axhline(-0.5, color="r", ls="--", lw=0.8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "selection_loto.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["measure", "report"])
+    ap.add_argument("--what", choices=["grid", "signals", "full_lr", "all"], default="all")
+    ap.add_argument("--pairs", nargs="+", default=[pair_name(*p) for p in PAIRS],
+                    help="backbone/target pairs (default: all of PAIRS)")
+    args = ap.parse_args(argv)
+    pairs = [tuple(p.split("/")) for p in args.pairs]
+    if args.command == "measure":
+        measure(pairs, args.what)
+    else:
+        report(pairs)
+
+
+if __name__ == "__main__":
+    main()
