@@ -83,9 +83,13 @@ def apply_shift(images: torch.Tensor, shift: str | None) -> torch.Tensor:
     if shift == "rot90":
         return torch.rot90(images, 1, dims=(2, 3)).contiguous()
     if shift == "blur_lowc":
-        x = torch.nn.functional.avg_pool2d(images.float(), 3, stride=1, padding=1, count_include_pad=False)
+        x = torch.nn.functional.avg_pool2d(
+            images.float(), 3, stride=1, padding=1, count_include_pad=False
+        )
         return (128 + (x - 128) / 3).round().clamp(0, 255).to(torch.uint8)
     raise ValueError(f"unknown shift {shift!r}")
+
+
 SIZES = {"fmnist59": [2, 5, 10, 20, 50, 100, 500], "digits": [2, 5, 10, 20, 50, 100]}
 METHODS = ["linear", "layer", "scl", "full"]
 SEEDS = [0, 1, 2]
@@ -122,8 +126,11 @@ class Run:
     def key(self) -> str:
         block = "" if self.method in ("linear", "full") else f"-b{self.block}"
         val = "-val" if self.validate else ""
-        extra = (f"-bn{self.bn}" if self.bn else "") + (
-            "" if self.skip_norm is None else f"-skipnorm{int(self.skip_norm)}"
+        extra = (
+            (f"-bn{self.bn}" if self.bn else "")
+            + ("" if self.skip_norm is None else f"-skipnorm{int(self.skip_norm)}")
+            + ("" if self.precision == "no" else f"-{self.precision}")
+            + ("" if self.test_max is None else f"-test{self.test_max}")
         )
         return (
             f"{self.method}{block}-n{self.per_class}-s{self.seed}-lr{self.lr:g}"

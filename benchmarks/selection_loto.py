@@ -66,7 +66,7 @@ PAIRS = [
     ("vit_tiny", "fmnist59"),
 ]
 SIZES = TABLE_SIZES  # 10, 20, 100 per class
-LR_GRID = (0.1, 0.03, 0.01)  # = ncfinetune.selection.LR_GRID
+LR_GRID = (0.1, 0.03)  # = ncfinetune.selection.LR_GRID (the signal records also probed 0.01)
 PROBE_STEPS = (10,)  # 3 lrs x 10 steps = 20% of a 150-step fine-tune
 PRECISION = "no"  # measured: bf16 autocast was no faster at 32 px, batch 32 on this CPU
 TEST_MAX = 2000  # a fixed class-balanced sample of the 5,000-image Fashion-MNIST test splits
@@ -85,10 +85,14 @@ def grid_runs(b: str, t: str) -> list:
     data = load_data(b, t)
     cands = candidates(b, data["num_classes"])
     runs = []
-    for n, s, lr in product(SIZES, SEEDS, LR_GRID):
-        kw = {"precision": PRECISION, "test_max": TEST_MAX}
-        runs += [run_for(b, t, "scl", n, s, lr, block=k, **kw) for k in cands]
-        runs.append(run_for(b, t, "full", n, s, lr, **kw))
+    kw = {"precision": PRECISION, "test_max": TEST_MAX}
+    for n, s in product(SIZES, SEEDS):
+        for lr in LR_GRID:
+            runs += [run_for(b, t, "scl", n, s, lr, block=k, **kw) for k in cands]
+        # full FT at the lr its own probes chose (select_lr: the same procedure as lr="auto")
+        runs.append(
+            run_for(b, t, "full", n, s, full_lr_record(b, t, n, s, PROBE_STEPS[0])["lr"], **kw)
+        )
     return runs
 
 
@@ -105,12 +109,24 @@ def signal_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
     model = create_backbone(BACKBONES[b]["model"], data["num_classes"])
     t0 = time.perf_counter()
     sel = ncfinetune.select_block(
-        model, cache, rule="linear", method="scl", lr="auto", lr_grid=LR_GRID,
-        probe_steps=steps, precision=PRECISION, seed=s, probe_all=True,
+        model,
+        cache,
+        rule="linear",
+        method="scl",
+        lr="auto",
+        lr_grid=LR_GRID,
+        probe_steps=steps,
+        precision=PRECISION,
+        seed=s,
+        probe_all=True,
     )
     probe_s = sum(p["seconds"] for r in sel.rows for p in r.probes.values())
     rec = {
-        "backbone": b, "target": t, "per_class": n, "seed": s, "probe_steps": steps,
+        "backbone": b,
+        "target": t,
+        "per_class": n,
+        "seed": s,
+        "probe_steps": steps,
         "num_blocks": sel.num_blocks,
         "rows": [asdict(r) for r in sel.rows],
         "seconds": time.perf_counter() - t0,
@@ -140,8 +156,15 @@ def full_lr_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
     sel = ncfinetune.select_lr(
         model, cache, method="full", lr_grid=LR_GRID, probe_steps=steps, precision=PRECISION, seed=s
     )
-    rec = {"backbone": b, "target": t, "per_class": n, "seed": s, "probe_steps": steps,
-           **asdict(sel), "versions": versions()}
+    rec = {
+        "backbone": b,
+        "target": t,
+        "per_class": n,
+        "seed": s,
+        "probe_steps": steps,
+        **asdict(sel),
+        "versions": versions(),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=1) + "\n")
@@ -154,12 +177,17 @@ def measure(pairs: list[tuple[str, str]], what: str) -> None:
         if what in ("signals", "all"):
             for n, s, steps in product(SIZES, SEEDS, PROBE_STEPS):
                 rec = signal_record(b, t, n, s, steps)
-                print(f"{b}/{t} n={n} s={s} p={steps}: signals in {rec['seconds']:.1f}s", flush=True)
+                print(
+                    f"{b}/{t} n={n} s={s} p={steps}: signals in {rec['seconds']:.1f}s", flush=True
+                )
         if what in ("full_lr", "all"):
             for n, s, steps in product(SIZES, SEEDS, PROBE_STEPS):
                 rec = full_lr_record(b, t, n, s, steps)
-                print(f"{b}/{t} n={n} s={s} p={steps}: full FT lr {rec['lr']:g} in "
-                      f"{rec['seconds']:.1f}s", flush=True)
+                print(
+                    f"{b}/{t} n={n} s={s} p={steps}: full FT lr {rec['lr']:g} in "
+                    f"{rec['seconds']:.1f}s",
+                    flush=True,
+                )
         if what in ("grid", "all"):
             run_all(grid_runs(b, t))
 
@@ -179,21 +207,32 @@ def load_subsets(pairs, steps: int = PROBE_STEPS[0]) -> list[dict]:
             sig = SIGNALS / b / t / f"n{n}-s{s}-p{steps}.json"
             full_sig = SIGNALS / b / t / f"full-n{n}-s{s}-p{steps}.json"
             kw = {"precision": PRECISION, "test_max": TEST_MAX}
-            scl = {(k, lr): run_for(b, t, "scl", n, s, lr, block=k, **kw) for k in cands for lr in LR_GRID}
-            full = {lr: run_for(b, t, "full", n, s, lr, **kw) for lr in LR_GRID}
+            scl = {
+                (k, lr): run_for(b, t, "scl", n, s, lr, block=k, **kw)
+                for k in cands
+                for lr in LR_GRID
+            }
+            if not (sig.is_file() and full_sig.is_file()):
+                continue
+            full_lr = json.loads(full_sig.read_text())["lr"]
+            full = {full_lr: run_for(b, t, "full", n, s, full_lr, **kw)}
             runs = [*scl.values(), *full.values()]
-            if not (sig.is_file() and full_sig.is_file() and all(r.path.is_file() for r in runs)):
+            if not all(r.path.is_file() for r in runs):
                 continue
             read = lambda r: json.loads(r.path.read_text())  # noqa: E731
             recs = {key: read(r) for key, r in scl.items()}
-            out.append({
-                "pair": pair_name(b, t), "per_class": n, "seed": s,
-                "signals": json.loads(sig.read_text()),
-                "full_lr": json.loads(full_sig.read_text()),
-                "acc": {key: _acc(rec) for key, rec in recs.items()},
-                "train_s": {key: rec["train_seconds"] for key, rec in recs.items()},
-                "full_acc": {lr: _acc(read(r)) for lr, r in full.items()},
-            })
+            out.append(
+                {
+                    "pair": pair_name(b, t),
+                    "per_class": n,
+                    "seed": s,
+                    "signals": json.loads(sig.read_text()),
+                    "full_lr": json.loads(full_sig.read_text()),
+                    "acc": {key: _acc(rec) for key, rec in recs.items()},
+                    "train_s": {key: rec["train_seconds"] for key, rec in recs.items()},
+                    "full_acc": {lr: _acc(read(r)) for lr, r in full.items()},
+                }
+            )
     return out
 
 
@@ -206,6 +245,8 @@ def apply_rule(sub: dict, rule: str, lr_proc) -> dict:
     """One rule (with one lr procedure) on one subset, through the library's ``choose``."""
     sig = sub["signals"]
     rows = [CandidateRow(**r) for r in sig["rows"]]
+    for r in rows:  # the lrs of the grid only
+        r.probes = {k: v for k, v in r.probes.items() if float(k) in LR_GRID}
     if lr_proc != "auto":  # a fixed lr: the probe rules see only their probes at it
         for r in rows:
             r.probes = {k: v for k, v in r.probes.items() if float(k) == lr_proc}
@@ -225,7 +266,9 @@ def apply_rule(sub: dict, rule: str, lr_proc) -> dict:
     grid_best = max(sub["acc"].values())
     cost_s = sig["base_seconds"] + probe_s
     return {
-        "block": block, "lr": lr, "accuracy": accs[block],
+        "block": block,
+        "lr": lr,
+        "accuracy": accs[block],
         "regret": 100 * (best - accs[block]),  # best block at the same lr
         "regret_grid": 100 * (grid_best - accs[block]),  # best (block, lr) of the grid
         "cost": cost_s / sub["train_s"][(block, lr)],
@@ -233,9 +276,9 @@ def apply_rule(sub: dict, rule: str, lr_proc) -> dict:
     }
 
 
-def full_result(sub: dict, lr_proc) -> float:
-    lr = sub["full_lr"]["lr"] if lr_proc == "auto" else lr_proc
-    return sub["full_acc"][lr]
+def full_result(sub: dict) -> float:
+    """Full FT at the lr its probes chose (the only full-FT run of the grid)."""
+    return sub["full_acc"][sub["full_lr"]["lr"]]
 
 
 def mean_acc(subs, rule, lr_proc) -> float:
@@ -252,12 +295,16 @@ def loto(subs: list[dict]) -> dict:
         test = [x for x in subs if x["pair"] == p]
         design = {r: max(LR_PROCEDURES, key=lambda lp: mean_acc(train, r, lp)) for r in RULE_NAMES}
         default = max(RULE_NAMES, key=lambda r: mean_acc(train, r, design[r]))
-        full_proc = max(LR_PROCEDURES, key=lambda lp: np.mean([full_result(x, lp) for x in train]))
         res = {r: [apply_rule(x, r, design[r]) for x in test] for r in RULE_NAMES}
         res["default (LOTO)"] = res[default]
-        out[p] = {"design": design, "default": default, "results": res,
-                  "full": [full_result(x, full_proc) for x in test], "full_procedure": full_proc,
-                  "subsets": [(x["per_class"], x["seed"]) for x in test]}
+        out[p] = {
+            "design": design,
+            "default": default,
+            "results": res,
+            "full": [full_result(x) for x in test],
+            "full_procedure": "auto",
+            "subsets": [(x["per_class"], x["seed"]) for x in test],
+        }
     return out
 
 
@@ -282,7 +329,8 @@ def report(pairs) -> dict:
                 "vs_middle": 100 * (float(np.mean([x["accuracy"] for x in rr])) - mid),
                 "cost": float(np.mean([x["cost"] for x in rr])),
                 "max_cost": float(np.max([x["cost"] for x in rr])),
-                "blocks": [x["block"] for x in rr], "lrs": [x["lr"] for x in rr],
+                "blocks": [x["block"] for x in rr],
+                "lrs": [x["lr"] for x in rr],
             }
     overall = {}
     for r in rules:
@@ -298,12 +346,20 @@ def report(pairs) -> dict:
             "max_cost": float(np.max([x["max_cost"] for x in rows])),
             "accuracy": float(np.mean([x["accuracy"] for x in rows])),
         }
-    full_vs = {p: {"full_ft": 100 * float(np.mean(v["full"])), "procedure": v["full_procedure"],
-                   "default_scl": table[(p, "default (LOTO)")]["accuracy"]} for p, v in res.items()}
+    full_vs = {
+        p: {
+            "full_ft": 100 * float(np.mean(v["full"])),
+            "procedure": v["full_procedure"],
+            "default_scl": table[(p, "default (LOTO)")]["accuracy"],
+        }
+        for p, v in res.items()
+    }
     out = {
-        "pairs": list(res), "subsets": len(subs),
+        "pairs": list(res),
+        "subsets": len(subs),
         "table": {f"{p}|{r}": v for (p, r), v in table.items()},
-        "overall": overall, "full_ft": full_vs,
+        "overall": overall,
+        "full_ft": full_vs,
         "loto_defaults": {p: v["default"] for p, v in res.items()},
         "loto_designs": {p: v["design"] for p, v in res.items()},
         "default_on_all_pairs": _design_on(subs),
@@ -356,10 +412,14 @@ def _markdown(out, table, res) -> str:
             f"{len(out['pairs'])} | {v['accuracy']:.2f} | {100 * v['mean_cost']:.0f}% | "
             f"{100 * v['max_cost']:.0f}% |"
         )
-    lines += ["", "## Per pair", "",
-              "| pair | rule | lr procedure (LOTO) | accuracy | mean regret | max regret | regret vs "
-              "grid | vs middle | cost | blocks chosen |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [
+        "",
+        "## Per pair",
+        "",
+        "| pair | rule | lr procedure (LOTO) | accuracy | mean regret | max regret | regret vs "
+        "grid | vs middle | cost | blocks chosen |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for (p, r), v in table.items():
         name = r if r != "default (LOTO)" else f"default (LOTO: {v['chose']})"
         blocks = " ".join(str(b) for b in v["blocks"])
@@ -368,18 +428,30 @@ def _markdown(out, table, res) -> str:
             f"{v['max_regret']:.2f} | {v['mean_regret_grid']:.2f} | {v['vs_middle']:+.2f} | "
             f"{100 * v['cost']:.0f}% | {blocks} |"
         )
-    lines += ["", "## Full FT with the same lr procedure (chosen LOTO) against the default", "",
-              "| pair | full FT lr procedure | full FT accuracy | default SCL accuracy |",
-              "|---|---|---:|---:|"]
+    lines += [
+        "",
+        "## Full FT with the same lr procedure (chosen LOTO) against the default",
+        "",
+        "| pair | full FT lr procedure | full FT accuracy | default SCL accuracy |",
+        "|---|---|---:|---:|",
+    ]
     for p, v in out["full_ft"].items():
         lines.append(f"| {p} | {v['procedure']} | {v['full_ft']:.2f} | {v['default_scl']:.2f} |")
     d = out["default_on_all_pairs"]
-    lines += ["", "## With every pair available (what the library ships)", "",
-              "| rule | lr procedure | mean accuracy (all pairs, in-sample) |", "|---|---|---:|"]
+    lines += [
+        "",
+        "## With every pair available (what the library ships)",
+        "",
+        "| rule | lr procedure | mean accuracy (all pairs, in-sample) |",
+        "|---|---|---:|",
+    ]
     for r in RULE_NAMES:
         lines.append(f"| {r} | {d['design'][r]} | {d['accuracy'][r]:.2f} |")
-    lines += ["", f"Chosen default: **{d['default']}** with lr procedure {d['design'][d['default']]}.",
-              f"Defaults chosen leave-one-out per held-out pair: {out['loto_defaults']}."]
+    lines += [
+        "",
+        f"Chosen default: **{d['default']}** with lr procedure {d['design'][d['default']]}.",
+        f"Defaults chosen leave-one-out per held-out pair: {out['loto_defaults']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -395,8 +467,12 @@ def _plot(table, pairs, rules) -> None:
         xs = np.arange(len(pairs)) + i * w
         axes[0].bar(xs, [table[(p, r)]["mean_regret"] for p in pairs], w, label=r)
         axes[1].bar(xs, [table[(p, r)]["vs_middle"] for p in pairs], w, label=r)
-    for ax, title in zip(axes, ["mean regret (points, LOTO)", "accuracy vs fixed middle block (points)"], strict=True):
-        ax.set_xticks(np.arange(len(pairs)) + 0.4 - w / 2, pairs, rotation=30, ha="right", fontsize=7)
+    for ax, title in zip(
+        axes, ["mean regret (points, LOTO)", "accuracy vs fixed middle block (points)"], strict=True
+    ):
+        ax.set_xticks(
+            np.arange(len(pairs)) + 0.4 - w / 2, pairs, rotation=30, ha="right", fontsize=7
+        )
         ax.set_title(title)
         ax.axhline(0, color="k", lw=0.5)
     axes[1].axhline(-0.5, color="r", ls="--", lw=0.8)
@@ -407,11 +483,17 @@ def _plot(table, pairs, rules) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("command", choices=["measure", "report"])
     ap.add_argument("--what", choices=["grid", "signals", "full_lr", "all"], default="all")
-    ap.add_argument("--pairs", nargs="+", default=[pair_name(*p) for p in PAIRS],
-                    help="backbone/target pairs (default: all of PAIRS)")
+    ap.add_argument(
+        "--pairs",
+        nargs="+",
+        default=[pair_name(*p) for p in PAIRS],
+        help="backbone/target pairs (default: all of PAIRS)",
+    )
     args = ap.parse_args(argv)
     pairs = [tuple(p.split("/")) for p in args.pairs]
     if args.command == "measure":

@@ -1,5 +1,5 @@
 """The whole benchmark suite, in order, resumable: learning-rate grid, small-data curve,
-method x block table, layer-wise NC1 curve, block-selection regret, summary.
+method x block table, layer-wise NC1 curve, block selection (leave one target out), summary.
 
     nohup python benchmarks/suite.py > suite.log 2>&1 &    # a few hours on 2 CPU cores
     python benchmarks/suite.py --quick                      # smoke check, a few minutes
@@ -16,7 +16,7 @@ import time
 import lr_grid
 import method_block
 import nc1_curve
-import selection_regret
+import selection_loto
 import small_data
 import summarize
 from common import parse_common, run_all
@@ -38,7 +38,8 @@ def main(argv=None) -> None:
     run_all(small_data.plan(b, t), force=args.force)
     run_all(method_block.plan(b, t), force=args.force)
     nc1_curve.main(["--backbones", *b, "--targets", *t])
-    selection_regret.main(["--backbones", *b, "--targets", *t])
+    selection_loto.main(["measure"])  # its own pairs (selection_loto.PAIRS)
+    selection_loto.main(["report"])
     summarize.main()
     print(f"suite done in {(time.time() - t0) / 3600:.2f} h")
 

@@ -60,7 +60,10 @@ def create_backbone(
         if name in bundled:
             card, weights = bundled[name], ASSETS / f"{name}.safetensors"
         else:
-            card, weights = json.loads((folder / "backbone.json").read_text()), folder / "backbone.safetensors"
+            card, weights = (
+                json.loads((folder / "backbone.json").read_text()),
+                folder / "backbone.safetensors",
+            )
             if not weights.is_file():
                 raise ConfigError(f"{folder} has backbone.json but no backbone.safetensors.")
         overlay = {**card["pretrained_cfg"], "file": str(weights)}

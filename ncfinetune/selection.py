@@ -59,7 +59,7 @@ from ncfinetune.tuning import wrap
 RULES = ("middle", "curve", "linear", "probe", "probe_accuracy")
 PROBE_RULES = ("probe", "probe_accuracy")
 DEFAULT_RULE = "middle"  # measured leave-one-target-out: benchmarks/results/selection_loto.md
-LR_GRID = (0.1, 0.03, 0.01)  # lr="auto" chooses among these
+LR_GRID = (0.1, 0.03)  # lr="auto" chooses among these (as measured: selection_loto.md)
 PROBE_STEPS = 10  # per probe; as measured (benchmarks/results/selection_loto.md)
 MAX_TRAINABLE_PERCENT = 10.0  # default parameter budget of the candidates
 MAX_CANDIDATES = 3  # first, middle and deepest block within the budget
@@ -127,10 +127,10 @@ class BlockSelection:
     def score_name(self) -> str:
         return {
             "curve": "NC1 of the block output (lower chooses)",
-            "linear": "linear-probe CV accuracy (higher chooses)",
-            "middle": "linear-probe CV accuracy (reported; the middle rule measures nothing)",
+            "linear": "linear-probe CV accuracy, % (higher chooses)",
+            "middle": "linear-probe CV accuracy, % (reported; the middle rule measures nothing)",
             "probe": "probe held-out NC1, best lr (lower chooses)",
-            "probe_accuracy": "probe held-out accuracy, best lr (higher chooses)",
+            "probe_accuracy": "probe held-out accuracy, %, best lr (higher chooses)",
         }[self.rule]
 
     def table(self) -> str:
@@ -149,8 +149,10 @@ class BlockSelection:
                 line += f" {'-':>14}" if p is None else f" {100 * p['accuracy']:>13.1f}%"
             lines.append(line)
         if lrs:
-            lines.append("(probe columns: held-out accuracy after a "
-                         f"{self.probe_steps}-step fine-tune at that lr)")
+            lines.append(
+                "(probe columns: held-out accuracy after a "
+                f"{self.probe_steps}-step fine-tune at that lr)"
+            )
         lr = "" if self.lr is None else f", lr {self.lr:g}"
         lines.append(
             f"chosen: block {self.chosen} ({self.chosen_name}){lr}. {self.reason} "
@@ -191,12 +193,14 @@ class BlockSelection:
 
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
         xs = [r.index for r in self.rows]
-        ys = [self.score(r) for r in self.rows]
+        scale = 1 if self.rule in ("curve", "probe") else 100  # accuracies in %
+        ys = [None if (v := self.score(r)) is None else scale * v for r in self.rows]
         ok = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
         if ok:
             a.plot(*zip(*ok, strict=True), "o-", color="C0")
         chosen = self.score(self.row(self.chosen))
         if chosen is not None:
+            chosen *= scale
             a.plot([self.chosen], [chosen], "r*", ms=16, label=f"chosen: block {self.chosen}")
         else:
             a.axvline(self.chosen, color="r", ls="--", label=f"chosen: block {self.chosen}")
@@ -206,8 +210,10 @@ class BlockSelection:
         a.set_xlabel("candidate block")
         a.set_ylabel(self.score_name, fontsize=8)
         a.legend(fontsize=8)
-        a.set_title(f"{self.arch}: rule {self.rule!r} chose block {self.chosen} ({self.chosen_name})",
-                    fontsize=9)
+        a.set_title(
+            f"{self.arch}: rule {self.rule!r} chose block {self.chosen} ({self.chosen_name})",
+            fontsize=9,
+        )
         share = [r.trainable_percent for r in self.rows]
         lin = [r.linear_accuracy for r in self.rows]
         if any(v is not None for v in lin):
@@ -350,7 +356,9 @@ def default_candidates(
     return idx
 
 
-def min_per_class(rule: str, lr: float | str = "auto", heldout_fraction: float = HELDOUT_FRACTION) -> int:
+def min_per_class(
+    rule: str, lr: float | str = "auto", heldout_fraction: float = HELDOUT_FRACTION
+) -> int:
     """The fewest training samples per class ``rule`` (with ``lr``; rule ``"lr"``: the lr sweep
     alone) can work with: 2 for the
     curve and linear rules (NC1 and cross-validation need two samples of a class), and for the
@@ -456,8 +464,12 @@ def select_block(
     )
     model.train(was_training)
     curve = [
-        {"index": i, "name": n, "channels": feats.channels[i],
-         "nc1": nc1_or_none(feats.features[n], feats.labels)}
+        {
+            "index": i,
+            "name": n,
+            "channels": feats.channels[i],
+            "nc1": nc1_or_none(feats.features[n], feats.labels),
+        }
         for i, n in enumerate(feats.names[:-1])
     ]
     y = feats.labels.numpy()
@@ -468,8 +480,9 @@ def select_block(
             r.linear_accuracy = linear_probe_accuracy(feats.features[r.name].numpy(), y, seed)
     images = labels.size
 
-    probe = _Prober(model, fetch, labels, method, bn, seed, heldout_fraction, probe_steps,
-                    batch_size, precision)
+    probe = _Prober(
+        model, fetch, labels, method, bn, seed, heldout_fraction, probe_steps, batch_size, precision
+    )
     grid = [float(v) for v in lr_grid] if lr == "auto" else [float(lr)]
     if rule in PROBE_RULES or probe_all:
         images += probe.run(rows, grid)
@@ -510,37 +523,63 @@ def choose(
         mid = num_blocks // 2
         before = [r for r in rows if r.index <= mid]
         best = max(before, key=lambda r: r.index) if before else min(rows, key=lambda r: r.index)
-        return best.index, None, (
-            f"The fixed middle block (index {mid} of {num_blocks})"
-            + ("." if best.index == mid else f" is not a candidate; the deepest candidate before it.")
+        return (
+            best.index,
+            None,
+            (
+                f"The fixed middle block (index {mid} of {num_blocks})"
+                + (
+                    "."
+                    if best.index == mid
+                    else " is not a candidate; the deepest candidate before it."
+                )
+            ),
         )
     if rule == "curve":
         scored = [r for r in rows if r.nc1_block is not None]
         if not scored:
             raise ConfigError("rule 'curve': no candidate has a finite NC1 on this data.")
         best = min(scored, key=lambda r: (r.nc1_block, -r.index))
-        return best.index, None, (
-            f"Its pooled output has the lowest NC1 on the training data ({best.nc1_block:.3f}) "
-            f"among {len(rows)} candidates."
+        return (
+            best.index,
+            None,
+            (
+                f"Its pooled output has the lowest NC1 on the training data ({best.nc1_block:.3f}) "
+                f"among {len(rows)} candidates."
+            ),
         )
     if rule == "linear":
         best = max(rows, key=lambda r: (r.linear_accuracy or 0.0, r.index))
-        return best.index, None, (
-            f"A linear probe on its pooled output has the highest cross-validated accuracy "
-            f"({100 * (best.linear_accuracy or 0):.1f}%) among {len(rows)} candidates "
-            "(ties: the deeper block)."
+        return (
+            best.index,
+            None,
+            (
+                f"A linear probe on its pooled output has the highest cross-validated accuracy "
+                f"({100 * (best.linear_accuracy or 0):.1f}%) among {len(rows)} candidates "
+                "(ties: the deeper block)."
+            ),
         )
     pairs = [(r, lr, p) for r in rows for lr, p in r.probes.items()]
     if not pairs:
         raise ConfigError(f"rule {rule!r} needs probes; none were measured.")
     if rule == "probe":
         r, lr, p = min(pairs, key=lambda t: (t[2]["nc1"] is None, t[2]["nc1"] or 0.0, -float(t[1])))
-        why = f"the lowest held-out penultimate NC1 ({p['nc1']:.3f})" if p["nc1"] is not None else "no finite NC1 anywhere"
+        why = (
+            f"the lowest held-out penultimate NC1 ({p['nc1']:.3f})"
+            if p["nc1"] is not None
+            else "no finite NC1 anywhere"
+        )
     else:
         r, lr, p = max(pairs, key=lambda t: _accuracy_key(t[2], t[1]))
-        why = f"the highest held-out accuracy ({100 * p['accuracy']:.1f}%; ties: lower held-out NC1)"
-    return r.index, float(lr), (
-        f"After a {probe_steps}-step probe at lr {lr}, {why} among {len(pairs)} (block, lr) pairs."
+        why = (
+            f"the highest held-out accuracy ({100 * p['accuracy']:.1f}%; ties: lower held-out NC1)"
+        )
+    return (
+        r.index,
+        float(lr),
+        (
+            f"After a {probe_steps}-step probe at lr {lr}, {why} among {len(pairs)} (block, lr) pairs."
+        ),
     )
 
 
@@ -607,10 +646,18 @@ class _Prober:
         if cache is None and is_conv_net(self.model):
             tuned.to(memory_format=torch.channels_last)
         try:
-            train_steps(tuned, self.fetch, self.fit, steps=self.steps, batch_size=self.batch,
-                        lr=lr, seed=self.seed, prefix=cache, precision=self.precision)
-            ev = evaluate_rows(tuned, self.fetch, self.held, prefix=cache,
-                               precision=self.precision)
+            train_steps(
+                tuned,
+                self.fetch,
+                self.fit,
+                steps=self.steps,
+                batch_size=self.batch,
+                lr=lr,
+                seed=self.seed,
+                prefix=cache,
+                precision=self.precision,
+            )
+            ev = evaluate_rows(tuned, self.fetch, self.held, prefix=cache, precision=self.precision)
             acc, nc = ev["accuracy"], nc1_or_none(ev["features"], ev["labels"])
         except FloatingPointError:  # diverged at this lr: ranks last
             acc, nc = 0.0, None
@@ -645,12 +692,17 @@ class LRSelection:
     probe_steps: int
 
     def __str__(self) -> str:
-        lines = [f"learning rate for {self.method} FT" + (
-            "" if self.block is None else f" at block {self.block}") + ":"]
+        lines = [
+            f"learning rate for {self.method} FT"
+            + ("" if self.block is None else f" at block {self.block}")
+            + ":"
+        ]
         for k, p in self.probes.items():
             mark = "*" if float(k) == self.lr else " "
-            lines.append(f" {mark} lr {k:>8}: held-out accuracy {100 * p['accuracy']:.1f}% after "
-                         f"{self.probe_steps} steps")
+            lines.append(
+                f" {mark} lr {k:>8}: held-out accuracy {100 * p['accuracy']:.1f}% after "
+                f"{self.probe_steps} steps"
+            )
         lines.append(f"{self.reason} Cost: {self.seconds:.1f} s, {self.images_processed:,} images.")
         return "\n".join(lines)
 
@@ -686,12 +738,23 @@ def select_lr(
     fetch, labels = _as_fetch(train_data)
     _check_samples(labels, "lr", "auto", heldout_fraction)
     index = None if block is None else get_adapter(model).resolve(block)
-    prober = _Prober(model, fetch, labels, method, bn, seed, heldout_fraction, probe_steps,
-                     batch_size, _resolve_precision(model, precision))
+    prober = _Prober(
+        model,
+        fetch,
+        labels,
+        method,
+        bn,
+        seed,
+        heldout_fraction,
+        probe_steps,
+        batch_size,
+        _resolve_precision(model, precision),
+    )
     probes = {f"{v:g}": prober.probe(index, float(v)) for v in lr_grid}
     lr, reason = choose_lr(CandidateRow(-1, "", 0, 0.0, probes=probes))
-    return LRSelection(method, index, lr, probes, reason, time.perf_counter() - t0,
-                       prober.images, probe_steps)
+    return LRSelection(
+        method, index, lr, probes, reason, time.perf_counter() - t0, prober.images, probe_steps
+    )
 
 
 def _resolve_precision(model: nn.Module, precision: str) -> str:
@@ -747,7 +810,8 @@ def _check_samples(labels: np.ndarray, rule: str, lr: float | str, fraction: flo
     if counts.min() < need:
         worst = classes[counts.argmin()]
         why = (
-            "to hold some out for the probes" if need > 2
+            "to hold some out for the probes"
+            if need > 2
             else "(NC1 and cross-validation need two samples of a class)"
         )
         what = "lr 'auto'" if rule == "lr" else f"rule {rule!r} with lr {lr!r}"

@@ -152,18 +152,36 @@ def choose_block_and_lr(acc, cfg, model, data, train_idx, eval_tf, precision, ou
         }
         if block == "auto":
             sel = ncfinetune.select_block_on_split(
-                model, data, eval_tf, train_idx, rule=cfg.select_rule, lr=cfg.lr,
-                max_trainable_percent=cfg.select_max_percent, **common,
+                model,
+                data,
+                eval_tf,
+                train_idx,
+                rule=cfg.select_rule,
+                lr=cfg.lr,
+                max_trainable_percent=cfg.select_max_percent,
+                **common,
             )
             sel.save(out)
-            found = [sel.chosen, cfg.lr if sel.lr is None else sel.lr,
-                     {"rule": sel.rule, "block": sel.chosen, "lr": sel.lr,
-                      "seconds": sel.seconds, "images_processed": sel.images_processed}]
+            found = [
+                sel.chosen,
+                cfg.lr if sel.lr is None else sel.lr,
+                {
+                    "rule": sel.rule,
+                    "block": sel.chosen,
+                    "lr": sel.lr,
+                    "seconds": sel.seconds,
+                    "images_processed": sel.images_processed,
+                },
+            ]
         else:
-            sel = ncfinetune.select_lr_on_split(model, data, eval_tf, train_idx, block=block,
-                                                **common)
-            found = [block, sel.lr, {"lr": sel.lr, "seconds": sel.seconds,
-                                     "images_processed": sel.images_processed}]
+            sel = ncfinetune.select_lr_on_split(
+                model, data, eval_tf, train_idx, block=block, **common
+            )
+            found = [
+                block,
+                sel.lr,
+                {"lr": sel.lr, "seconds": sel.seconds, "images_processed": sel.images_processed},
+            ]
         print(sel, flush=True)
     if acc.num_processes > 1:
         broadcast_object_list(found)
@@ -243,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
     eval_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=False)
     block = cfg.block if cfg.method in ncfinetune.tuning.BLOCK_METHODS else None
     lr, selection = cfg.lr, None
-    if (block == "auto" or lr == "auto") and not (cfg.resume and latest_training_state(out / "checkpoints")):
+    if (block == "auto" or lr == "auto") and not (
+        cfg.resume and latest_training_state(out / "checkpoints")
+    ):
         block, lr, selection = choose_block_and_lr(
             acc, cfg, model, data, train_idx, eval_tf, precision, out
         )

@@ -98,3 +98,79 @@ def test_spearman_sees_lower_nc1_with_higher_accuracy(harness):
     recs = summarize.load_records()
     assert len(recs) == 4
     assert summarize.spearman(recs)["rho"] == pytest.approx(-1.0)
+
+
+def test_test_max_and_precision_name_their_records():
+    a = common.run_for("resnet18", "fmnist59", "scl", 10, 0, 0.1)
+    b = common.run_for("resnet18", "fmnist59", "scl", 10, 0, 0.1, test_max=2000)
+    c = common.run_for("resnet18", "fmnist59", "scl", 10, 0, 0.1, precision="bf16")
+    assert len({a.path, b.path, c.path}) == 3
+    assert b.key.endswith("-test2000") and c.key.endswith("-bf16")
+
+
+def test_input_shifts():
+    import torch
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).reshape(2, 3, 4, 4)
+    assert torch.equal(common.apply_shift(x, "invert"), 255 - x)
+    assert torch.equal(common.apply_shift(x, "rot90")[0, 0, 0], x[0, 0, :, -1])
+    low = common.apply_shift(torch.zeros(1, 1, 5, 5, dtype=torch.uint8), "blur_lowc")
+    assert int(low.max()) == int(low.min()) == 85  # 128 - 128/3, rounded
+    assert common.apply_shift(x, None) is x
+    with pytest.raises(ValueError, match="unknown shift 'flip'"):
+        common.apply_shift(x, "flip")
+
+
+def _subset(pair, seed, acc, probe_acc, lin):
+    """A synthetic selection subset: 3 candidate blocks (0, 2, 4) of an 8-block net, lrs
+    0.1/0.03/0.01; acc[(block, lr)] test accuracies; probe_acc[(block, lr)] held-out ones."""
+    import selection_loto as L
+
+    rows = [
+        {
+            "index": k,
+            "name": f"b{k}",
+            "channels": 8,
+            "trainable_percent": 1.0 + k,
+            "nc1_block": 1.0 / (1 + k),
+            "linear_accuracy": lin[i],
+            "probes": {
+                f"{lr:g}": {"accuracy": probe_acc[(k, lr)], "nc1": 0.5, "seconds": 1.0}
+                for lr in L.LR_GRID
+            },
+        }
+        for i, k in enumerate((0, 2, 4))
+    ]
+    return {
+        "pair": pair,
+        "per_class": 10,
+        "seed": seed,
+        "signals": {"rows": rows, "num_blocks": 8, "probe_steps": 10, "base_seconds": 2.0},
+        "full_lr": {"lr": 0.03},
+        "acc": acc,
+        "train_s": dict.fromkeys(acc, 10.0),
+        "full_acc": {0.1: 0.5, 0.03: 0.6, 0.01: 0.55},
+    }
+
+
+def test_rules_on_records_and_leave_one_target_out_never_sees_the_held_out_pair():
+    import selection_loto as L
+
+    grid = [(k, lr) for k in (0, 2, 4) for lr in L.LR_GRID]
+    # on pairs p0, p1 block 4 at lr 0.03 is best; the linear probe prefers block 0
+    good = {key: (0.9 if key == (4, 0.03) else 0.7) for key in grid}
+    probe = {key: (0.8 if key[0] == 4 and key[1] == 0.1 else 0.5) for key in grid}
+    subs = [_subset(p, s, good, probe, lin=[0.9, 0.5, 0.5]) for p in ("p0", "p1") for s in (0, 1)]
+    r = L.apply_rule(subs[0], "middle", 0.03)
+    assert (r["block"], r["lr"], r["regret"]) == (4, 0.03, 0.0) and r["cost"] == 0.2
+    r = L.apply_rule(subs[0], "linear", "auto")  # block 0; lr by its probes (all 0.5: larger)
+    assert (r["block"], r["lr"]) == (0, 0.1) and r["regret"] == pytest.approx(0.0)
+    assert r["cost"] == pytest.approx((2.0 + len(L.LR_GRID) * 1.0) / 10.0)
+    r = L.apply_rule(subs[0], "probe_accuracy", "auto")  # the best probe: (4, 0.1)
+    assert (r["block"], r["lr"]) == (4, 0.1) and r["regret_grid"] == pytest.approx(20.0)
+    # the held-out pair p2 would favour lr 0.1 in-sample; its design must not see that
+    held = {key: (0.95 if key == (0, 0.1) else 0.6) for key in grid}
+    out = L.loto([*subs, _subset("p2", 0, held, probe, lin=[0.9, 0.5, 0.5])])
+    assert out["p2"]["design"]["middle"] == 0.03 and out["p2"]["default"] == "middle"
+    assert out["p2"]["results"]["middle"][0]["accuracy"] == 0.6
+    assert out["p2"]["full"] == [0.6]  # full FT's procedure chosen on p0, p1: lr 0.03

@@ -329,7 +329,11 @@ def test_block_and_lr_auto_choose_the_same_everywhere_and_tune_the_choice(tmp_pa
                  "--output_dir", tmp_path / "ft")  # fmt: skip
     from_ft = json.loads((tmp_path / "ft" / "block_selection.json").read_text())
     assert (tmp_path / "ft" / "block_selection.png").is_file()
-    assert m["block"] == from_ft["chosen"] and m["lr"] == from_ft["lr"] and m["lr"] in (0.1, 0.03, 0.01)
+    assert (
+        m["block"] == from_ft["chosen"]
+        and m["lr"] == from_ft["lr"]
+        and m["lr"] in (0.1, 0.03, 0.01)
+    )
     assert m["selection"]["rule"] == ncfinetune.selection.DEFAULT_RULE
     recipe = runpy.run_path(str(ROOT / "recipes" / "select_block.py"), run_name="select_recipe")
     from_recipe = recipe["main"]([*data_args, "--output_dir", str(tmp_path / "sel")])
@@ -343,11 +347,13 @@ def test_block_and_lr_auto_choose_the_same_everywhere_and_tune_the_choice(tmp_pa
     for sel in (from_recipe, from_api):
         assert (sel.chosen, sel.lr) == (from_ft["chosen"], from_ft["lr"])
         got = {(r.index, k): v["accuracy"] for r in sel.rows for k, v in r.probes.items()}
-        want = {(r["index"], k): v["accuracy"] for r in from_ft["rows"] for k, v in r["probes"].items()}
+        want = {
+            (r["index"], k): v["accuracy"] for r in from_ft["rows"] for k, v in r["probes"].items()
+        }
         assert got == want and got
     # the 60-image training subset only: 30% held out (18), never the 360 test images;
-    # one inference pass + 3 lr probes of 10 steps on the chosen block
-    assert from_ft["images_processed"] == 60 + 3 * (10 * 32 + 18)
+    # one inference pass + 2 lr probes (0.1, 0.03) of 10 steps on the chosen block
+    assert from_ft["images_processed"] == 60 + 2 * (10 * 32 + 18)
 
 
 def test_lr_auto_for_full_fine_tuning_and_resume_keeps_the_choice(tmp_path):
@@ -392,4 +398,3 @@ def test_select_block_recipe_writes_report_and_plot(tmp_path, capsys):
     assert "chosen: block" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="rule 'best' is not one of middle, curve, linear"):
         recipe["main"](["--rule", "best"])
-

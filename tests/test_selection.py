@@ -39,7 +39,9 @@ def class_data(per_class: int = 8, seed: int = 0):
 def test_curve_rule_picks_the_lowest_block_nc1_and_leaves_the_model_alone(arch):
     model = make_model(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sel = select_block(model, class_data(), rule="curve", lr=0.1, max_trainable_percent=None, **FP32)
+    sel = select_block(
+        model, class_data(), rule="curve", lr=0.1, max_trainable_percent=None, **FP32
+    )
     assert sel.chosen == min(sel.rows, key=lambda r: r.nc1_block).index
     assert [c["index"] for c in sel.curve] == list(range(len(ncfinetune.list_blocks(model))))
     # one inference pass, no probes (the lr was given)
@@ -51,8 +53,9 @@ def test_curve_rule_picks_the_lowest_block_nc1_and_leaves_the_model_alone(arch):
 def test_linear_rule_is_the_cross_validated_ridge_probe_of_each_block():
     model = make_model("test_resnet")
     x, y = class_data(per_class=10)
-    sel = select_block(model, (x, y), rule="linear", lr=0.1, method="layer",
-                       max_trainable_percent=None, **FP32)
+    sel = select_block(
+        model, (x, y), rule="linear", lr=0.1, method="layer", max_trainable_percent=None, **FP32
+    )
     feats = ncfinetune.collect_block_features(model, [(x, y)])
     for r in sel.rows:  # the report's number is the probe on that block's pooled output
         assert r.linear_accuracy == pytest.approx(
@@ -80,8 +83,9 @@ def test_middle_rule_and_its_fallback_before_the_middle():
 
 def test_choose_tie_breaks():
     def row(i, acc, linear=None, nc=None, probes=None):
-        return CandidateRow(i, f"b{i}", 8, 1.0, nc1_block=nc, linear_accuracy=linear,
-                            probes=probes or {})
+        return CandidateRow(
+            i, f"b{i}", 8, 1.0, nc1_block=nc, linear_accuracy=linear, probes=probes or {}
+        )
 
     # linear: ties go to the deeper block
     assert choose("linear", [row(0, 0, linear=0.8), row(2, 0, linear=0.8)], 4)[0] == 2
@@ -91,8 +95,10 @@ def test_choose_tie_breaks():
     def p(acc, nc):
         return {"accuracy": acc, "nc1": nc, "seconds": 0.0}
 
-    rows = [row(0, 0, probes={"0.1": p(0.8, 0.5), "0.01": p(0.8, 0.2)}),
-            row(2, 0, probes={"0.1": p(0.7, 0.1), "0.01": p(0.6, 0.05)})]
+    rows = [
+        row(0, 0, probes={"0.1": p(0.8, 0.5), "0.01": p(0.8, 0.2)}),
+        row(2, 0, probes={"0.1": p(0.7, 0.1), "0.01": p(0.6, 0.05)}),
+    ]
     # probe_accuracy: the best (block, lr) pair; ties by the lower held-out NC1
     assert choose("probe_accuracy", rows, 4)[:2] == (0, 0.01)
     # probe: the lowest held-out NC1 over every pair
@@ -106,20 +112,30 @@ def test_probe_rules_probe_every_block_and_lr_and_leave_the_model_alone(tmp_path
     model = make_model("test_resnet")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = class_data(per_class=10)
-    sel = select_block(model, data, rule="probe_accuracy", candidates=[0, "layer4.0"],
-                       max_trainable_percent=None, probe_steps=3, **FP32)
+    sel = select_block(
+        model,
+        data,
+        rule="probe_accuracy",
+        candidates=[0, "layer4.0"],
+        max_trainable_percent=None,
+        probe_steps=3,
+        **FP32,
+    )
     assert [r.index for r in sel.rows] == [0, 3]
     assert all(set(r.probes) == {f"{v:g}" for v in LR_GRID} for r in sel.rows)
-    best = max(((r.index, float(k)), v["accuracy"], -(v["nc1"] or 0), float(k))
-               for r in sel.rows for k, v in r.probes.items())
+    best = max(
+        ((r.index, float(k)), v["accuracy"], -(v["nc1"] or 0), float(k))
+        for r in sel.rows
+        for k, v in r.probes.items()
+    )
     assert (sel.chosen, sel.lr) == choose("probe_accuracy", sel.rows, 4)[:2]
     assert sel.row(sel.chosen).probes[f"{sel.lr:g}"]["accuracy"] == max(
         v["accuracy"] for r in sel.rows for v in r.probes.values()
     )
     assert best  # (kept for readability of the failure output)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    # 30% of 10 per class held out: 15; 2 blocks x 3 lrs x (3 steps x batch 32 + 15 held out)
-    assert sel.images_processed == 50 + 2 * 3 * (3 * 32 + 15)
+    # 30% of 10 per class held out: 15; 2 blocks x 2 lrs x (3 steps x batch 32 + 15 held out)
+    assert sel.images_processed == 50 + 2 * len(LR_GRID) * (3 * 32 + 15)
     saved = json.loads(sel.save_json(tmp_path / "sel.json").read_text())
     assert saved["chosen"] == sel.chosen and saved["lr"] == sel.lr and len(saved["rows"]) == 2
     png = sel.plot(tmp_path / "sel.png")
@@ -128,20 +144,22 @@ def test_probe_rules_probe_every_block_and_lr_and_leave_the_model_alone(tmp_path
 
 def test_lr_auto_with_a_block_rule_sweeps_only_the_chosen_block():
     model = make_model("test_resnet")
-    sel = select_block(model, class_data(per_class=10), rule="middle", method="layer",
-                       probe_steps=2, **FP32)
+    sel = select_block(
+        model, class_data(per_class=10), rule="middle", method="layer", probe_steps=2, **FP32
+    )
     probed = [r for r in sel.rows if r.probes]
     assert [r.index for r in probed] == [sel.chosen] and sel.chosen == 1  # middle within budget
     assert sel.lr == choose_lr(probed[0])[0]
-    assert sel.images_processed == 50 + 3 * (2 * 32 + 15)
+    assert sel.images_processed == 50 + len(LR_GRID) * (2 * 32 + 15)
     assert "Learning rate" in sel.reason
 
 
 def test_select_lr_for_full_fine_tuning():
     model = make_model("test_resnet")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = select_lr(model, class_data(per_class=10), method="full", lr_grid=(0.1, 0.01),
-                    probe_steps=2, **FP32)
+    res = select_lr(
+        model, class_data(per_class=10), method="full", lr_grid=(0.1, 0.01), probe_steps=2, **FP32
+    )
     assert set(res.probes) == {"0.1", "0.01"} and res.lr in (0.1, 0.01) and res.block is None
     assert res.lr == choose_lr(CandidateRow(0, "", 0, 0.0, probes=res.probes))[0]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -153,8 +171,15 @@ def test_vit_probes_from_the_prefix_cache_match_uncached(monkeypatch):
 
     model = make_model("test_vit")
     data = class_data(per_class=10)
-    kw = dict(rule="probe", candidates=[1, 2], probe_steps=3, lr=0.1, max_trainable_percent=None,
-              seed=0, **FP32)
+    kw = dict(
+        rule="probe",
+        candidates=[1, 2],
+        probe_steps=3,
+        lr=0.1,
+        max_trainable_percent=None,
+        seed=0,
+        **FP32,
+    )
     cached = select_block(model, data, **kw)
     # each candidate's prefix computed once for the 50 images, then 3-step probes
     assert cached.images_processed == 50 + 2 * 50 + 2 * (3 * 32 + 15)
@@ -174,18 +199,24 @@ def test_default_candidates_respect_the_budget_and_are_evenly_spaced():
     vit = make_model("vit_tiny_patch16_224", num_classes=10)
     assert default_candidates(vit, "scl") == [0, 6, 11]
     model = make_model("test_resnet")
-    full = select_block(model, class_data(), rule="curve", lr=0.1, max_trainable_percent=None,
-                        **FP32)
+    full = select_block(
+        model, class_data(), rule="curve", lr=0.1, max_trainable_percent=None, **FP32
+    )
     cap = sorted(r.trainable_percent for r in full.rows)[0]
-    sel = select_block(model, class_data(), rule="curve", lr=0.1, max_trainable_percent=cap,
-                       **FP32)
+    sel = select_block(model, class_data(), rule="curve", lr=0.1, max_trainable_percent=cap, **FP32)
     assert [r.index for r in sel.rows] == [0] and len(full.rows) > 1
 
 
 @pytest.mark.parametrize(
     ("rule", "lr", "need"),
-    [("curve", 0.1, 2), ("linear", 0.1, 2), ("probe", 0.1, 5), ("probe_accuracy", "auto", 5),
-     ("middle", "auto", 5), ("curve", "auto", 5)],
+    [
+        ("curve", 0.1, 2),
+        ("linear", 0.1, 2),
+        ("probe", 0.1, 5),
+        ("probe_accuracy", "auto", 5),
+        ("middle", "auto", 5),
+        ("curve", "auto", 5),
+    ],
 )
 def test_too_few_samples_name_the_minimum_for_the_rule(rule, lr, need):
     assert min_per_class(rule, lr) == need
