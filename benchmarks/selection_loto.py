@@ -96,17 +96,30 @@ def grid_runs(b: str, t: str) -> list:
     return runs
 
 
-def signal_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
-    """select_block's measurements on one training subset (every probe), cached on disk."""
-    path = SIGNALS / b / t / f"n{n}-s{s}-p{steps}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+def _subset_data(b: str, t: str, n: int, s: int):
+    """(training subset as a TensorCache, the backbone with a fresh head) for one subset."""
     data = load_data(b, t)
     idx = subset(data, n, s)
     train = data["train"]
     cache = ncfinetune.data.TensorCache(train.images[idx], train.labels[idx], train.transform)
     torch.manual_seed(s)
-    model = create_backbone(BACKBONES[b]["model"], data["num_classes"])
+    return cache, create_backbone(BACKBONES[b]["model"], data["num_classes"])
+
+
+def _save(path, rec: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1) + "\n")
+    tmp.replace(path)
+    return rec
+
+
+def signal_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
+    """select_block's measurements on one training subset (every probe), cached on disk."""
+    path = SIGNALS / b / t / f"n{n}-s{s}-p{steps}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    cache, model = _subset_data(b, t, n, s)
     t0 = time.perf_counter()
     sel = ncfinetune.select_block(
         model,
@@ -132,14 +145,10 @@ def signal_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
         "seconds": time.perf_counter() - t0,
         # the inference pass + linear probes, which every rule runs (the rest is probes)
         "base_seconds": sel.seconds - probe_s,
-        "num_train": len(idx),
+        "num_train": len(cache),
         "versions": versions(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1) + "\n")
-    tmp.replace(path)
-    return rec
+    return _save(path, rec)
 
 
 def full_lr_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
@@ -147,12 +156,7 @@ def full_lr_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
     path = SIGNALS / b / t / f"full-n{n}-s{s}-p{steps}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    data = load_data(b, t)
-    idx = subset(data, n, s)
-    train = data["train"]
-    cache = ncfinetune.data.TensorCache(train.images[idx], train.labels[idx], train.transform)
-    torch.manual_seed(s)
-    model = create_backbone(BACKBONES[b]["model"], data["num_classes"])
+    cache, model = _subset_data(b, t, n, s)
     sel = ncfinetune.select_lr(
         model, cache, method="full", lr_grid=LR_GRID, probe_steps=steps, precision=PRECISION, seed=s
     )
@@ -165,11 +169,43 @@ def full_lr_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
         **asdict(sel),
         "versions": versions(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1) + "\n")
-    tmp.replace(path)
-    return rec
+    return _save(path, rec)
+
+
+def cost_record(b: str, t: str, n: int, steps: int, warm: list) -> dict:
+    """Selection and fine-tune timed back to back in one process (seed 0, one size): the
+    inference pass + linear probes, every (block, lr) probe, and the 150-step SCL fine-tune at
+    the middle block. The signal records' own times were taken with 2-3 benchmark processes
+    sharing the CPU and are not comparable with the grid's."""
+    path = SIGNALS / b / t / f"cost-n{n}-p{steps}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    cache, model = _subset_data(b, t, n, 0)
+    kw = dict(method="scl", lr_grid=LR_GRID, probe_steps=steps, precision=PRECISION, seed=0)
+    if not warm:  # imports and first-call set-up are not part of a selection's cost
+        ncfinetune.select_block(model, cache, rule="linear", lr=0.1, **kw)
+        warm.append(True)
+    sel = ncfinetune.select_block(model, cache, rule="linear", lr="auto", probe_all=True, **kw)
+    probes = {str(r.index): {k: p["seconds"] for k, p in r.probes.items()} for r in sel.rows}
+    probe_s = sum(v for d in probes.values() for v in d.values())
+    middle = BACKBONES[b]["middle"]
+    run = run_for(
+        b, t, "scl", n, 0, LR_GRID[0], block=middle, precision=PRECISION, test_max=TEST_MAX
+    )
+    from common import execute
+
+    rec = {
+        "backbone": b,
+        "target": t,
+        "per_class": n,
+        "probe_steps": steps,
+        "base_seconds": sel.seconds - probe_s,
+        "probe_seconds": probes,
+        "finetune_train_seconds": execute(run)["train_seconds"],
+        "finetune": run.key,
+        "versions": versions(),
+    }
+    return _save(path, rec)
 
 
 def measure(pairs: list[tuple[str, str]], what: str) -> None:
@@ -190,6 +226,16 @@ def measure(pairs: list[tuple[str, str]], what: str) -> None:
                 )
         if what in ("grid", "all"):
             run_all(grid_runs(b, t))
+    warm: list = []
+    for b, t in pairs:  # after every grid, so that no other benchmark shares the CPU
+        if what in ("cost", "all"):
+            for n in SIZES:
+                rec = cost_record(b, t, n, PROBE_STEPS[0], warm)
+                print(
+                    f"{b}/{t} n={n}: base {rec['base_seconds']:.2f}s, fine-tune "
+                    f"{rec['finetune_train_seconds']:.1f}s",
+                    flush=True,
+                )
 
 
 # -- report: rules applied to the records, leave one target out ------------------------------------
@@ -231,9 +277,14 @@ def load_subsets(pairs, steps: int = PROBE_STEPS[0]) -> list[dict]:
                     "acc": {key: _acc(rec) for key, rec in recs.items()},
                     "train_s": {key: rec["train_seconds"] for key, rec in recs.items()},
                     "full_acc": {lr: _acc(read(r)) for lr, r in full.items()},
+                    "cost": _read(SIGNALS / b / t / f"cost-n{n}-p{steps}.json"),
                 }
             )
     return out
+
+
+def _read(path):
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _acc(rec: dict) -> float:
@@ -251,27 +302,36 @@ def apply_rule(sub: dict, rule: str, lr_proc) -> dict:
         for r in rows:
             r.probes = {k: v for k, v in r.probes.items() if float(k) == lr_proc}
     block, lr, _ = choose(rule, rows, sig["num_blocks"], sig["probe_steps"])
-    probe_s = 0.0
+    used = []  # the probes this rule ran: (block, lr text)
     if rule in ("probe", "probe_accuracy"):
-        probe_s = sum(p["seconds"] for r in rows for p in r.probes.values())
+        used = [(r.index, k) for r in rows for k in r.probes]
     if lr is None:
         if lr_proc == "auto":
             row = next(r for r in rows if r.index == block)
             lr, _ = choose_lr(row)
-            probe_s = sum(p["seconds"] for p in row.probes.values())
+            used = [(block, k) for k in row.probes]
         else:
             lr = lr_proc
     accs = {k: a for (k, l_), a in sub["acc"].items() if l_ == lr}
     best = max(accs.values())
     grid_best = max(sub["acc"].values())
-    cost_s = sig["base_seconds"] + probe_s
+    c = sub.get("cost")
+    if c is not None:  # timed back to back with a fine-tune (cost_record)
+        cost_s = c["base_seconds"] + sum(c["probe_seconds"][str(k)][lr_] for k, lr_ in used)
+        cost = cost_s / c["finetune_train_seconds"]
+    else:  # the signal record's own times (CPU shared by the benchmark processes)
+        probe_of = {
+            (r["index"], k): p["seconds"] for r in sig["rows"] for k, p in r["probes"].items()
+        }
+        cost_s = sig["base_seconds"] + sum(probe_of[u] for u in used)
+        cost = cost_s / sub["train_s"][(block, lr)]
     return {
         "block": block,
         "lr": lr,
         "accuracy": accs[block],
         "regret": 100 * (best - accs[block]),  # best block at the same lr
         "regret_grid": 100 * (grid_best - accs[block]),  # best (block, lr) of the grid
-        "cost": cost_s / sub["train_s"][(block, lr)],
+        "cost": cost,
         "seconds": cost_s,
     }
 
@@ -487,7 +547,7 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("command", choices=["measure", "report"])
-    ap.add_argument("--what", choices=["grid", "signals", "full_lr", "all"], default="all")
+    ap.add_argument("--what", choices=["grid", "signals", "full_lr", "cost", "all"], default="all")
     ap.add_argument(
         "--pairs",
         nargs="+",

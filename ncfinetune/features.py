@@ -239,9 +239,16 @@ def plot_layerwise_nc1(
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out

@@ -49,7 +49,7 @@ from ncfinetune._warn import warn_once
 from ncfinetune.backbones import get_adapter
 from ncfinetune.backbones.base import _arch_name
 from ncfinetune.errors import ConfigError
-from ncfinetune.features import collect_block_features
+from ncfinetune.features import collect_block_features, save_figure
 from ncfinetune.metrics import nc1_or_none
 from ncfinetune.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
 from ncfinetune.subsets import balanced_subset, validation_split
@@ -229,12 +229,7 @@ class BlockSelection:
         b.set_ylabel("accuracy (%)")
         b.legend(fontsize=8)
         b.set_title("accuracy against trainable share (training data only)", fontsize=9)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def select_block_on_split(
