@@ -52,10 +52,10 @@ def create_backbone(
     folder = Path(name)
     if name in bundled or (folder / "backbone.json").is_file():
         if pretrained or checkpoint:
+            kind = "a bundled backbone" if name in bundled else "a recipes/pretrain.py folder"
             raise ConfigError(
-                f"{name!r} is a backbone with its own weights (bundled, or a folder written by "
-                "recipes/pretrain.py); do not combine it with pretrained=True or a checkpoint "
-                "(pass a timm architecture name for those)."
+                f"{name!r} is {kind} with its own weights; do not combine it with "
+                "pretrained=True or a checkpoint (pass a timm architecture name for those)."
             )
         if name in bundled:
             card, weights = bundled[name], ASSETS / f"{name}.safetensors"

@@ -56,7 +56,8 @@ class FinetuneConfig(DownstreamConfig):
     # method
     method: str = "scl"
     block: str | None = "4"  # index, name, or "auto" (select_block on the training subset)
-    # block auto: middle | curve | linear | probe | probe_accuracy (ncfinetune.select_block)
+    # block auto: probe | probe_accuracy | middle | curve | linear (ncfinetune.select_block;
+    # its probes run at its lr, 0.03, or with lr: auto choose the lr with the block)
     select_rule: str = ncfinetune.selection.DEFAULT_RULE
     # block auto: parameter budget of the candidates (% trainable; null = no budget)
     select_max_percent: float | None = ncfinetune.selection.MAX_TRAINABLE_PERCENT
@@ -150,14 +151,14 @@ def choose_block_and_lr(acc, cfg, model, data, train_idx, eval_tf, precision, ou
             "seed": cfg.seed,
             "precision": "bf16" if precision == "bf16" else "no",
         }
-        if block == "auto":
+        if block == "auto":  # the probes run at the selection's default lr unless lr: auto
             sel = ncfinetune.select_block_on_split(
                 model,
                 data,
                 eval_tf,
                 train_idx,
                 rule=cfg.select_rule,
-                lr=cfg.lr,
+                lr="auto" if cfg.lr == "auto" else ncfinetune.selection.PROBE_LR,
                 max_trainable_percent=cfg.select_max_percent,
                 **common,
             )

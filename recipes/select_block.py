@@ -8,8 +8,7 @@ Writes ``block_selection.json`` (one row per candidate, the choice and why) and
 ``block_selection.png`` (the quantity the rule chose by, the choice marked; accuracy against
 trainable share) under ``output_dir`` and prints the table. Only the training split is used (a
 seeded class-balanced subset with --per_class). The defaults are ``ncfinetune.select_block``'s,
-and ``recipes/finetune.py --block auto --lr auto`` runs the same code: same data and seed, same
-choice.
+and ``recipes/finetune.py --block auto`` runs the same code: same data and seed, same choice.
 """
 
 from __future__ import annotations
@@ -31,11 +30,11 @@ class SelectConfig(DownstreamConfig):
     # backbone and data keys: DownstreamConfig (model, pretrained, checkpoint, dataset, data_dir,
     # image_column, label_column, classes, per_class, test_fraction, image_size, seed); only
     # the training split is read
-    rule: str = S.DEFAULT_RULE  # middle | curve | linear | probe | probe_accuracy
+    rule: str = S.DEFAULT_RULE  # probe | probe_accuracy | middle | curve | linear
     method: str = "scl"  # layer | scl
     candidates: list[str] | None = None  # block indices or names; default: within the budget
     max_trainable_percent: float | None = S.MAX_TRAINABLE_PERCENT  # null = no budget
-    lr: float | str = "auto"  # auto: chosen with the block by short probes; or the fine-tune's lr
+    lr: float | str = S.PROBE_LR  # the probes' lr; auto: chosen with the block by short probes
     probe_steps: int = S.PROBE_STEPS
     bn: str | None = None
     mixed_precision: str = "auto"  # probes: auto (bf16 where native, as finetune.py) | no | bf16

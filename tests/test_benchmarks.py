@@ -174,3 +174,15 @@ def test_rules_on_records_and_leave_one_target_out_never_sees_the_held_out_pair(
     assert out["p2"]["design"]["middle"] == 0.03 and out["p2"]["default"] == "middle"
     assert out["p2"]["results"]["middle"][0]["accuracy"] == 0.6
     assert out["p2"]["full"] == [0.6]  # full FT's procedure chosen on p0, p1: lr 0.03
+
+
+def test_selection_report_regenerates_from_the_committed_records(tmp_path, monkeypatch):
+    """results/selection_loto.md is made from committed records alone, byte for byte."""
+    import selection_loto as L
+
+    committed = Path(L.RESULTS) / "selection_loto.md"
+    monkeypatch.setattr(L, "RESULTS", tmp_path)
+    L.report(L.PAIRS)
+    assert (tmp_path / "selection_loto.md").read_text() == committed.read_text()
+    out = json.loads((tmp_path / "selection_loto.json").read_text())
+    assert out["subsets"] == len(L.PAIRS) * len(L.SIZES) * len(L.SEEDS)

@@ -43,3 +43,28 @@ def test_bundled_weights_load_into_the_backbone_with_a_fresh_head(name):
 def test_bundled_backbone_rejects_other_weight_sources():
     with pytest.raises(ConfigError, match="is a bundled backbone with its own weights"):
         create_backbone("resnet18_fmnist04", 5, pretrained=True)
+
+
+def test_a_pretrain_folder_loads_as_a_backbone(tmp_path):
+    """A folder written by recipes/pretrain.py (backbone.json + backbone.safetensors) is a
+    backbone: its weights, its data config, a fresh classifier."""
+    import json
+
+    import safetensors.torch
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    src = timm.create_model("test_resnet", num_classes=0)
+    safetensors.torch.save_file(src.state_dict(), tmp_path / "backbone.safetensors")
+    cfg = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "num_classes": 0}
+    card = {"architecture": "test_resnet", "model_kwargs": {}, "pretrained_cfg": cfg}
+    (tmp_path / "backbone.json").write_text(json.dumps(card))
+    model = create_backbone(str(tmp_path), 7)
+    assert model.num_classes == 7 and tuple(model.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
+    assert torch.equal(model.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
+    with pytest.raises(ConfigError, match="is a recipes/pretrain.py folder with its own weights"):
+        create_backbone(str(tmp_path), 7, pretrained=True)
+    (tmp_path / "backbone.safetensors").unlink()
+    with pytest.raises(ConfigError, match="has backbone.json but no backbone.safetensors"):
+        create_backbone(str(tmp_path), 7)

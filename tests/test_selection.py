@@ -119,20 +119,15 @@ def test_probe_rules_probe_every_block_and_lr_and_leave_the_model_alone(tmp_path
         candidates=[0, "layer4.0"],
         max_trainable_percent=None,
         probe_steps=3,
+        lr="auto",
         **FP32,
     )
     assert [r.index for r in sel.rows] == [0, 3]
     assert all(set(r.probes) == {f"{v:g}" for v in LR_GRID} for r in sel.rows)
-    best = max(
-        ((r.index, float(k)), v["accuracy"], -(v["nc1"] or 0), float(k))
-        for r in sel.rows
-        for k, v in r.probes.items()
-    )
     assert (sel.chosen, sel.lr) == choose("probe_accuracy", sel.rows, 4)[:2]
     assert sel.row(sel.chosen).probes[f"{sel.lr:g}"]["accuracy"] == max(
         v["accuracy"] for r in sel.rows for v in r.probes.values()
     )
-    assert best  # (kept for readability of the failure output)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # 30% of 10 per class held out: 15; 2 blocks x 2 lrs x (3 steps x batch 32 + 15 held out)
     assert sel.images_processed == 50 + 2 * len(LR_GRID) * (3 * 32 + 15)
@@ -145,7 +140,13 @@ def test_probe_rules_probe_every_block_and_lr_and_leave_the_model_alone(tmp_path
 def test_lr_auto_with_a_block_rule_sweeps_only_the_chosen_block():
     model = make_model("test_resnet")
     sel = select_block(
-        model, class_data(per_class=10), rule="middle", method="layer", probe_steps=2, **FP32
+        model,
+        class_data(per_class=10),
+        rule="middle",
+        method="layer",
+        probe_steps=2,
+        lr="auto",
+        **FP32,
     )
     probed = [r for r in sel.rows if r.probes]
     assert [r.index for r in probed] == [sel.chosen] and sel.chosen == 1  # middle within budget
@@ -190,6 +191,14 @@ def test_vit_probes_from_the_prefix_cache_match_uncached(monkeypatch):
     for a, b in zip(cached.rows, plain.rows, strict=True):
         assert a.probes["0.1"]["accuracy"] == b.probes["0.1"]["accuracy"]
         assert a.probes["0.1"]["nc1"] == pytest.approx(b.probes["0.1"]["nc1"], rel=1e-4)
+
+
+def test_the_default_is_the_probe_rule_at_the_measured_lr():
+    model = make_model("test_resnet")
+    sel = select_block(model, class_data(per_class=10), probe_steps=2, **FP32)
+    assert sel.rule == "probe" and sel.lr is None  # the lr was given (0.03), not chosen
+    assert all(set(r.probes) == {"0.03"} for r in sel.rows)
+    assert sel.chosen == min(sel.rows, key=lambda r: r.probes["0.03"]["nc1"]).index
 
 
 def test_default_candidates_respect_the_budget_and_are_evenly_spaced():
@@ -265,7 +274,7 @@ def test_bad_input_errors():
     with pytest.raises(ConfigError, match="lr must be 'auto' or a positive number, got -1"):
         select_block(model, data, lr=-1)
     with pytest.raises(ConfigError, match=r"lr_grid must hold positive learning rates, got \[\]"):
-        select_block(model, data, lr_grid=[])
+        select_block(model, data, lr="auto", lr_grid=[])
     with pytest.raises(ConfigError, match="precision 'fp8' is not one of auto, no, bf16"):
         select_block(model, data, precision="fp8")
     with pytest.raises(ConfigError, match="needs at least 2 classes"):
