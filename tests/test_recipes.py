@@ -171,6 +171,24 @@ def test_interrupt_and_resume_gives_the_same_final_numbers(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_two_process_block_and_lr_auto_select_once_and_agree(tmp_path):
+    """With 2 gloo processes the main process selects and the other trains its choice."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "recipes" / "finetune.py"), *TINY_RUN, "--block", "auto", "--lr", "auto",
+           "--per_class", "6", "--epochs", "1", "--max_steps", "2", "--output_dir",
+           str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("chosen: block") == 1  # selected once, on the main process
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    chosen = json.loads((tmp_path / "selection.json").read_text())
+    assert saved["num_processes"] == 2
+    assert (saved["block"], saved["lr"]) == (chosen["block"], chosen["lr"])
+    assert chosen["lr"] in (0.1, 0.03)
+
+
 def test_two_process_cpu_run_counts_each_test_sample_once(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [
