@@ -427,12 +427,11 @@ def select_block(
         raise ConfigError(f"rule {rule!r} is not one of {', '.join(RULES)}.")
     if method not in ("layer", "scl"):
         raise ConfigError(f"method {method!r} cannot be placed at a block; use 'layer' or 'scl'.")
-    if not (lr == "auto" or (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0)):
+    if not (lr == "auto" or _positive(lr)):
         raise ConfigError(f"lr must be 'auto' or a positive number, got {lr!r}.")
-    if lr == "auto" and (len(lr_grid) == 0 or any(not v > 0 for v in lr_grid)):
-        raise ConfigError(f"lr_grid must hold positive learning rates, got {list(lr_grid)}.")
-    if probe_steps < 1:
-        raise ConfigError(f"probe_steps must be >= 1, got {probe_steps}.")
+    if lr == "auto":
+        _check_grid(lr_grid)
+    _check_probe(probe_steps, batch_size)
     precision = _resolve_precision(model, precision)
     adapter = get_adapter(model)
     names = adapter.block_names
@@ -732,11 +731,13 @@ def select_lr(
         ConfigError: bad lr_grid or probe settings, or fewer training samples per class than
             holding some out needs (the message names the minimum).
     """
+    from ncfinetune.tuning import METHODS
+
     t0 = time.perf_counter()
-    if len(lr_grid) == 0 or any(not (v > 0 and np.isfinite(v)) for v in lr_grid):
-        raise ConfigError(f"lr_grid must hold positive learning rates, got {list(lr_grid)}.")
-    if probe_steps < 1:
-        raise ConfigError(f"probe_steps must be >= 1, got {probe_steps}.")
+    if method not in METHODS:
+        raise ConfigError(f"method {method!r} is not one of {', '.join(METHODS)}.")
+    _check_grid(lr_grid)
+    _check_probe(probe_steps, batch_size)
     fetch, labels = _as_fetch(train_data)
     _check_samples(labels, "lr", "auto", heldout_fraction)
     index = None if block is None else get_adapter(model).resolve(block)
@@ -757,6 +758,26 @@ def select_lr(
     return LRSelection(
         method, index, lr, probes, reason, time.perf_counter() - t0, prober.images, probe_steps
     )
+
+
+def _positive(v: Any) -> bool:
+    """A finite positive number (not a bool)."""
+    return (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v)) and v > 0
+    )
+
+
+def _check_grid(lr_grid: Sequence[float]) -> None:
+    if len(lr_grid) == 0 or not all(_positive(v) for v in lr_grid):
+        raise ConfigError(
+            f"lr_grid must hold positive learning rates, got {list(lr_grid)}; e.g. (0.1, 0.03)."
+        )
+
+
+def _check_probe(probe_steps: int, batch_size: int) -> None:
+    for name, v in (("probe_steps", probe_steps), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {v!r}.")
 
 
 def _resolve_precision(model: nn.Module, precision: str) -> str:

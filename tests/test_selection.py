@@ -275,6 +275,20 @@ def test_bad_input_errors():
         select_block(model, data, lr=-1)
     with pytest.raises(ConfigError, match=r"lr_grid must hold positive learning rates, got \[\]"):
         select_block(model, data, lr="auto", lr_grid=[])
+    with pytest.raises(ConfigError, match="lr must be 'auto' or a positive number, got True"):
+        select_block(model, data, lr=True)
+    with pytest.raises(ConfigError, match="lr must be 'auto' or a positive number, got nan"):
+        select_block(model, data, lr=float("nan"))
+    with pytest.raises(ConfigError, match="batch_size must be an integer >= 1, got 0"):
+        select_block(model, data, batch_size=0)
+    with pytest.raises(ConfigError, match="probe_steps must be an integer >= 1, got 0"):
+        select_lr(model, data, method="full", probe_steps=0)
+    with pytest.raises(
+        ConfigError, match=r"lr_grid must hold positive learning rates, got \[0.1, -1\]"
+    ):
+        select_lr(model, data, method="full", lr_grid=[0.1, -1])
+    with pytest.raises(ConfigError, match="method 'bitfit' is not one of linear, layer, scl, full"):
+        select_lr(model, data, method="bitfit")
     with pytest.raises(ConfigError, match="precision 'fp8' is not one of auto, no, bf16"):
         select_block(model, data, precision="fp8")
     with pytest.raises(ConfigError, match="needs at least 2 classes"):
