@@ -107,6 +107,11 @@ def _subset_data(b: str, t: str, n: int, s: int):
     return cache, create_backbone(BACKBONES[b]["model"], data["num_classes"])
 
 
+def _head(b: str, t: str, n: int, s: int, steps: int) -> dict:
+    """What names a selection record: pair, size, seed and probe length."""
+    return {"backbone": b, "target": t, "per_class": n, "seed": s, "probe_steps": steps}
+
+
 def _save(path, rec: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -136,11 +141,7 @@ def signal_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
     )
     probe_s = sum(p["seconds"] for r in sel.rows for p in r.probes.values())
     rec = {
-        "backbone": b,
-        "target": t,
-        "per_class": n,
-        "seed": s,
-        "probe_steps": steps,
+        **_head(b, t, n, s, steps),
         "num_blocks": sel.num_blocks,
         "rows": [asdict(r) for r in sel.rows],
         "seconds": time.perf_counter() - t0,
@@ -161,15 +162,7 @@ def full_lr_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
     sel = ncfinetune.select_lr(
         model, cache, method="full", lr_grid=LR_GRID, probe_steps=steps, precision=PRECISION, seed=s
     )
-    rec = {
-        "backbone": b,
-        "target": t,
-        "per_class": n,
-        "seed": s,
-        "probe_steps": steps,
-        **asdict(sel),
-        "versions": versions(),
-    }
+    rec = {**_head(b, t, n, s, steps), **asdict(sel), "versions": versions()}
     return _save(path, rec)
 
 

@@ -622,6 +622,7 @@ class _Prober:
         self.fraction, self.steps, self.batch, self.precision = fraction, steps, batch, precision
         self.fit = self.held = None
         self.caches: dict[int | None, PrefixCache | None] = {}
+        self.frozen: nn.Module | None = None  # one copy serves every cache: only its prefix runs
         self.images = 0
 
     def run(self, rows: list[CandidateRow], grid: list[float]) -> int:
@@ -667,7 +668,9 @@ class _Prober:
 
     def _cache(self, block: int | None) -> PrefixCache | None:
         """A filled prefix cache for probes at ``block``, or None where not legal."""
-        tuned = wrap(copy.deepcopy(self.model), self.method, block, bn=self.bn)
+        if self.frozen is None:
+            self.frozen = copy.deepcopy(self.model)
+        tuned = wrap(self.frozen, self.method, block, bn=self.bn)
         if prefix_blocker(tuned) is not None:
             return None
         cache = PrefixCache(tuned, self.fetch)

@@ -52,12 +52,13 @@ Fetch = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
 PRECISIONS = ("no", "bf16")
 
 
-def _autocast(tuned: TunedModel, precision: str):
-    """bf16 autocast on the model's device, or a no-op context for ``"no"``."""
+def _autocast(tuned: TunedModel, precision: str) -> Callable[[], Any]:
+    """A factory of bf16 autocast contexts on the model's device (no-op ones for ``"no"``);
+    validated and resolved once per loop, not per step."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
     device = next(tuned.parameters()).device.type
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def train_steps(
@@ -109,13 +110,14 @@ def train_steps(
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     losses = torch.empty(steps)
+    autocast = _autocast(tuned, precision)
     tuned.train()
     for step in range(steps):
         if len(order) < batch:
             order += rows[torch.randperm(rows.size, generator=gen).numpy()].tolist()
         picked, order = order[:batch], order[batch:]
         x, y = fetch(picked)
-        with _autocast(tuned, precision):
+        with autocast():
             loss = F.cross_entropy(forward(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -147,10 +149,11 @@ def evaluate_rows(
     if prefix is not None:
         check_prefix(tuned, prefix)
         fetch = prefix.fetch
+    autocast = _autocast(tuned, precision)
     preds, feats, labels = [], [], []
     for s in range(0, rows.size, batch_size):
         x, y = fetch(rows[s : s + batch_size].tolist())
-        with _autocast(tuned, precision):
+        with autocast():
             if prefix is None:
                 logits, f = tuned.forward_with_features(x)
             else:
