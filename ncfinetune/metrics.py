@@ -12,266 +12,42 @@ keeps one float64 scratch buffer (~10-20 MiB, at most 64 MiB) between calls, for
 Definitions (SPEC section 3): ``mu_k`` is the mean of class k, ``mu_G`` the unweighted mean of
 the K class means.
 
-The streaming (one-pass, mergeable) NC1 lives in :mod:`ncfinetune.metrics_stream` and is
-re-exported here as ``NC1Accumulator``.
+The streaming (one-pass, mergeable) NC1 is :class:`ncfinetune.metrics_stream.NC1Accumulator`;
+import it from there. The input checks and float64 passes that both modules use live in
+:mod:`ncfinetune.metrics_core`.
 """
 
 from __future__ import annotations
 
-import threading
-import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 
 from ncfinetune.errors import MetricInputError
-
-if TYPE_CHECKING:
-    from ncfinetune.metrics_stream import NC1Accumulator
+from ncfinetune.metrics_core import (
+    EPS64,
+    between_directions,
+    cdnv_from_stats,
+    check_features,
+    check_labels,
+    chunk_rows,
+    class_means,
+    float64_chunks,
+    raise_non_finite,
+    scratch,
+)
 
 __all__ = [
-    "NC1Accumulator",
     "cdnv",
     "class_separation_r2",
     "linear_cka",
     "nc1",
+    "nc1_or_none",
     "numerical_rank",
 ]
 
-_EPS64 = float(torch.finfo(torch.float64).eps)
-# Rows of float64 scratch per chunk: ~8 MiB on CPU keeps the working set in L2/L3 and gives
-# MKL's skinny dgemm enough rows (measured on the 2-core benchmark CPU: 2-3x faster than
-# whole-array float64 copies, whose page faults and DRAM traffic dominate); larger on
-# accelerators, where each chunk costs a few kernel launches.
-_CPU_CHUNK_BYTES = 8 * 2**20
-_GPU_CHUNK_BYTES = 256 * 2**20
-_SCRATCH = threading.local()  # per-thread CPU work buffer, see _scratch
-_SCRATCH_MAX_BYTES = 64 * 2**20
-_HUGE_PAGE = 2 * 2**20
 # nc1 projects raw features when rounding provably costs less than this relative error.
 _FAST_PATH_RTOL = 1e-8
-
-
-# --------------------------------------------------------------------------- input checks
-
-
-def _as_tensor(x: Any, what: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    arr = np.asarray(x)
-    if arr.dtype == object:
-        raise MetricInputError(
-            f"{what} could not be read as a numeric array (got {type(x).__name__} of objects). "
-            "Pass a torch tensor or a NumPy array."
-        )
-    with warnings.catch_warnings():  # read-only arrays are fine: we never write into them
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr)
-
-
-def _check_features(features: Any, what: str = "features") -> torch.Tensor:
-    """The features as a 2-D real tensor (not copied, not cast)."""
-    h = _as_tensor(features, what)
-    if h.ndim != 2:
-        raise MetricInputError(
-            f"{what} must be a 2-D (N, d) matrix, got shape {tuple(h.shape)}. "
-            "Flatten or pool each example to one vector, e.g. features.reshape(len(features), -1)."
-        )
-    if h.is_complex() or h.dtype == torch.bool:
-        raise MetricInputError(
-            f"{what} must be real numbers, got dtype {h.dtype}. Cast with .float()."
-        )
-    if h.shape[1] == 0:
-        raise MetricInputError(f"{what} has d = 0 feature dimensions; pass at least one.")
-    return h
-
-
-def _raise_non_finite(h: torch.Tensor, what: str = "features") -> None:
-    """Raise if ``h`` holds NaN or inf, saying how many and where the first one is."""
-    bad = ~torch.isfinite(h)
-    count = int(bad.sum())
-    if count == 0:
-        return
-    flat = int(torch.argmax(bad.reshape(-1).to(torch.uint8)))
-    row, col = divmod(flat, h.shape[1])
-    raise MetricInputError(
-        f"{what} contain {count} non-finite value(s) (NaN or inf); the first is at row {row}, "
-        f"column {col} ({float(h[row, col])}). Metrics are undefined for them: drop or fix "
-        "those rows (e.g. check the model for overflow in half precision)."
-    )
-
-
-def _label_ids(labels: Any, n: int, device: torch.device) -> torch.Tensor:
-    """Labels checked for shape, integer dtype and length; returned as int64 on ``device``."""
-    y = _as_tensor(labels, "labels")
-    if y.ndim != 1:
-        raise MetricInputError(
-            f"labels must be a 1-D array of N class ids, got shape {tuple(y.shape)}. "
-            "Pass class indices, not one-hot rows (use labels.argmax(1))."
-        )
-    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
-        raise MetricInputError(
-            f"labels must have an integer dtype, got {y.dtype}. Cast with .long() "
-            "(or .astype(np.int64)) if they hold whole-number class ids."
-        )
-    if y.shape[0] != n:
-        raise MetricInputError(
-            f"features have N = {n} rows but labels have {y.shape[0]} entries; "
-            "pass one label per feature row."
-        )
-    return y.to(device=device, dtype=torch.int64)
-
-
-def _check_range(y: torch.Tensor, k: int) -> None:
-    """Raise unless every label lies in [0, k)."""
-    if y.numel() == 0:
-        return
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= k:
-        raise MetricInputError(
-            f"label {lo if lo < 0 else hi} is outside [0, {k}) for num_classes={k}. Remap the "
-            "labels to 0..num_classes-1, or pass num_classes=None to use the distinct labels."
-        )
-
-
-def _check_labels(
-    labels: Any, n: int, device: torch.device, num_classes: int | None
-) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """Validate labels; return (class ids in [0, K) as int64 on ``device``, K, counts per class)."""
-    y = _label_ids(labels, n, device)
-    if num_classes is None:
-        _, y, counts = torch.unique(y, sorted=True, return_inverse=True, return_counts=True)
-        k = int(counts.numel())
-    else:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
-            raise MetricInputError(
-                f"num_classes must be an int or None, got {num_classes!r}. Pass the number of "
-                "classes, or None to use the distinct labels."
-            )
-        k = int(num_classes)
-        _check_range(y, k)
-        counts = torch.bincount(y, minlength=max(k, 0))
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        if empty and k >= 2:
-            shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
-            raise MetricInputError(
-                f"{len(empty)} of num_classes={k} classes have no sample (class {shown}). "
-                "Every class needs at least one example; drop the empty classes from "
-                "num_classes or pass num_classes=None."
-            )
-    if k < 2:
-        raise MetricInputError(
-            f"the metrics need at least 2 classes, got {k} (N = {n}). "
-            "Pass features of two or more classes."
-        )
-    return y, k, counts
-
-
-def _chunk_rows(d: int, device: torch.device) -> int:
-    budget = _CPU_CHUNK_BYTES if device.type == "cpu" else _GPU_CHUNK_BYTES
-    return max(64, budget // (8 * d))
-
-
-def _scratch(device: torch.device, *shapes: tuple[int, int]) -> list[torch.Tensor]:
-    """float64 work arrays of the given shapes, carved from one buffer.
-
-    On CPU the buffer starts on a 2 MiB boundary (so Linux can back it with transparent huge
-    pages) and is kept per thread between calls (up to 64 MiB). Measured on the 2-core VM the
-    benchmark runs on: an unaligned fresh buffer per call made nc1 up to 2x slower at d = 2048,
-    K = 10, depending on whether it happened to get huge pages (TLB misses in the chunked
-    copy/GEMM) and on page faults (~15 us per 4 KiB page there). Accelerators use torch's
-    caching allocator instead.
-    """
-    sizes = [rows * cols for rows, cols in shapes]
-    total = sum(sizes)
-    if device.type != "cpu":
-        buf = torch.empty(total, dtype=torch.float64, device=device)
-    else:
-        buf = getattr(_SCRATCH, "buf", None)
-        if buf is None or buf.numel() < total:
-            raw = torch.empty(total * 8 + _HUGE_PAGE, dtype=torch.uint8)
-            start = -raw.data_ptr() % _HUGE_PAGE
-            buf = raw[start : start + total * 8].view(torch.float64)
-            if total * 8 <= _SCRATCH_MAX_BYTES:
-                _SCRATCH.buf = buf
-    views, start = [], 0
-    for shape, size in zip(shapes, sizes, strict=True):
-        views.append(buf[start : start + size].view(shape))
-        start += size
-    return views
-
-
-def _float64_chunks(h: torch.Tensor, buf: torch.Tensor | None):
-    """Yield (start, end, rows start:end of ``h`` as float64), copied into ``buf`` (rows x d).
-
-    Chunking keeps the float64 copy small (cache-resident on CPU) instead of doubling the
-    memory of H; float64 input is passed through without a copy (``buf`` may then be None).
-    """
-    n = h.shape[0]
-    rows = _chunk_rows(h.shape[1], h.device)
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        if h.dtype == torch.float64:
-            yield s, e, h[s:e]
-            continue
-        b = buf[: e - s]
-        b.copy_(h[s:e])  # float32/16 -> float64 is exact
-        yield s, e, b
-
-
-def _class_sums(h: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class sums of the rows of ``h`` (K x d) and ||H||_F**2, float64, one pass over ``h``."""
-    n, d = h.shape
-    sums = torch.zeros(k, d, dtype=torch.float64, device=h.device)
-    fro2 = torch.zeros((), dtype=torch.float64, device=h.device)
-    (buf,) = _scratch(h.device, (min(n, _chunk_rows(d, h.device)), d))
-    for s, e, b in _float64_chunks(h, buf):
-        sums.index_add_(0, y[s:e], b)
-        flat = b.reshape(-1)
-        fro2 += torch.dot(flat, flat)
-    return sums, fro2
-
-
-def _class_means(
-    h: torch.Tensor, y: torch.Tensor, k: int, counts: torch.Tensor
-) -> tuple[torch.Tensor, float]:
-    """Class means (K x d, float64) and ||H||_F**2; raises on non-finite features."""
-    sums, fro2 = _class_sums(h, y, k)
-    # Any NaN/inf in h makes its class sum non-finite, so this check is free; the exact count
-    # and position are only looked up when it fails.
-    if not bool(torch.isfinite(sums).all()):
-        _raise_non_finite(h)
-        raise MetricInputError(
-            "the class sums of the features overflow float64 (values near 1e308). "
-            "Rescale the features, e.g. divide by their largest absolute value."
-        )
-    return sums / counts.to(sums)[:, None], float(fro2)
-
-
-def _between_directions(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The range of Sigma_B as (U, s): Sigma_B = U diag(s**2 / K) U^T, U with orthonormal columns.
-
-    ``means`` is K x d (float64); we take the SVD of the d x K centred means M instead of forming
-    Sigma_B = (1/K) M M^T. Pinv cutoff: s_j**2 / K counts only if s_j**2 > max(d, K) * eps64 *
-    s_max**2 (see :func:`nc1`). A zero singular value of M comes out as ~eps * s_max, i.e. an
-    eigenvalue ~eps**2 * s_max**2 of Sigma_B, far below the cutoff; an eigen-solver on the dense
-    Sigma_B would return ~eps * s_max**2, close to it.
-    """
-    k, d = means.shape
-    centred = means - means.mean(0, keepdim=True)
-    scale = float(torch.linalg.vector_norm(means))
-    spread = float(torch.linalg.vector_norm(centred))
-    # Means equal up to rounding: Sigma_B is zero and NC1 = trace(Sigma_W pinv(0)) is meaningless.
-    if spread <= max(d, k) * _EPS64 * scale or spread == 0.0:
-        raise MetricInputError(
-            f"all {k} class means are identical (between-class spread {spread:.3g} vs mean norm "
-            f"{scale:.3g}), so Sigma_B = 0 and NC1 is undefined. Check that the labels match "
-            "the features (e.g. not shuffled independently)."
-        )
-    u, s, _ = torch.linalg.svd(centred.T, full_matrices=False)
-    keep = s.square() > max(d, k) * _EPS64 * s[0].square()
-    return u[:, keep].contiguous(), s[keep]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -312,18 +88,18 @@ def nc1(features: Any, labels: Any, num_classes: int | None = None) -> float:
         MetricInputError: on bad shapes or dtypes, fewer than 2 classes, an empty class,
             non-finite features, or identical class means (NC1 undefined).
     """
-    h = _check_features(features)
+    h = check_features(features)
     n, d = h.shape
-    y, k, counts = _check_labels(labels, n, h.device, num_classes)
-    means, fro2 = _class_means(h, y, k, counts)
-    u, s = _between_directions(means)
+    y, k, counts = check_labels(labels, n, h.device, num_classes)
+    means, fro2 = class_means(h, y, k, counts)
+    u, s = between_directions(means)
     w = 1.0 / s.square()
     # Fast path: project the raw features and subtract mu_y U afterwards (no centring pass).
     # That subtraction cancels ||h|| against the within-class spread, so bound the damage:
     # each entry of H U and mu U is off by at most gamma_d (||h_i|| + ||mu_k||) (Higham's
     # dot-product bound), i.e. sum_i err_ij**2 <= e2 = 4 gamma_d**2 ||H||_F**2 for every j.
     sq = _projected_squares(h, y, means, u, centre=False)
-    gamma = d * _EPS64 / (1.0 - d * _EPS64)
+    gamma = d * EPS64 / (1.0 - d * EPS64)
     e2 = 4.0 * gamma**2 * fro2
     bound = float(((2.0 * (sq * e2).sqrt() + e2) * w).sum() / (sq * w).sum().clamp_min(1e-300))
     if not bound <= _FAST_PATH_RTOL:  # also catches inf/nan from overflow
@@ -348,18 +124,18 @@ def _projected_squares(
     """sum_i ((h_i - mu_{y_i}) U)_j**2 for each column j of U (float64), one pass over ``h``."""
     # Work with Z^T = U^T B^T (r x rows): MKL's dgemm runs this skinny product about 1.5x faster
     # than B U (r << d) on the benchmark CPU. Every per-chunk array lives in scratch (see
-    # _scratch for why).
+    # metrics_core.scratch for why).
     n, d = h.shape
     r = u.shape[1]
-    rows = min(n, _chunk_rows(d, h.device))
+    rows = min(n, chunk_rows(d, h.device))
     ut = u.T.contiguous()
     means_ut = ut @ means.T  # r x K
     sq = torch.zeros(r, dtype=torch.float64, device=h.device)
-    buf, gathered, zt_buf, gz_buf = _scratch(
+    buf, gathered, zt_buf, gz_buf = scratch(
         h.device, (rows, d), (rows if centre else 0, d), (r, rows), (r, rows)
     )
     owned = h.dtype != torch.float64  # b is our scratch copy, not a view of the input
-    for s, e, b in _float64_chunks(h, buf):
+    for s, e, b in float64_chunks(h, buf):
         zt, gz = zt_buf[:, : e - s], gz_buf[:, : e - s]
         if centre:
             g = gathered[: e - s]
@@ -393,42 +169,20 @@ def cdnv(features: Any, labels: Any, num_classes: int | None = None) -> float:
     Raises:
         MetricInputError: on bad input (see :func:`nc1`) or two classes with the same mean.
     """
-    h = _check_features(features)
+    h = check_features(features)
     n, d = h.shape
-    y, k, counts = _check_labels(labels, n, h.device, num_classes)
-    means, _ = _class_means(h, y, k, counts)
+    y, k, counts = check_labels(labels, n, h.device, num_classes)
+    means, _ = class_means(h, y, k, counts)
     within = torch.zeros(k, dtype=torch.float64, device=h.device)
-    rows = min(n, _chunk_rows(d, h.device))
-    buf, gathered = _scratch(h.device, (rows, d), (rows, d))
-    for s, e, b in _float64_chunks(h, buf):
+    rows = min(n, chunk_rows(d, h.device))
+    buf, gathered = scratch(h.device, (rows, d), (rows, d))
+    for s, e, b in float64_chunks(h, buf):
         g = gathered[: e - s]
         torch.index_select(means, 0, y[s:e], out=g)
         dev = b.sub_(g) if h.dtype != torch.float64 else b - g
         within.index_add_(0, y[s:e], dev.square_().sum(1))
     var = within / counts.to(within)
-    return _cdnv_from_stats(means, var)
-
-
-def _cdnv_from_stats(means: torch.Tensor, var: torch.Tensor) -> float:
-    k = means.shape[0]
-    c = means - means.mean(0, keepdim=True)
-    gram = c @ c.T
-    sqn = gram.diagonal()
-    dist2 = (sqn[:, None] + sqn[None, :] - 2.0 * gram).clamp_min(0.0)
-    # The Gram form loses digits for pairs much closer than the spread; redo those directly.
-    close = torch.nonzero(dist2 <= 1e-6 * float(sqn.max())).T
-    i, j = close[0], close[1]
-    dist2[i, j] = (means[i] - means[j]).square().sum(1)
-    off = ~torch.eye(k, dtype=torch.bool, device=means.device)
-    same = torch.nonzero((dist2 == 0) & off)
-    if same.numel():
-        a, b = same[0].tolist()
-        raise MetricInputError(
-            f"classes {a} and {b} (after remapping to 0..K-1) have identical means, so CDNV "
-            "divides by zero. Check the labels, or merge the two classes."
-        )
-    ratio = (var[:, None] + var[None, :]) / (2.0 * dist2.masked_fill(~off, 1.0))
-    return float(ratio[off].mean())
+    return cdnv_from_stats(means, var)
 
 
 def numerical_rank(features: Any, labels: Any, num_classes: int | None = None) -> float:
@@ -451,10 +205,10 @@ def numerical_rank(features: Any, labels: Any, num_classes: int | None = None) -
     Raises:
         MetricInputError: on bad input (see :func:`nc1`) or a class whose features are all zero.
     """
-    h = _check_features(features)
+    h = check_features(features)
     n, d = h.shape
-    y, k, _ = _check_labels(labels, n, h.device, num_classes)
-    _raise_non_finite(h)
+    y, k, _ = check_labels(labels, n, h.device, num_classes)
+    raise_non_finite(h)
     order = torch.argsort(y, stable=True)
     groups = torch.split(order, torch.bincount(y, minlength=k).tolist())
     total = 0.0
@@ -496,10 +250,10 @@ def class_separation_r2(features: Any, labels: Any, num_classes: int | None = No
         MetricInputError: on bad input (see :func:`nc1`), an all-zero row (cosine undefined),
             or all examples pointing the same way (d_total = 0).
     """
-    h = _check_features(features)
+    h = check_features(features)
     n, d = h.shape
-    y, k, counts = _check_labels(labels, n, h.device, num_classes)
-    _raise_non_finite(h)
+    y, k, counts = check_labels(labels, n, h.device, num_classes)
+    raise_non_finite(h)
     u = h.to(torch.float64)
     norms = torch.linalg.vector_norm(u, dim=1, keepdim=True)
     zero = torch.nonzero(norms.flatten() == 0).flatten()
@@ -543,15 +297,15 @@ def linear_cka(features_a: Any, features_b: Any) -> float:
         MetricInputError: on non-2-D input, differing N, non-finite values, or a representation
             that is constant over the examples (CKA 0/0).
     """
-    a = _check_features(features_a, "features_a")
-    b = _check_features(features_b, "features_b")
+    a = check_features(features_a, "features_a")
+    b = check_features(features_b, "features_b")
     if a.shape[0] != b.shape[0]:
         raise MetricInputError(
             f"features_a has N = {a.shape[0]} rows but features_b has {b.shape[0]}; CKA compares "
             "two representations of the same examples, so pass matching rows."
         )
-    _raise_non_finite(a, "features_a")
-    _raise_non_finite(b, "features_b")
+    raise_non_finite(a, "features_a")
+    raise_non_finite(b, "features_b")
     b = b.to(device=a.device)
     a = a.to(torch.float64)
     b = b.to(torch.float64)
@@ -571,13 +325,3 @@ def linear_cka(features_a: Any, features_b: Any) -> float:
             "is 0/0. Pass a representation that varies across examples."
         )
     return float(cross / (na * nb))
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy re-export: metrics_stream imports the helpers above, so importing it eagerly here
-    # would be circular.
-    if name == "NC1Accumulator":
-        from ncfinetune.metrics_stream import NC1Accumulator
-
-        return NC1Accumulator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from ncfinetune.errors import MetricInputError
-from ncfinetune.metrics import (
-    _between_directions,
-    _cdnv_from_stats,
-    _check_features,
-    _check_range,
-    _class_means,
-    _label_ids,
+from ncfinetune.metrics_core import (
+    between_directions,
+    cdnv_from_stats,
+    check_features,
+    check_range,
+    class_means,
+    label_ids,
 )
 
 __all__ = ["NC1Accumulator"]
@@ -81,7 +81,7 @@ class NC1Accumulator:
 
     def update(self, features: Any, labels: Any) -> NC1Accumulator:
         """Add one batch: features B x d (torch or NumPy), labels B ints in [0, K). Returns self."""
-        h = _check_features(features)
+        h = check_features(features)
         if h.shape[1] != self.dim:
             raise MetricInputError(
                 f"this accumulator was built for dim={self.dim} but the batch has "
@@ -89,12 +89,12 @@ class NC1Accumulator:
             )
         h = h.to(self.device)
         # Range check only: a batch need not contain every class (compute() checks that).
-        y = _label_ids(labels, h.shape[0], self.device)
-        _check_range(y, self.num_classes)
+        y = label_ids(labels, h.shape[0], self.device)
+        check_range(y, self.num_classes)
         if h.shape[0] == 0:
             return self
         counts = torch.bincount(y, minlength=self.num_classes)
-        means, _ = _class_means(h, y, self.num_classes, counts.clamp_min(1))  # raises on NaN/inf
+        means, _ = class_means(h, y, self.num_classes, counts.clamp_min(1))  # raises on NaN/inf
         dev = h.to(torch.float64) - means[y]
         sq_dev = torch.zeros_like(self.sq_dev).index_add_(0, y, dev.square().sum(1))
         self._merge_stats(counts, means, sq_dev, dev.T @ dev)
@@ -146,11 +146,11 @@ class NC1Accumulator:
     def compute(self) -> float:
         """NC1 = (1/K) trace(Sigma_W pinv(Sigma_B)) of everything seen (see ``nc1``)."""
         self._check_ready()
-        u, s = _between_directions(self.means)
+        u, s = between_directions(self.means)
         projected = ((self.scatter @ u) * u).sum(0)  # diag(U^T S_W U), O(d^2 r)
         return float((projected / s.square()).sum() / self.num_samples)
 
     def cdnv(self) -> float:
         """CDNV of everything seen (see ``ncfinetune.metrics.cdnv``)."""
         self._check_ready()
-        return _cdnv_from_stats(self.means, self.sq_dev / self.counts.to(torch.float64))
+        return cdnv_from_stats(self.means, self.sq_dev / self.counts.to(torch.float64))

@@ -10,13 +10,13 @@ import torch
 from ncfinetune import metrics
 from ncfinetune.errors import MetricInputError
 from ncfinetune.metrics import (
-    NC1Accumulator,
     cdnv,
     class_separation_r2,
     linear_cka,
     nc1,
     numerical_rank,
 )
+from ncfinetune.metrics_stream import NC1Accumulator
 
 # ------------------------------------------------------------------ independent references
 

@@ -1,0 +1,306 @@
+"""Shared internals of the metrics: input checks, float64 chunked passes, class statistics.
+
+The lowest layer under :mod:`ncfinetune.metrics` (the one-shot metrics) and
+:mod:`ncfinetune.metrics_stream` (the streaming :class:`NC1Accumulator`); it imports neither.
+These names are public so both modules can share them, but they are building blocks for
+those two modules, not part of the package API (``ncfinetune.__all__``): use the metrics
+themselves. Conventions (float64 accumulation, :class:`~ncfinetune.errors.MetricInputError`
+on bad input, the per-thread CPU scratch buffer) are described in :mod:`ncfinetune.metrics`.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from ncfinetune.errors import MetricInputError
+
+__all__ = [
+    "EPS64",
+    "as_tensor",
+    "between_directions",
+    "cdnv_from_stats",
+    "check_features",
+    "check_labels",
+    "check_range",
+    "chunk_rows",
+    "class_means",
+    "class_sums",
+    "float64_chunks",
+    "label_ids",
+    "raise_non_finite",
+    "scratch",
+]
+
+# float64 machine epsilon, the unit of every rank / pinv cutoff here and in the metrics.
+EPS64 = float(torch.finfo(torch.float64).eps)
+# Rows of float64 scratch per chunk: ~8 MiB on CPU keeps the working set in L2/L3 and gives
+# MKL's skinny dgemm enough rows (measured on the 2-core benchmark CPU: 2-3x faster than
+# whole-array float64 copies, whose page faults and DRAM traffic dominate); larger on
+# accelerators, where each chunk costs a few kernel launches.
+_CPU_CHUNK_BYTES = 8 * 2**20
+_GPU_CHUNK_BYTES = 256 * 2**20
+_SCRATCH = threading.local()  # per-thread CPU work buffer, see scratch
+_SCRATCH_MAX_BYTES = 64 * 2**20
+_HUGE_PAGE = 2 * 2**20
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def as_tensor(x: Any, what: str) -> torch.Tensor:
+    """``x`` as a detached torch tensor, without copying (NumPy arrays are shared).
+
+    ``what`` names the argument in the error raised for object arrays (e.g. ragged lists).
+    """
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    arr = np.asarray(x)
+    if arr.dtype == object:
+        raise MetricInputError(
+            f"{what} could not be read as a numeric array (got {type(x).__name__} of objects). "
+            "Pass a torch tensor or a NumPy array."
+        )
+    with warnings.catch_warnings():  # read-only arrays are fine: we never write into them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def check_features(features: Any, what: str = "features") -> torch.Tensor:
+    """The features as a 2-D real tensor (not copied, not cast)."""
+    h = as_tensor(features, what)
+    if h.ndim != 2:
+        raise MetricInputError(
+            f"{what} must be a 2-D (N, d) matrix, got shape {tuple(h.shape)}. "
+            "Flatten or pool each example to one vector, e.g. features.reshape(len(features), -1)."
+        )
+    if h.is_complex() or h.dtype == torch.bool:
+        raise MetricInputError(
+            f"{what} must be real numbers, got dtype {h.dtype}. Cast with .float()."
+        )
+    if h.shape[1] == 0:
+        raise MetricInputError(f"{what} has d = 0 feature dimensions; pass at least one.")
+    return h
+
+
+def raise_non_finite(h: torch.Tensor, what: str = "features") -> None:
+    """Raise if ``h`` holds NaN or inf, saying how many and where the first one is."""
+    bad = ~torch.isfinite(h)
+    count = int(bad.sum())
+    if count == 0:
+        return
+    flat = int(torch.argmax(bad.reshape(-1).to(torch.uint8)))
+    row, col = divmod(flat, h.shape[1])
+    raise MetricInputError(
+        f"{what} contain {count} non-finite value(s) (NaN or inf); the first is at row {row}, "
+        f"column {col} ({float(h[row, col])}). Metrics are undefined for them: drop or fix "
+        "those rows (e.g. check the model for overflow in half precision)."
+    )
+
+
+def label_ids(labels: Any, n: int, device: torch.device) -> torch.Tensor:
+    """Labels checked for shape, integer dtype and length; returned as int64 on ``device``."""
+    y = as_tensor(labels, "labels")
+    if y.ndim != 1:
+        raise MetricInputError(
+            f"labels must be a 1-D array of N class ids, got shape {tuple(y.shape)}. "
+            "Pass class indices, not one-hot rows (use labels.argmax(1))."
+        )
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise MetricInputError(
+            f"labels must have an integer dtype, got {y.dtype}. Cast with .long() "
+            "(or .astype(np.int64)) if they hold whole-number class ids."
+        )
+    if y.shape[0] != n:
+        raise MetricInputError(
+            f"features have N = {n} rows but labels have {y.shape[0]} entries; "
+            "pass one label per feature row."
+        )
+    return y.to(device=device, dtype=torch.int64)
+
+
+def check_range(y: torch.Tensor, k: int) -> None:
+    """Raise unless every label lies in [0, k)."""
+    if y.numel() == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= k:
+        raise MetricInputError(
+            f"label {lo if lo < 0 else hi} is outside [0, {k}) for num_classes={k}. Remap the "
+            "labels to 0..num_classes-1, or pass num_classes=None to use the distinct labels."
+        )
+
+
+def check_labels(
+    labels: Any, n: int, device: torch.device, num_classes: int | None
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Validate labels; return (class ids in [0, K) as int64 on ``device``, K, counts per class)."""
+    y = label_ids(labels, n, device)
+    if num_classes is None:
+        _, y, counts = torch.unique(y, sorted=True, return_inverse=True, return_counts=True)
+        k = int(counts.numel())
+    else:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+            raise MetricInputError(
+                f"num_classes must be an int or None, got {num_classes!r}. Pass the number of "
+                "classes, or None to use the distinct labels."
+            )
+        k = int(num_classes)
+        check_range(y, k)
+        counts = torch.bincount(y, minlength=max(k, 0))
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        if empty and k >= 2:
+            shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+            raise MetricInputError(
+                f"{len(empty)} of num_classes={k} classes have no sample (class {shown}). "
+                "Every class needs at least one example; drop the empty classes from "
+                "num_classes or pass num_classes=None."
+            )
+    if k < 2:
+        raise MetricInputError(
+            f"the metrics need at least 2 classes, got {k} (N = {n}). "
+            "Pass features of two or more classes."
+        )
+    return y, k, counts
+
+
+# --------------------------------------------------------------------------- float64 passes
+
+
+def chunk_rows(d: int, device: torch.device) -> int:
+    """Rows per float64 chunk for d columns on ``device`` (~8 MiB on CPU, 256 MiB elsewhere)."""
+    budget = _CPU_CHUNK_BYTES if device.type == "cpu" else _GPU_CHUNK_BYTES
+    return max(64, budget // (8 * d))
+
+
+def scratch(device: torch.device, *shapes: tuple[int, int]) -> list[torch.Tensor]:
+    """float64 work arrays of the given shapes, carved from one buffer.
+
+    On CPU the buffer starts on a 2 MiB boundary (so Linux can back it with transparent huge
+    pages) and is kept per thread between calls (up to 64 MiB). Measured on the 2-core VM the
+    benchmark runs on: an unaligned fresh buffer per call made nc1 up to 2x slower at d = 2048,
+    K = 10, depending on whether it happened to get huge pages (TLB misses in the chunked
+    copy/GEMM) and on page faults (~15 us per 4 KiB page there). Accelerators use torch's
+    caching allocator instead.
+    """
+    sizes = [rows * cols for rows, cols in shapes]
+    total = sum(sizes)
+    if device.type != "cpu":
+        buf = torch.empty(total, dtype=torch.float64, device=device)
+    else:
+        buf = getattr(_SCRATCH, "buf", None)
+        if buf is None or buf.numel() < total:
+            raw = torch.empty(total * 8 + _HUGE_PAGE, dtype=torch.uint8)
+            start = -raw.data_ptr() % _HUGE_PAGE
+            buf = raw[start : start + total * 8].view(torch.float64)
+            if total * 8 <= _SCRATCH_MAX_BYTES:
+                _SCRATCH.buf = buf
+    views, start = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        views.append(buf[start : start + size].view(shape))
+        start += size
+    return views
+
+
+def float64_chunks(h: torch.Tensor, buf: torch.Tensor | None):
+    """Yield (start, end, rows start:end of ``h`` as float64), copied into ``buf`` (rows x d).
+
+    Chunking keeps the float64 copy small (cache-resident on CPU) instead of doubling the
+    memory of H; float64 input is passed through without a copy (``buf`` may then be None).
+    """
+    n = h.shape[0]
+    rows = chunk_rows(h.shape[1], h.device)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        if h.dtype == torch.float64:
+            yield s, e, h[s:e]
+            continue
+        b = buf[: e - s]
+        b.copy_(h[s:e])  # float32/16 -> float64 is exact
+        yield s, e, b
+
+
+def class_sums(h: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of the rows of ``h`` (K x d) and ||H||_F**2, float64, one pass over ``h``."""
+    n, d = h.shape
+    sums = torch.zeros(k, d, dtype=torch.float64, device=h.device)
+    fro2 = torch.zeros((), dtype=torch.float64, device=h.device)
+    (buf,) = scratch(h.device, (min(n, chunk_rows(d, h.device)), d))
+    for s, e, b in float64_chunks(h, buf):
+        sums.index_add_(0, y[s:e], b)
+        flat = b.reshape(-1)
+        fro2 += torch.dot(flat, flat)
+    return sums, fro2
+
+
+def class_means(
+    h: torch.Tensor, y: torch.Tensor, k: int, counts: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Class means (K x d, float64) and ||H||_F**2; raises on non-finite features."""
+    sums, fro2 = class_sums(h, y, k)
+    # Any NaN/inf in h makes its class sum non-finite, so this check is free; the exact count
+    # and position are only looked up when it fails.
+    if not bool(torch.isfinite(sums).all()):
+        raise_non_finite(h)
+        raise MetricInputError(
+            "the class sums of the features overflow float64 (values near 1e308). "
+            "Rescale the features, e.g. divide by their largest absolute value."
+        )
+    return sums / counts.to(sums)[:, None], float(fro2)
+
+
+def between_directions(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range of Sigma_B as (U, s): Sigma_B = U diag(s**2 / K) U^T, U with orthonormal columns.
+
+    ``means`` is K x d (float64); we take the SVD of the d x K centred means M instead of forming
+    Sigma_B = (1/K) M M^T. Pinv cutoff: s_j**2 / K counts only if s_j**2 > max(d, K) * eps64 *
+    s_max**2 (see :func:`nc1`). A zero singular value of M comes out as ~eps * s_max, i.e. an
+    eigenvalue ~eps**2 * s_max**2 of Sigma_B, far below the cutoff; an eigen-solver on the dense
+    Sigma_B would return ~eps * s_max**2, close to it.
+    """
+    k, d = means.shape
+    centred = means - means.mean(0, keepdim=True)
+    scale = float(torch.linalg.vector_norm(means))
+    spread = float(torch.linalg.vector_norm(centred))
+    # Means equal up to rounding: Sigma_B is zero and NC1 = trace(Sigma_W pinv(0)) is meaningless.
+    if spread <= max(d, k) * EPS64 * scale or spread == 0.0:
+        raise MetricInputError(
+            f"all {k} class means are identical (between-class spread {spread:.3g} vs mean norm "
+            f"{scale:.3g}), so Sigma_B = 0 and NC1 is undefined. Check that the labels match "
+            "the features (e.g. not shuffled independently)."
+        )
+    u, s, _ = torch.linalg.svd(centred.T, full_matrices=False)
+    keep = s.square() > max(d, k) * EPS64 * s[0].square()
+    return u[:, keep].contiguous(), s[keep]
+
+
+def cdnv_from_stats(means: torch.Tensor, var: torch.Tensor) -> float:
+    """CDNV from class statistics: ``means`` (K x d) and ``var`` (K,), both float64.
+
+    ``var[k]`` is the mean squared distance of class k's features to its mean. Shared by
+    :func:`ncfinetune.metrics.cdnv` and ``NC1Accumulator.cdnv``; raises
+    :class:`MetricInputError` if two class means coincide.
+    """
+    k = means.shape[0]
+    c = means - means.mean(0, keepdim=True)
+    gram = c @ c.T
+    sqn = gram.diagonal()
+    dist2 = (sqn[:, None] + sqn[None, :] - 2.0 * gram).clamp_min(0.0)
+    # The Gram form loses digits for pairs much closer than the spread; redo those directly.
+    close = torch.nonzero(dist2 <= 1e-6 * float(sqn.max())).T
+    i, j = close[0], close[1]
+    dist2[i, j] = (means[i] - means[j]).square().sum(1)
+    off = ~torch.eye(k, dtype=torch.bool, device=means.device)
+    same = torch.nonzero((dist2 == 0) & off)
+    if same.numel():
+        a, b = same[0].tolist()
+        raise MetricInputError(
+            f"classes {a} and {b} (after remapping to 0..K-1) have identical means, so CDNV "
+            "divides by zero. Check the labels, or merge the two classes."
+        )
+    ratio = (var[:, None] + var[None, :]) / (2.0 * dist2.masked_fill(~off, 1.0))
+    return float(ratio[off].mean())
