@@ -38,6 +38,7 @@ import ncfinetune
 from ncfinetune import data as nd
 from ncfinetune.hub import create_backbone
 from ncfinetune.loop import is_conv_net
+from ncfinetune.methods import method_class
 from ncfinetune.metrics import nc1_or_none
 from ncfinetune.prefix_cache import PrefixCache, prefix_blocker, prefix_stop
 from ncfinetune.training import evaluate_rows, train_steps
@@ -124,7 +125,7 @@ class Run:
 
     @property
     def key(self) -> str:
-        block = "" if self.method in ("linear", "full") else f"-b{self.block}"
+        block = f"-b{self.block}" if method_class(self.method).tunes_block else ""
         val = "-val" if self.validate else ""
         extra = (
             (f"-bn{self.bn}" if self.bn else "")
@@ -146,7 +147,7 @@ class Run:
 
 def run_for(backbone, target, method, per_class, seed, lr, block=None, **kw) -> Run:
     """A Run with the block normalised: none for linear/full, the middle block by default."""
-    if method in ("linear", "full"):
+    if not method_class(method).tunes_block:
         block = None
     elif block is None:
         block = BACKBONES[backbone]["middle"]
@@ -245,7 +246,7 @@ def execute(run: Run) -> dict:
     idx = subset(data, run.per_class, run.seed)
     torch.manual_seed(run.seed)
     model = create_backbone(BACKBONES[run.backbone]["model"], data["num_classes"])
-    tuned = ncfinetune.wrap(model, run.method, run.block, bn=run.bn, skip_norm=run.skip_norm)
+    tuned = ncfinetune.tuning.wrap(model, run.method, run.block, bn=run.bn, skip_norm=run.skip_norm)
     if run.precision == "bf16" and is_conv_net(model):
         tuned.to(memory_format=torch.channels_last)
     pre_train = shared_prefix(run, tuned, "train", train.__getitems__)

@@ -154,12 +154,12 @@ def signal_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
 
 
 def full_lr_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
-    """Full FT's lr by the same procedure (``ncfinetune.select_lr``), cached on disk."""
+    """Full FT's lr by the same procedure (``ncfinetune.selection.select_lr``), cached on disk."""
     path = SIGNALS / b / t / f"full-n{n}-s{s}-p{steps}.json"
     if path.is_file():
         return json.loads(path.read_text())
     cache, model = _subset_data(b, t, n, s)
-    sel = ncfinetune.select_lr(
+    sel = ncfinetune.selection.select_lr(
         model, cache, method="full", lr_grid=LR_GRID, probe_steps=steps, precision=PRECISION, seed=s
     )
     rec = {**_head(b, t, n, s, steps), **asdict(sel), "versions": versions()}
@@ -558,12 +558,9 @@ def _markdown(out, table, res) -> str:
 
 
 def _plot(table, pairs, rules) -> None:
-    import matplotlib
+    from ncfinetune.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    fig, axes = new_figure(1, 2, figsize=(14, 4.5))
     w = 0.8 / len(rules)
     for i, r in enumerate(rules):
         xs = np.arange(len(pairs)) + i * w
@@ -579,9 +576,7 @@ def _plot(table, pairs, rules) -> None:
         ax.axhline(0, color="k", lw=0.5)
     axes[1].axhline(-0.5, color="r", ls="--", lw=0.8)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "selection_loto.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, RESULTS / "selection_loto.png", dpi=110)
 
 
 def main(argv=None) -> None:

@@ -75,7 +75,7 @@ def build(name: str, px: int, method: str, block: int | None, bn: str | None = N
     if "vit" in name:
         kwargs["img_size"] = px
     model = timm.create_model(name, num_classes=NUM_CLASSES, **kwargs)
-    return ncfinetune.wrap(model, method, block, bn=bn)
+    return ncfinetune.tuning.wrap(model, method, block, bn=bn)
 
 
 def part_flops(name: str, px: int) -> dict:
@@ -203,7 +203,7 @@ def measure(
             t = time.perf_counter()
             for s in range(0, n, batch):
                 h, yy = cache.fetch(list(range(s, s + batch)))
-                loss = F.cross_entropy(cached.forward_suffix(h)[1], yy)
+                loss = F.cross_entropy(cached.forward_suffix(h).logits, yy)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -290,13 +290,10 @@ def report(rows: list[dict], flops: dict, dest: Path, meta: dict, stem: str = "s
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ncfinetune.plotting import new_figure, save_figure
 
     groups = sorted({(r["model"], r["px"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    fig, axes = new_figure(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
     for ax, g in zip(axes[0], groups, strict=True):
         rs = [r for r in rows if (r["model"], r["px"]) == g]
         names = [r["method"] + ("" if r["block"] is None else f"@{r['block']}") for r in rs]
@@ -317,9 +314,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{g[0]}, {g[1]} px")
         ax.axhline(1, color="grey", lw=0.5)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 PRECISIONS = [

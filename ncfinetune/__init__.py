@@ -1,100 +1,70 @@
 """ncfinetune: parameter-efficient fine-tuning of timm vision models guided by neural collapse.
 
-The public API is what ``__all__`` lists; everything else is private.
+The public API is what ``__all__`` lists (25 names at most). Everything else is importable from
+the module that defines it: method configs' registry from ``ncfinetune.methods``, the training
+loop from ``ncfinetune.training``, per-block features from ``ncfinetune.features``, the
+prefix cache from ``ncfinetune.prefix_cache``, errors from ``ncfinetune.errors``.
+
+Example::
+
+    import timm
+    from ncfinetune import SCLConfig, get_tuned_model
+
+    model = timm.create_model("resnet18", pretrained=True, num_classes=10)
+    tuned = get_tuned_model(model, SCLConfig(block=4))
+    tuned.print_trainable_parameters()
 """
 
 from ncfinetune._version import __version__
-from ncfinetune.backbones import BlockInfo, get_adapter, list_blocks
-from ncfinetune.checkpoint import load_tuned, read_tuned_config
-from ncfinetune.errors import (
-    BlockError,
-    CheckpointError,
-    ConfigError,
-    DataError,
-    MetricInputError,
-    NcFinetuneError,
-    UnsupportedModelError,
+from ncfinetune.backbones import list_blocks
+from ncfinetune.errors import NcFinetuneError
+from ncfinetune.features import layerwise_nc1
+from ncfinetune.hub import create_backbone
+from ncfinetune.methods import (
+    FullConfig,
+    LayerConfig,
+    LinearConfig,
+    LoRABlockConfig,
+    LoRAConfig,
+    SCLConfig,
 )
-from ncfinetune.features import collect_block_features, layerwise_nc1, plot_layerwise_nc1
-from ncfinetune.hub import bundled_backbones, create_backbone
-from ncfinetune.metrics import (
-    NC1Accumulator,
-    cdnv,
-    class_separation_r2,
-    linear_cka,
-    nc1,
-    nc1_or_none,
-    numerical_rank,
-)
-from ncfinetune.prefix_cache import PrefixCache, prefix_blocker
-from ncfinetune.selection import (
-    BlockSelection,
-    LRSelection,
-    select_block,
-    select_block_on_split,
-    select_lr,
-    select_lr_on_split,
-)
-from ncfinetune.training import build_cosine_schedule, build_optimizer, evaluate_rows, train_steps
+from ncfinetune.metrics import cdnv, class_separation_r2, linear_cka, nc1, numerical_rank
+from ncfinetune.selection import select_block
+from ncfinetune.training import fit_batches
 from ncfinetune.tuning import (
-    BN_POLICIES,
-    METHODS,
     TunedModel,
-    TuningConfig,
     full_wrap,
+    get_tuned_model,
     layer_wrap,
     linear_wrap,
-    lora_block_wrap,
+    load_tuned,
     scl_wrap,
-    wrap,
 )
 
 __all__ = [
-    "BN_POLICIES",
-    "METHODS",
-    "BlockError",
-    "BlockInfo",
-    "BlockSelection",
-    "CheckpointError",
-    "ConfigError",
-    "DataError",
-    "MetricInputError",
-    "NC1Accumulator",
+    "FullConfig",
+    "LayerConfig",
+    "LinearConfig",
+    "LoRABlockConfig",
+    "LoRAConfig",
     "NcFinetuneError",
-    "PrefixCache",
+    "SCLConfig",
     "TunedModel",
-    "TuningConfig",
-    "UnsupportedModelError",
     "__version__",
-    "build_cosine_schedule",
-    "build_optimizer",
-    "bundled_backbones",
     "cdnv",
     "class_separation_r2",
-    "collect_block_features",
     "create_backbone",
+    "fit_batches",
+    "full_wrap",
+    "get_tuned_model",
+    "layer_wrap",
     "layerwise_nc1",
     "linear_cka",
-    "nc1",
-    "nc1_or_none",
-    "prefix_blocker",
-    "numerical_rank",
-    "plot_layerwise_nc1",
-    "full_wrap",
-    "get_adapter",
-    "layer_wrap",
     "linear_wrap",
-    "lora_block_wrap",
     "list_blocks",
     "load_tuned",
-    "read_tuned_config",
+    "nc1",
+    "numerical_rank",
     "scl_wrap",
     "select_block",
-    "select_block_on_split",
-    "select_lr",
-    "select_lr_on_split",
-    "LRSelection",
-    "train_steps",
-    "evaluate_rows",
-    "wrap",
 ]

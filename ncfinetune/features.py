@@ -1,12 +1,13 @@
 """Pooled features of every block in one pass, and the layer-wise NC1 curve (paper Fig. 9/10).
 
-``collect_block_features`` runs a timm ResNet/ViT (plain or wrapped in a
+``collect_block_features`` runs a timm model (plain or wrapped in a
 :class:`~ncfinetune.tuning.TunedModel`) over a DataLoader once, through the backbone adapter's
-explicit ``stem -> blocks -> head`` decomposition: each block's output is pooled as SPEC
-section 2 defines (ResNet: channel averages; ViT: the model's own token pooling, without the
-final norm, like the paper's per-layer class token) right after it is computed. No forward hooks
-are registered, so none can be left behind when a batch fails. The extra cost over a plain
-inference pass is the pooling (a few % of the block FLOPs) and the metric maths.
+``forward_capture``: each block's output is pooled as SPEC section 2 defines (conv maps: channel
+averages; token models: the model's own token pooling, without the final norm, like the paper's
+per-layer class token). ResNet/ViT adapters run their explicit ``stem -> blocks`` split; the
+generic adapter captures block outputs with forward hooks that are removed when the pass ends,
+also when a batch fails. The extra cost over a plain inference pass is the pooling (a few % of
+the block FLOPs) and the metric maths.
 
 With ``stream=True`` nothing per-sample is kept: each block's pooled batch goes straight into an
 :class:`~ncfinetune.metrics_stream.NC1Accumulator` (memory O(sum of C_b^2), independent of N).
@@ -24,12 +25,12 @@ from torch import nn
 from ncfinetune.backbones import get_adapter
 from ncfinetune.errors import ConfigError
 from ncfinetune.metrics import (
-    NC1Accumulator,
     cdnv,
     class_separation_r2,
     nc1,
     numerical_rank,
 )
+from ncfinetune.metrics_stream import NC1Accumulator
 from ncfinetune.tuning import TunedModel
 
 PENULTIMATE = "penultimate"
@@ -105,6 +106,8 @@ def collect_block_features(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     names = [adapter.block_names[i] for i in wanted] + [PENULTIMATE]
     channels = [adapter.block_channels(i) for i in wanted] + [adapter.feature_dim]
+    skip_from = tuned is not None and tuned.config.uses_skip
+    capture = set(wanted) | ({tuned.block_index} if skip_from else set())
     store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     accs = (
         {n: NC1Accumulator(num_classes, c) for n, c in zip(names, channels, strict=True)}
@@ -118,17 +121,10 @@ def collect_block_features(
         for b, (x, y) in enumerate(loader):
             if max_batches is not None and b >= max_batches:
                 break
-            x = x.to(device)
-            h = adapter.stem(x)
-            skip = None
-            pooled = {}
-            for i, blk in enumerate(adapter.blocks):
-                h = blk(h)
-                if i in wanted:
-                    pooled[adapter.block_names[i]] = adapter.pool(h)
-                if tuned is not None and tuned.method == "scl" and i == tuned.block_index:
-                    skip = tuned.skip(h)
-            pooled[PENULTIMATE] = adapter.classify(h, skip)[0]
+            h, outputs = adapter.forward_capture(x.to(device), capture)
+            pooled = {adapter.block_names[i]: adapter.pool(outputs[i]) for i in wanted}
+            skip = tuned.skip(outputs[tuned.block_index]) if skip_from else None
+            pooled[PENULTIMATE] = adapter.classify(h, skip).features
             y = y.cpu()
             labels_all.append(y)
             for name, value in pooled.items():

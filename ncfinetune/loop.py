@@ -1,4 +1,6 @@
-"""One explicit training loop on accelerate, shared by the recipes and the benchmarks.
+"""The recipes' side of training on accelerate: CPU threads, mixed precision, an epoch through
+the shared loop of :mod:`ncfinetune.training`, prediction gathered over processes, and atomic
+checkpoints for resume.
 
 A model here is anything with ``forward(x) -> logits`` and ``forward_with_features(x) ->
 (logits, features)`` (a :class:`~ncfinetune.tuning.TunedModel`, or the pretraining network).
@@ -9,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from tqdm.auto import tqdm
+
+from ncfinetune.training import fit_batches, predict_batches
 
 
 def set_cpu_threads(accelerator: Accelerator, threads: int | None = None) -> int:
@@ -38,13 +39,6 @@ def set_cpu_threads(accelerator: Accelerator, threads: int | None = None) -> int
         raise ValueError(f"cpu_threads must be >= 1 or null (auto), got {threads}")
     torch.set_num_threads(threads)
     return threads
-
-
-def as_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """``x`` in channels_last memory format when asked and 4-D (images or conv features)."""
-    if channels_last and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -116,37 +110,29 @@ def train_epoch(
     desc: str = "train",
     channels_last: bool = False,
 ) -> EpochStats:
-    """One pass over ``loader`` with gradient accumulation; the loss stays on device until the end
-    of the epoch (no host round trip per step). ``channels_last``: feed 4-D batches in that
-    memory format (for a model converted with ``model.to(memory_format=torch.channels_last)``)."""
-    model.train()
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
-    start, steps = time.perf_counter(), 0
-    for x, y in bar:
-        x = as_memory_format(x, channels_last)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        total += torch.stack(
-            [
-                loss.detach().double() * len(y),
-                torch.tensor(len(y), device=total.device, dtype=torch.float64),
-            ]
-        )
-        steps += 1
-        if max_steps is not None and steps >= max_steps:
-            break
-    seconds = time.perf_counter() - start
+    """One pass over ``loader`` through the shared loop (:func:`ncfinetune.training.fit_batches`)
+    with the Accelerator's gradient accumulation and autocast; the mean loss is reduced over
+    processes. ``channels_last``: feed 4-D batches in that memory format."""
+    fit = fit_batches(
+        model,
+        loader,
+        optimizer,
+        scheduler,
+        accelerator=accelerator,
+        label_smoothing=label_smoothing,
+        max_steps=max_steps,
+        channels_last=channels_last,
+        progress=desc,
+        check_finite=False,
+    )
+    images = torch.tensor(float(fit.images), dtype=torch.float64, device=fit.loss_sum.device)
+    total = torch.stack([fit.loss_sum, images]).to(accelerator.device)
     total = accelerator.reduce(total, reduction="sum")
-    return EpochStats(float(total[0] / total[1].clamp(min=1)), int(total[1]), seconds, steps)
+    return EpochStats(
+        float(total[0] / total[1].clamp(min=1)), int(total[1]), fit.seconds, fit.steps
+    )
 
 
-@torch.no_grad()
 def predict(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -156,20 +142,11 @@ def predict(
     channels_last: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Predictions (and optionally classifier-input features) for every sample of ``loader``,
-    gathered from all processes so that each sample appears exactly once."""
-    net = accelerator.unwrap_model(model, keep_torch_compile=False)
-    net.eval()
-    out: dict[str, list[torch.Tensor]] = {"preds": [], "labels": []}
-    if features:
-        out["features"] = []
-    for x, y in loader:
-        with accelerator.autocast():
-            logits, feats = net.forward_with_features(as_memory_format(x, channels_last))
-        items = [logits.argmax(1), y] + ([feats.float()] if features else [])
-        items = accelerator.gather_for_metrics(items)
-        for key, value in zip(out, items, strict=True):
-            out[key].append(value)  # stays on the device: one copy to the host at the end
-    return {k: torch.cat(v).cpu() if v else torch.empty(0) for k, v in out.items()}
+    gathered from all processes so that each sample appears exactly once (through
+    :func:`ncfinetune.training.predict_batches`)."""
+    return predict_batches(
+        model, loader, accelerator=accelerator, features=features, channels_last=channels_last
+    )
 
 
 # -- checkpoints for resume (atomic: write to a temporary folder, then rename) -------------------

@@ -53,14 +53,19 @@ def prefix_blocker(tuned) -> str | None:
         ``None`` when the prefix output can be cached; otherwise one sentence saying why not
         and what would make it cacheable.
     """
-    if tuned.method in ("full", "lora"):
+    if tuned.prefix_stop is None:
         return f"{tuned.method} trains (or adapts) every block: there is no frozen prefix to cache."
     adapter = tuned.adapter
+    if not tuned.splits_prefix:
+        return (
+            f"the {adapter.family} adapter runs {tuned.arch} whole (no stem/blocks split), so its "
+            "prefix cannot run apart; the prefix cache is for the ResNet and ViT families."
+        )
     tuned_blocks = adapter.blocks[prefix_stop(tuned) :]
     suffix = {id(m) for b in tuned_blocks for m in b.modules()}
     suffix |= {id(m) for c in adapter.classifier_modules() for m in c.modules()}
     prefix = [(n, m) for n, m in tuned.model.named_modules() if id(m) not in suffix]
-    frozen_bn = {id(m) for m in tuned._frozen_bn} if tuned.bn == "frozen" else set()
+    frozen_bn = {id(m) for m in tuned.frozen_batchnorms} if tuned.bn == "frozen" else set()
     for name, m in prefix:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in frozen_bn:
             return (
@@ -77,7 +82,7 @@ def prefix_blocker(tuned) -> str | None:
 
 def prefix_stop(tuned) -> int:
     """Index of the first block after the frozen prefix (the block count for a linear probe)."""
-    return len(tuned.adapter.blocks) if tuned.block_index is None else tuned.block_index
+    return tuned.prefix_stop
 
 
 def check_prefix(tuned, cache: PrefixCache) -> None:
@@ -157,7 +162,8 @@ class PrefixCache:
             labels[: len(self)] = self._labels[: len(self)]
         self._store, self._labels = store, labels
 
-    def _missing(self, rows: Sequence[int] | np.ndarray) -> list[int]:
+    def missing(self, rows: Sequence[int] | np.ndarray) -> list[int]:
+        """The distinct ``rows`` not cached yet, in first-seen order."""
         return [int(r) for r in dict.fromkeys(np.asarray(rows).tolist()) if r not in self._slot]
 
     def _insert(self, rows: list[int], h: torch.Tensor, y: torch.Tensor) -> None:
@@ -170,7 +176,7 @@ class PrefixCache:
 
     def fill(self, rows: Sequence[int] | np.ndarray) -> None:
         """Compute and store the prefix outputs of the ``rows`` not yet cached."""
-        missing = self._missing(rows)
+        missing = self.missing(rows)
         for s in range(0, len(missing), self.batch_size):
             chunk = missing[s : s + self.batch_size]
             x, y = self.source(chunk)
@@ -202,7 +208,7 @@ def fill_shared(caches: Sequence[PrefixCache], rows: Sequence[int] | np.ndarray)
     if not caches:
         return 0
     first = caches[0]
-    missing = sorted(set().union(*(c._missing(rows) for c in caches)))
+    missing = sorted(set().union(*(c.missing(rows) for c in caches)))
     adapter = caches[-1].tuned.adapter
     for s in range(0, len(missing), first.batch_size):
         chunk = missing[s : s + first.batch_size]
@@ -234,9 +240,11 @@ def prefix_loader(loader, tuned, *, max_bytes: int = DEFAULT_MAX_BYTES, share_wi
     """The same batches as ``loader``, as prefix outputs of ``tuned`` computed once per sample.
 
     ``loader`` must come from :func:`ncfinetune.data.build_loader` with a pre-decoded,
-    non-augmenting transform (its dataset is a ``TensorCache``). The new loader keeps the
-    batch sampler (order, sharding, ``set_epoch``); each sample's prefix is computed the first
-    time it is drawn and kept (in the main process: ``num_workers`` is 0). Set
+    non-augmenting transform (its dataset is a ``TensorCache``). The new loader shares the
+    batch sampler and the collate function, so it draws the same positions in the same order
+    (accelerate's seedable sampler: prepared, it is sharded per process and ``set_epoch``
+    reaches it); each sample's prefix is computed the first time it is drawn and kept (in the
+    main process: ``num_workers`` is 0). Set
     ``tuned.prefix_inputs = True`` while feeding the model from it. ``share_with``: another
     prefix loader over the same rows in the same positions (e.g. the training subset without
     shuffling) whose cache this one reuses.
@@ -249,7 +257,7 @@ def prefix_loader(loader, tuned, *, max_bytes: int = DEFAULT_MAX_BYTES, share_wi
     """
     from torch.utils.data import DataLoader
 
-    from ncfinetune.data import TensorCache, _pass_batch
+    from ncfinetune.data import TensorCache
 
     dataset = loader.dataset
     if not isinstance(dataset, TensorCache):
@@ -273,6 +281,6 @@ def prefix_loader(loader, tuned, *, max_bytes: int = DEFAULT_MAX_BYTES, share_wi
     return DataLoader(
         _PrefixDataset(cache, len(dataset)),
         batch_sampler=loader.batch_sampler,
-        collate_fn=_pass_batch,
+        collate_fn=loader.collate_fn,  # batches pass through as the loader's own do
         num_workers=0,
     )

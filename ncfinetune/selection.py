@@ -49,11 +49,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ncfinetune._warn import warn_once
 from ncfinetune.backbones import get_adapter
-from ncfinetune.backbones.base import _arch_name
+from ncfinetune.backbones.base import arch_name
 from ncfinetune.errors import ConfigError
 from ncfinetune.features import collect_block_features, save_figure
+from ncfinetune.messages import warn_once
+from ncfinetune.methods import method_class
 from ncfinetune.metrics import nc1_or_none
 from ncfinetune.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
 from ncfinetune.subsets import balanced_subset, validation_split
@@ -332,9 +333,15 @@ def _trainable_percent(model: nn.Module, index: int) -> float:
     # layer and scl train the same modules (the skip has no parameters)
     adapter = get_adapter(model)
     head = sum(p.numel() for m in adapter.classifier_modules() for p in m.parameters())
-    block = sum(p.numel() for p in adapter.blocks[index].parameters())
+    block = sum(p.numel() for m in adapter.block_modules(index) for p in m.parameters())
     total = sum(p.numel() for p in model.parameters())
     return 100.0 * (head + block) / total
+
+
+def _uses_skip(method: str) -> bool:
+    """Whether ``method`` (a one-block method name) adds the SCL skip, so blocks must fit it."""
+    cls = method_class(method)
+    return cls.tunes_block and cls(block=0).uses_skip
 
 
 def default_candidates(
@@ -347,7 +354,7 @@ def default_candidates(
     scl, whose width fits the skip) within the parameter budget, at most ``max_candidates`` of
     them evenly spaced in depth (the first and the deepest always included)."""
     adapter = get_adapter(model)
-    idx = [i for i in range(len(adapter.blocks)) if method == "layer" or _fits(adapter, i)]
+    idx = [i for i in range(len(adapter.blocks)) if not _uses_skip(method) or _fits(adapter, i)]
     if max_trainable_percent is not None:
         idx = [i for i in idx if _trainable_percent(model, i) <= max_trainable_percent]
     if len(idx) > max_candidates:
@@ -425,8 +432,11 @@ def select_block(
     t0 = time.perf_counter()
     if rule not in RULES:
         raise ConfigError(f"rule {rule!r} is not one of {', '.join(RULES)}.")
-    if method not in ("layer", "scl"):
-        raise ConfigError(f"method {method!r} cannot be placed at a block; use 'layer' or 'scl'.")
+    if not method_class(method).tunes_block:
+        raise ConfigError(
+            f"method {method!r} does not tune one block, so no block can be selected for it; "
+            "use a one-block method such as 'scl' or 'layer'."
+        )
     if not (lr == "auto" or _positive(lr)):
         raise ConfigError(f"lr must be 'auto' or a positive number, got {lr!r}.")
     if lr == "auto":
@@ -438,10 +448,10 @@ def select_block(
     if candidates is None:
         idx = default_candidates(model, method, max_trainable_percent)
         if not idx:
-            allowed = [i for i in range(len(names)) if method == "layer" or _fits(adapter, i)]
+            allowed = [i for i in range(len(names)) if not _uses_skip(method) or _fits(adapter, i)]
             least = min(allowed, key=lambda i: _trainable_percent(model, i))
             raise ConfigError(
-                f"no block of {_arch_name(model)} trains at most {max_trainable_percent}% of the "
+                f"no block of {arch_name(model)} trains at most {max_trainable_percent}% of the "
                 f"parameters with {method}; the smallest is block {least} ({names[least]}) at "
                 f"{_trainable_percent(model, least):.2f}%. Raise max_trainable_percent or pass "
                 "candidates."
@@ -497,7 +507,7 @@ def select_block(
     return BlockSelection(
         rule=rule,
         method=method,
-        arch=_arch_name(model),
+        arch=arch_name(model),
         rows=rows,
         chosen=chosen,
         chosen_name=names[chosen],
@@ -734,11 +744,8 @@ def select_lr(
         ConfigError: bad lr_grid or probe settings, or fewer training samples per class than
             holding some out needs (the message names the minimum).
     """
-    from ncfinetune.tuning import METHODS
-
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise ConfigError(f"method {method!r} is not one of {', '.join(METHODS)}.")
+    method_class(method)  # a clear error for an unknown name
     _check_grid(lr_grid)
     _check_probe(probe_steps, batch_size)
     fetch, labels = _as_fetch(train_data)
@@ -798,11 +805,11 @@ def _explicit_candidates(model, adapter, method, candidates, max_trainable_perce
     names = adapter.block_names
     if len(candidates) == 0:
         raise ConfigError(
-            f"candidates is empty; pass block indices or names of {_arch_name(model)} "
+            f"candidates is empty; pass block indices or names of {arch_name(model)} "
             f"(0..{len(names) - 1}) or None for the default candidates."
         )
     idx = sorted({adapter.resolve(c) for c in candidates})
-    wide = [i for i in idx if method == "scl" and not _fits(adapter, i)]
+    wide = [i for i in idx if _uses_skip(method) and not _fits(adapter, i)]
     if wide:
         raise ConfigError(
             f"SCL skip cannot fit candidate block(s) "

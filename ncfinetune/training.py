@@ -1,15 +1,28 @@
-"""Pieces shared by recipes, benchmarks and block selection: optimizers over the trainable set,
-schedules, and a fixed-step training loop and evaluation over in-memory data."""
+"""The one training loop and the one evaluation loop, shared by the recipes, block selection's
+probes and the benchmarks; optimizers over the trainable set and the cosine schedule.
+
+:func:`fit_batches` and :func:`predict_batches` take any iterable of ``(images, labels)``
+batches. Batches follow the model's device; forward passes run under bf16 autocast when asked
+(``precision``), or under the Accelerator's autocast when one is given, which also does the
+backward pass, gradient accumulation and (for prediction) the gather across processes.
+:func:`train_steps` / :func:`evaluate_rows` feed them from rows of an in-memory dataset with a
+fixed step budget, which is what keeps benchmark runs and probes comparable.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from tqdm.auto import tqdm
 
 from ncfinetune.errors import ConfigError
 from ncfinetune.prefix_cache import PrefixCache, check_prefix
@@ -18,25 +31,46 @@ from ncfinetune.tuning import TunedModel
 OPTIMIZERS = ("sgd", "adamw")
 
 
+_TIMM_NAMES = {"sgd": "momentum", "adamw": "adamw"}  # timm's "sgd" is Nesterov; ours is not
+
+
 def build_optimizer(
     tuned: TunedModel,
     name: str = "sgd",
     lr: float = 0.1,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
+    *,
+    no_decay_norm_bias: bool = False,
 ) -> torch.optim.Optimizer:
-    """An optimizer over the trainable parameters only (paper defaults: SGD, momentum 0.9,
-    weight decay 1e-4, lr 0.1)."""
+    """An optimizer over the trainable parameters only, from timm's ``create_optimizer_v2``
+    (paper defaults: SGD with momentum 0.9, no Nesterov, weight decay 1e-4, lr 0.1).
+
+    Args:
+        name: ``sgd`` (timm's ``momentum``) or ``adamw``.
+        no_decay_norm_bias: no weight decay on norm weights and biases (1-D tensors), timm's
+            ``filter_bias_and_bn``; off by default, as in the paper.
+    """
     params = tuned.trainable_parameters()
     if not params:
         raise ConfigError("the tuned model has no trainable parameters; nothing to optimise.")
-    if not (lr > 0 and math.isfinite(lr)):
+    if (
+        isinstance(lr, bool)
+        or not isinstance(lr, (int, float))
+        or not (lr > 0 and math.isfinite(lr))
+    ):
         raise ConfigError(f"lr must be a positive finite number, got {lr!r}.")
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ConfigError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}.")
+    if name not in _TIMM_NAMES:
+        raise ConfigError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}.")
+    extra = {"momentum": momentum} if name == "sgd" else {}
+    return create_optimizer_v2(
+        tuned.model if no_decay_norm_bias else params,  # timm skips frozen parameters itself
+        opt=_TIMM_NAMES[name],
+        lr=lr,
+        weight_decay=weight_decay,
+        filter_bias_and_bn=no_decay_norm_bias,
+        **extra,
+    )
 
 
 def build_cosine_schedule(
@@ -52,13 +86,181 @@ Fetch = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
 PRECISIONS = ("no", "bf16")
 
 
-def _autocast(tuned: TunedModel, precision: str) -> Callable[[], Any]:
-    """A factory of bf16 autocast contexts on the model's device (no-op ones for ``"no"``);
-    validated and resolved once per loop, not per step."""
+def as_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` in channels_last memory format when asked and 4-D (images or conv features)."""
+    if channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def autocast_factory(model: torch.nn.Module, precision: str, accelerator=None) -> Callable[[], Any]:
+    """A factory of autocast contexts: the Accelerator's when given, else bf16 autocast on the
+    model's device for ``precision="bf16"`` and a no-op one for ``"no"``. Validated once per
+    loop, not per step."""
+    if accelerator is not None:
+        return accelerator.autocast
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
-    device = next(tuned.parameters()).device.type
+    device = model_device(model).type
     return lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@dataclass
+class FitStats:
+    """What :func:`fit_batches` did on this process.
+
+    Attributes:
+        losses: the training loss of every step (float32, on the model's device).
+        images: images seen.
+        seconds: wall time of the loop.
+        loss_sum: sum over steps of the loss times the batch size (float64, on the device).
+    """
+
+    losses: torch.Tensor
+    images: int
+    seconds: float
+    loss_sum: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return int(self.losses.numel())
+
+
+def fit_batches(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    accelerator=None,
+    precision: str = "no",
+    label_smoothing: float = 0.0,
+    max_steps: int | None = None,
+    channels_last: bool = False,
+    progress: str | None = None,
+    check_finite: bool = True,
+) -> FitStats:
+    """Train ``model`` on ``batches``: one optimizer and scheduler step per batch.
+
+    Batches are moved to the model's device. With ``accelerator`` (the model, optimizer,
+    scheduler and loader prepared by it) the step runs under ``accelerator.accumulate`` and its
+    autocast and backward (gradient accumulation, DDP, mixed precision); without, forward
+    passes run under bf16 autocast when ``precision="bf16"``. Losses stay on the device until
+    the end (no host round trip per step).
+
+    Args:
+        max_steps: stop after this many batches.
+        progress: a tqdm description to show a bar (main process only), or None.
+        check_finite: raise when a loss was NaN or infinite.
+
+    Raises:
+        FloatingPointError: a loss became NaN or infinite (training diverged: lower the lr).
+    """
+    device = model_device(model)
+    autocast = autocast_factory(model, precision, accelerator)
+    show = progress is not None and (accelerator is None or accelerator.is_local_main_process)
+    losses, images = [], 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    model.train()
+    start = time.perf_counter()
+    for x, y in tqdm(batches, desc=progress, leave=False, disable=not show):
+        x = as_memory_format(x.to(device, non_blocking=True), channels_last)
+        y = y.to(device, non_blocking=True)
+        accumulate = accelerator.accumulate(model) if accelerator else contextlib.nullcontext()
+        with accumulate:
+            with autocast():
+                loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        loss_sum += loss.detach().double() * len(y)
+        images += len(y)
+        if max_steps is not None and len(losses) >= max_steps:
+            break
+    seconds = time.perf_counter() - start
+    stats = FitStats(torch.stack(losses) if losses else torch.empty(0), images, seconds, loss_sum)
+    if check_finite and stats.steps and not bool(torch.isfinite(stats.losses).all()):
+        bad = int((~torch.isfinite(stats.losses)).nonzero()[0])
+        lr = optimizer.param_groups[0]["lr"]
+        raise FloatingPointError(
+            f"the training loss became {stats.losses[bad].item()} at step {bad + 1} of "
+            f"{stats.steps} (lr now {lr:g}): training diverged. Lower the learning rate."
+        )
+    return stats
+
+
+@torch.no_grad()
+def predict_batches(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    accelerator=None,
+    precision: str = "no",
+    features: bool = False,
+    channels_last: bool = False,
+    progress: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Predictions, labels (and the classifier-input features) of every sample, in eval mode.
+
+    ``model`` must have ``forward_with_features(x) -> (logits, features)`` (a TunedModel).
+    With ``accelerator`` the results are gathered from all processes so that each sample
+    appears exactly once. Results are returned on the CPU (one copy at the end).
+    """
+    net = (
+        model if accelerator is None else accelerator.unwrap_model(model, keep_torch_compile=False)
+    )
+    device = model_device(net)
+    autocast = autocast_factory(net, precision, accelerator)
+    show = progress is not None and (accelerator is None or accelerator.is_local_main_process)
+    net.eval()
+    out: dict[str, list[torch.Tensor]] = {"preds": [], "labels": []}
+    if features:
+        out["features"] = []
+    for x, y in tqdm(batches, desc=progress, leave=False, disable=not show):
+        x = as_memory_format(x.to(device, non_blocking=True), channels_last)
+        with autocast():
+            logits, feats = net.forward_with_features(x)
+        items = [logits.argmax(1), y.to(device)] + ([feats.float()] if features else [])
+        if accelerator is not None:
+            items = accelerator.gather_for_metrics(items)
+        for key, value in zip(out, items, strict=True):
+            out[key].append(value)
+    return {k: torch.cat(v).cpu() if v else torch.empty(0) for k, v in out.items()}
+
+
+def _row_batches(fetch: Fetch, rows: np.ndarray, steps: int, batch: int, seed: int):
+    """``steps`` batches of ``batch`` rows; rows are reshuffled once per pass (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch:
+            order += rows[torch.randperm(rows.size, generator=gen).numpy()].tolist()
+        picked, order = order[:batch], order[batch:]
+        yield fetch(picked)
+
+
+@contextlib.contextmanager
+def _prefix_inputs(tuned: TunedModel, prefix: PrefixCache | None, fetch: Fetch):
+    """Feed ``tuned`` from ``prefix`` (its ``fetch``, ``prefix_inputs`` set) inside the block."""
+    if prefix is None:
+        yield fetch
+        return
+    check_prefix(tuned, prefix)
+    before, tuned.prefix_inputs = tuned.prefix_inputs, True
+    try:
+        yield prefix.fetch
+    finally:
+        tuned.prefix_inputs = before
 
 
 def train_steps(
@@ -77,7 +279,8 @@ def train_steps(
     prefix: PrefixCache | None = None,
     precision: str = "no",
 ) -> torch.Tensor:
-    """Train ``tuned`` for a fixed number of optimizer steps on ``rows`` of an in-memory dataset.
+    """Train ``tuned`` for a fixed number of optimizer steps on ``rows`` of an in-memory dataset,
+    through :func:`fit_batches`.
 
     ``fetch(list_of_rows)`` returns one (images, labels) batch. Rows are reshuffled once per
     pass (seeded); every step gets a full batch of ``min(batch_size, len(rows))``, so the
@@ -88,11 +291,10 @@ def train_steps(
     With ``prefix`` (a :class:`~ncfinetune.prefix_cache.PrefixCache` over the same data), each
     step runs only the model's suffix on cached prefix outputs; each row's prefix is computed
     once. Same seed, same batches: the result equals the uncached path up to float rounding.
-    ``precision="bf16"`` runs forward passes under bf16 autocast (faster on CPUs and GPUs with
-    native bf16; the recipe's ``mixed_precision: auto`` makes the same choice).
+    ``precision="bf16"`` runs forward passes under bf16 autocast.
 
     Returns:
-        The training loss of every step (float32 tensor).
+        The training loss of every step (float32 tensor, on the CPU).
 
     Raises:
         FloatingPointError: if the loss becomes NaN or infinite (diverged: lower the lr).
@@ -100,40 +302,14 @@ def train_steps(
     rows = np.asarray(rows)
     if rows.size == 0:
         raise ConfigError("train_steps got no rows to train on.")
-    forward = tuned
-    if prefix is not None:
-        check_prefix(tuned, prefix)
-        fetch, forward = prefix.fetch, lambda h: tuned.forward_suffix(h)[1]
     opt = build_optimizer(tuned, optimizer, lr, momentum, weight_decay)
     sched = build_cosine_schedule(opt, steps, min_lr)
-    batch = min(batch_size, rows.size)
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    losses = torch.empty(steps)
-    autocast = _autocast(tuned, precision)
-    tuned.train()
-    for step in range(steps):
-        if len(order) < batch:
-            order += rows[torch.randperm(rows.size, generator=gen).numpy()].tolist()
-        picked, order = order[:batch], order[batch:]
-        x, y = fetch(picked)
-        with autocast():
-            loss = F.cross_entropy(forward(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses[step] = loss.detach()
-    if not bool(torch.isfinite(losses).all()):
-        bad = int((~torch.isfinite(losses)).nonzero()[0])
-        raise FloatingPointError(
-            f"the training loss became {losses[bad].item()} at step {bad + 1} of {steps} (lr "
-            f"{lr:g}): training diverged. Lower the learning rate."
-        )
-    return losses
+    with _prefix_inputs(tuned, prefix, fetch) as source:
+        batches = _row_batches(source, rows, steps, min(batch_size, rows.size), seed)
+        stats = fit_batches(tuned, batches, opt, sched, precision=precision)
+    return stats.losses.cpu()
 
 
-@torch.no_grad()
 def evaluate_rows(
     tuned: TunedModel,
     fetch: Fetch,
@@ -142,28 +318,17 @@ def evaluate_rows(
     prefix: PrefixCache | None = None,
     precision: str = "no",
 ) -> dict[str, Any]:
-    """Accuracy, penultimate features and labels of ``rows`` (eval mode, one pass); with
-    ``prefix``, from cached prefix outputs, and ``precision`` as in :func:`train_steps`."""
-    tuned.eval()
+    """Accuracy, penultimate features and labels of ``rows`` (eval mode, one pass through
+    :func:`predict_batches`); with ``prefix``, from cached prefix outputs, and ``precision``
+    as in :func:`train_steps`."""
     rows = np.asarray(rows)
-    if prefix is not None:
-        check_prefix(tuned, prefix)
-        fetch = prefix.fetch
-    autocast = _autocast(tuned, precision)
-    preds, feats, labels = [], [], []
-    for s in range(0, rows.size, batch_size):
-        x, y = fetch(rows[s : s + batch_size].tolist())
-        with autocast():
-            if prefix is None:
-                logits, f = tuned.forward_with_features(x)
-            else:
-                f, logits = tuned.forward_suffix(x)
-        preds.append(logits.argmax(1))
-        feats.append(f.float())
-        labels.append(y)
-    preds, feats, labels = torch.cat(preds), torch.cat(feats), torch.cat(labels)
+    with _prefix_inputs(tuned, prefix, fetch) as source:
+        batches = (
+            source(rows[s : s + batch_size].tolist()) for s in range(0, rows.size, batch_size)
+        )
+        res = predict_batches(tuned, batches, precision=precision, features=True)
     return {
-        "accuracy": float((preds == labels).float().mean()),
-        "features": feats,
-        "labels": labels,
+        "accuracy": float((res["preds"] == res["labels"]).float().mean()),
+        "features": res["features"],
+        "labels": res["labels"],
     }

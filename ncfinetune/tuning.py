@@ -11,137 +11,70 @@ pure function of the input (``bn="frozen"``, no augmentation).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ncfinetune._warn import warn_once
+from ncfinetune import checkpoint
 from ncfinetune.backbones import BackboneAdapter, get_adapter
-from ncfinetune.backbones.base import _arch_name
+from ncfinetune.backbones.base import Prediction, arch_name
 from ncfinetune.errors import ConfigError
+from ncfinetune.messages import warn_once
+from ncfinetune.methods import (
+    BN_POLICIES,
+    FullConfig,
+    LayerConfig,
+    LinearConfig,
+    LoRABlockConfig,
+    MethodConfig,
+    SCLConfig,
+    method_config,
+)
 
-METHODS = ("linear", "layer", "scl", "full", "lora-block", "lora")
-"""Tuning methods: linear probe, Layer FT, SCL FT, full fine-tuning (SPEC section 2), and two
-peft LoRA methods: ``lora-block`` (LoRA on the Linear/Conv2d layers of one block, optionally
-with the SCL skip) and ``lora`` (LoRA on every block's Linear/Conv2d layers, the usual peft
-baseline)."""
-
-BLOCK_METHODS = ("layer", "scl", "lora-block")
-"""Methods that tune one chosen block."""
-
-BN_POLICIES = ("update", "frozen")
-"""``update``: every BatchNorm adapts its running statistics to the downstream data in train mode
-(the paper's setting, App. B.2). ``frozen``: BatchNorms outside the trained modules keep their
-pretrained statistics (they stay in eval mode), which makes the frozen prefix a pure function of
-the input."""
-
-METHOD_TITLES = {
-    "linear": "linear probe",
-    "layer": "Layer FT",
-    "scl": "SCL FT",
-    "full": "full FT",
-    "lora-block": "LoRA-in-block",
-    "lora": "LoRA (all blocks)",
-}
-
-
-@dataclass
-class TuningConfig:
-    """What to train and how. Validated on construction.
-
-    Attributes:
-        method: one of ``linear``, ``layer``, ``scl``, ``full``.
-        block: the block to tune for ``layer``/``scl``: 0-based index (negative from the end) or
-            module name. Ignored (with a warning) for ``linear``/``full``.
-        bn: BatchNorm policy, ``update`` or ``frozen``; ``None`` means ``update`` and stays silent
-            on models without BatchNorm.
-        skip_norm: ViT only. Pass the SCL skip through the model's final norm (``norm``, then
-            pooling, then ``fc_norm``), exactly as phi(x) is made from the last block. ``None``
-            means True for ViTs. The raw residual stream of an inner block has a scale unrelated
-            to the normalised penultimate features, so adding it un-normalised lets one of the two
-            terms dominate; with the norm both live in the same coordinates.
-        lora_rank, lora_alpha: LoRA methods: the rank r of the update B A and its scale
-            alpha / r (peft's ``LoraConfig.r`` and ``lora_alpha``; alpha defaults to r).
-        lora_skip: ``lora-block`` only: also add the SCL skip from the block.
-    """
-
-    method: str = field(metadata={"help": "linear | layer | scl | full"})
-    block: int | str | None = field(default=None, metadata={"help": "index or module name"})
-    bn: str | None = field(default=None, metadata={"help": "update | frozen"})
-    skip_norm: bool | None = field(default=None, metadata={"help": "ViT: norm the SCL skip"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA methods: rank r"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA: scale alpha (r)"})
-    lora_skip: bool = field(default=False, metadata={"help": "lora-block: add the SCL skip"})
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.method not in METHODS:
-            problems.append(f"method={self.method!r} is not one of {', '.join(METHODS)}")
-        if (
-            isinstance(self.lora_rank, bool)
-            or not isinstance(self.lora_rank, int)
-            or (self.lora_rank < 1)
-        ):
-            problems.append(f"lora_rank={self.lora_rank!r} must be an integer >= 1")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            problems.append(f"lora_alpha={self.lora_alpha!r} must be > 0")
-        if self.method in BLOCK_METHODS and self.block is None:
-            problems.append(
-                f"method={self.method!r} tunes one block: pass block=INDEX or block=NAME "
-                "(see ncfinetune.list_blocks(model))"
-            )
-        if self.bn is not None and self.bn not in BN_POLICIES:
-            problems.append(f"bn={self.bn!r} is not one of {', '.join(BN_POLICIES)}")
-        if problems:
-            raise ConfigError("invalid tuning config: " + "; ".join(problems) + ".")
-        if self.lora_skip and self.method != "lora-block":
-            warn_once(f"lora_skip has no effect with method={self.method!r}; ignored.")
-            self.lora_skip = False
-        if self.method in ("linear", "full", "lora") and self.block is not None:
-            warn_once(f"block={self.block!r} has no effect with method={self.method!r}; ignored.")
-            self.block = None
-        if self.skip_norm is not None and not self.uses_skip:
-            warn_once(f"skip_norm has no effect with method={self.method!r} (no skip); ignored.")
-
-    @property
-    def uses_skip(self) -> bool:
-        """True when the model adds the SCL skip (``scl``, or ``lora-block`` with ``lora_skip``)."""
-        return self.method == "scl" or (self.method == "lora-block" and self.lora_skip)
+MethodLike = MethodConfig | str
 
 
 class TunedModel(nn.Module):
-    """A timm classifier prepared for one of the tuning methods (:data:`METHODS`).
+    """A timm classifier prepared for one tuning method (see :mod:`ncfinetune.methods`).
 
-    Build it with :func:`wrap` (or :func:`scl_wrap`, :func:`layer_wrap`, :func:`linear_wrap`,
-    :func:`full_wrap`). The wrapped timm model is ``self.model``; it is modified in place
-    (``requires_grad`` flags), so wrap a model once.
+    Build it with :func:`get_tuned_model` (or :func:`scl_wrap`, :func:`layer_wrap`,
+    :func:`linear_wrap`, :func:`full_wrap`, :func:`lora_block_wrap`). The wrapped timm model is
+    ``self.model``; it is modified in place (``requires_grad`` flags, LoRA layers), so wrap a
+    model once.
     """
 
-    def __init__(self, model: nn.Module, config: TuningConfig) -> None:
+    def __init__(self, model: nn.Module, config: MethodConfig) -> None:
         super().__init__()
         if isinstance(model, TunedModel):
             raise ConfigError("model is already a TunedModel; wrap its .model or a fresh model.")
+        if not isinstance(config, MethodConfig):
+            raise ConfigError(
+                f"config must be a method config such as SCLConfig(block=4), got "
+                f"{type(config).__name__} {config!r}."
+            )
         adapter = get_adapter(model)
         self.model = model
         self.adapter: BackboneAdapter = adapter
         self.config = config
         self.feature_dim = adapter.feature_dim
         self.block_index: int | None = None
-        if config.method in BLOCK_METHODS:
+        if config.tunes_block:
             self.block_index = adapter.resolve(config.block)
             if config.uses_skip:
                 self._check_skip_fits(self.block_index)
+        self.prefix_stop = config.prefix_stop(len(adapter.blocks), self.block_index)
+        """First block after the frozen prefix (``None``: no frozen prefix)."""
         self.skip_norm = self._resolve_skip_norm()
         self.bn = self._resolve_bn()
         self.prefix_inputs = False
         """True when the inputs are already the prefix's outputs (batches from a
         :func:`ncfinetune.prefix_cache.prefix_loader`): forward then runs the suffix alone."""
-        self._lora_layers: list[nn.Module] = []
-        if config.method.startswith("lora"):
-            self._lora_layers = _inject_lora(self)
+        config.prepare(self)
+        self.frozen_batchnorms: list[nn.Module] = []
+        """BatchNorms outside the trained modules (kept in eval mode under ``bn="frozen"``)."""
         self._freeze()
 
     # -- construction helpers -------------------------------------------------------------
@@ -157,41 +90,35 @@ class TunedModel(nn.Module):
                 f"SCL skip from block {index} ({self.adapter.block_names[index]}) has {channels} "
                 f"channels, more than the {self.feature_dim} penultimate features of "
                 f"{self.arch}; zero-padding cannot fit it and ncfinetune does not truncate. "
-                f"Blocks that fit: {', '.join(fits)}. Pick one of them or use method='layer'."
+                f"Blocks that fit: {', '.join(fits) or 'none'}. Pick one of them or use "
+                "method='layer'."
             )
 
     def _resolve_skip_norm(self) -> bool:
-        is_vit = hasattr(self.adapter, "pool_normed")
-        if self.config.skip_norm and not is_vit and self.config.uses_skip:
-            warn_once(f"skip_norm has no effect on {self.arch}: it has no final norm.")
-        if self.config.skip_norm is None:
-            return is_vit
-        return bool(self.config.skip_norm) and is_vit
+        requested = getattr(self.config, "skip_norm", None)
+        has_norm = self.adapter.has_skip_norm
+        if requested and not has_norm and self.config.uses_skip:
+            warn_once(f"skip_norm has no effect on {self.arch}: its adapter has no final norm.")
+        if requested is None:
+            return has_norm
+        return bool(requested) and has_norm
 
     def _resolve_bn(self) -> str:
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         if self.config.bn is not None and not has_bn:
             warn_once(f"bn={self.config.bn!r} has no effect: {self.arch} has no BatchNorm layers.")
-        if self.config.bn == "frozen" and self.config.method == "full":
-            warn_once("bn='frozen' has no effect with method='full': every layer is trained.")
         return self.config.bn or "update"
 
-    def _trainable_modules(self) -> list[nn.Module]:
-        if self.method == "full":
-            return [self.model]
-        mods = list(self.adapter.classifier_modules())
-        if self._lora_layers:  # only the low-rank factors train; the block's own weights stay
-            mods += [d for m in self._lora_layers for d in (m.lora_A, m.lora_B)]
-        elif self.block_index is not None:
-            mods.append(self.adapter.blocks[self.block_index])
-        return mods
+    def trainable_modules(self) -> list[nn.Module]:
+        """The modules whose parameters train, as the method defines them."""
+        return self.config.trainable_modules(self)
 
     def _freeze(self) -> None:
         self.model.requires_grad_(False)
-        for m in self._trainable_modules():
+        for m in self.trainable_modules():
             m.requires_grad_(True)
-        trained = {id(s) for m in self._trainable_modules() for s in m.modules()}
-        self._frozen_bn = [
+        trained = {id(s) for m in self.trainable_modules() for s in m.modules()}
+        self.frozen_batchnorms = [
             m
             for m in self.model.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in trained
@@ -201,25 +128,32 @@ class TunedModel(nn.Module):
     # -- properties -------------------------------------------------------------------------
     @property
     def method(self) -> str:
-        """The tuning method: ``linear``, ``layer``, ``scl`` or ``full``."""
-        return self.config.method
+        """The tuning method's name (``linear``, ``layer``, ``scl``, ``full``, ...)."""
+        return self.config.name
 
     @property
     def arch(self) -> str:
         """The timm architecture name of the wrapped model."""
-        return _arch_name(self.model)
+        return arch_name(self.model)
 
     @property
     def block_name(self) -> str | None:
-        """Module name of the tuned block (None for linear/full)."""
+        """Module name of the tuned block (None for methods without one)."""
         return None if self.block_index is None else self.adapter.block_names[self.block_index]
+
+    @property
+    def splits_prefix(self) -> bool:
+        """True when :meth:`forward_prefix` runs the frozen blocks apart from the rest (adapters
+        with a stem/blocks split and a method with a frozen prefix): the precondition of the
+        prefix cache. Otherwise the prefix returns the images and the suffix runs everything."""
+        return self.adapter.splittable and self.prefix_stop is not None
 
     # -- modes ------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> TunedModel:
         """Set train/eval mode; with ``bn="frozen"`` frozen BatchNorms always stay in eval mode."""
         super().train(mode)
         if mode and self.bn == "frozen":
-            for m in self._frozen_bn:
+            for m in self.frozen_batchnorms:
                 m.eval()
         return self
 
@@ -227,31 +161,33 @@ class TunedModel(nn.Module):
     def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen part before the first trained block, run without autograd.
 
-        Returns the input of the tuned block (``layer``/``scl``/``lora-block``), the last
-        block's output (``linear``), or ``x`` itself (``full``, ``lora``).
+        Returns the input of the tuned block (one-block methods), the last block's output
+        (linear probe), or ``x`` itself where there is no separable frozen prefix (full FT,
+        LoRA on every block, and families without a prefix split).
         """
-        if self.method in ("full", "lora"):
+        if not self.splits_prefix:
             return x
-        stop = self.block_index if self.block_index is not None else None
         with torch.no_grad():
-            return self.adapter.forward_blocks(self.adapter.stem(x), 0, stop)
+            return self.adapter.forward_blocks(self.adapter.stem(x), 0, self.prefix_stop)
 
-    def forward_suffix(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The trained part from the output of :meth:`forward_prefix`.
+    def forward_suffix(self, h: torch.Tensor) -> Prediction:
+        """The trained part, from the output of :meth:`forward_prefix`.
 
         Returns:
-            ``(features, logits)``: the classifier's input (penultimate features plus the SCL
-            skip) and the logits.
+            ``Prediction(logits, features)``; features are the classifier's input (penultimate
+            features plus the SCL skip).
         """
         a = self.adapter
-        if self.method in ("full", "lora"):
-            h = a.forward_blocks(a.stem(h))
-            return a.classify(h, None)
-        if self.method == "linear":
-            return a.classify(h, None)
-        h = a.blocks[self.block_index](h)
-        skip = self.skip(h) if self.config.uses_skip else None
-        h = a.forward_blocks(h, self.block_index + 1)
+        capture = {self.block_index} if self.config.uses_skip else set()
+        if self.splits_prefix:
+            outputs = {}
+            for i in range(self.prefix_stop, len(a.blocks)):
+                h = a.blocks[i](h)
+                if i in capture:
+                    outputs[i] = h
+        else:
+            h, outputs = a.forward_capture(h, capture)
+        skip = self.skip(outputs[self.block_index]) if capture else None
         return a.classify(h, skip)
 
     def skip(self, block_output: torch.Tensor) -> torch.Tensor:
@@ -262,14 +198,13 @@ class TunedModel(nn.Module):
             pooled = self.adapter.pool(block_output)
         return F.pad(pooled, (0, self.feature_dim - pooled.shape[1]))
 
-    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits, features)`` in one pass; features are the classifier's input."""
-        feats, logits = self.forward_suffix(x if self.prefix_inputs else self.forward_prefix(x))
-        return logits, feats
+    def forward_with_features(self, x: torch.Tensor) -> Prediction:
+        """``Prediction(logits, features)`` in one pass; features are the classifier's input."""
+        return self.forward_suffix(x if self.prefix_inputs else self.forward_prefix(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of images (or of prefix outputs when ``prefix_inputs`` is set)."""
-        return self.forward_suffix(x if self.prefix_inputs else self.forward_prefix(x))[1]
+        return self.forward_with_features(x).logits
 
     # -- parameters -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -302,12 +237,9 @@ class TunedModel(nn.Module):
             "" if self.block_index is None else f" at block {self.block_index} ({self.block_name})"
         )
         extra = f", skip_norm={self.skip_norm}" if self.config.uses_skip and self.skip_norm else ""
-        if self._lora_layers:
-            alpha = self.config.lora_alpha or self.config.lora_rank
-            extra += f", LoRA r={self.config.lora_rank} alpha={alpha:g} on {len(self._lora_layers)} layers"
-            extra += ", with SCL skip" if self.config.uses_skip else ""
+        extra += self.config.describe(self)
         return (
-            f"{METHOD_TITLES[self.method]} of {self.arch}{where}, bn={self.bn}{extra}: "
+            f"{self.config.title} of {self.arch}{where}, bn={self.bn}{extra}: "
             f"{self.parameter_report()}"
         )
 
@@ -322,7 +254,7 @@ class TunedModel(nn.Module):
         ``bn="update"`` (running statistics adapt everywhere). Names are the timm model's own.
         """
         keep = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        trained = {id(s) for m in self._trainable_modules() for s in m.modules()}
+        trained = {id(s) for m in self.trainable_modules() for s in m.modules()}
         for mod_name, mod in self.model.named_modules():
             is_bn = isinstance(mod, nn.modules.batchnorm._BatchNorm)
             if id(mod) in trained or (is_bn and self.bn == "update"):
@@ -331,72 +263,84 @@ class TunedModel(nn.Module):
         state = self.model.state_dict()
         return {k: v.detach() for k, v in state.items() if k in keep}
 
-    def save_pretrained(self, path: str) -> None:
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the tuned tensors (safetensors) and metadata (JSON) to directory ``path``.
 
-        Only what was tuned is written, atomically (temporary file, then rename). See
-        :func:`ncfinetune.checkpoint.save_tuned`.
+        Only what was tuned is written, atomically (see :mod:`ncfinetune.checkpoint`); LoRA
+        methods also write a peft adapter (``adapter_model.safetensors``).
         """
-        from ncfinetune.checkpoint import save_tuned
-
-        save_tuned(self, path)
-
-
-def _inject_lora(tuned: TunedModel) -> list[nn.Module]:
-    """Add peft LoRA adapters to the Linear/Conv2d layers of the tuned block (``lora-block``) or
-    of every block (``lora``), in place; return the LoRA layers."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
-
-    a = tuned.adapter
-    blocks = [tuned.block_index] if tuned.block_index is not None else range(len(a.blocks))
-    targets = [
-        f"{a.block_names[i]}.{name}"
-        for i in blocks
-        for name, m in a.blocks[i].named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
-    ]
-    if not targets:
-        raise ConfigError(
-            f"{tuned.arch} has no Linear or Conv2d layer in the chosen block(s) for LoRA; use "
-            "method='layer' or another block."
+        tensors = self.tuned_state_dict()
+        trainable, total = self.parameter_counts()
+        meta = {
+            "architecture": self.arch,
+            "model_class": type(self.model).__name__,
+            "num_classes": int(self.model.num_classes),
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "block": self.block_index,
+            "block_name": self.block_name,
+            "bn": self.bn,
+            "skip_norm": self.skip_norm if self.config.uses_skip else None,
+            "trainable_params": trainable,
+            "total_params": total,
+        }
+        return checkpoint.write_checkpoint(
+            path, tensors, meta, self.model, peft_config=self.config.peft_export(self)
         )
-    cfg = tuned.config
-    config = LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-        lora_dropout=0.0,  # keeps the frozen prefix a pure function of the input
-        # a string is matched against whole module names (re.fullmatch): exactly these layers
-        target_modules="|".join(re.escape(t) for t in targets),
-    )
-    inject_adapter_in_model(config, tuned.model)
-    return [m for m in tuned.model.modules() if isinstance(m, LoraLayer)]
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, base_model: nn.Module, *, verify_base: bool = True
+    ) -> TunedModel:
+        """Rebuild a tuned model from a checkpoint and a fresh copy of its base model.
+
+        Args:
+            path: the directory written by :meth:`save_pretrained`.
+            base_model: the same timm architecture, created with the same ``num_classes`` and
+                the same pretrained weights as when tuning started. Modified in place, wrapped.
+            verify_base: check the fingerprint of the base weights; a mismatch is an error.
+                With False a mismatch only warns.
+
+        Returns:
+            A :class:`TunedModel` whose logits equal those of the model that was saved.
+        """
+        meta = checkpoint.read_tuned_config(path)
+        checkpoint.check_base(path, meta, arch_name(base_model), base_model)
+        settings = meta.get("config") or checkpoint.flat_settings(meta)
+        settings = {**settings, "block": meta["block"]} if "block" in settings else settings
+        # wrap first: the LoRA methods add modules (and state keys) the checkpoint fills
+        tuned = cls(base_model, method_config(meta["method"], **settings))
+        checkpoint.load_weights(path, meta, tuned.model, verify_base=verify_base)
+        return tuned
 
 
-def wrap(
-    model: nn.Module,
-    method: str,
-    block: int | str | None = None,
-    *,
-    bn: str | None = None,
-    skip_norm: bool | None = None,
-    lora_rank: int = 8,
-    lora_alpha: float | None = None,
-    lora_skip: bool = False,
+def load_tuned(
+    path: str | os.PathLike, base_model: nn.Module, *, verify_base: bool = True
 ) -> TunedModel:
-    """Prepare ``model`` for ``method`` (one of :data:`METHODS`)."""
-    return TunedModel(
-        model,
-        TuningConfig(
-            method=method,
-            block=block,
-            bn=bn,
-            skip_norm=skip_norm,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_skip=lora_skip,
-        ),
-    )
+    """Rebuild a tuned model from a checkpoint (see :meth:`TunedModel.from_pretrained`)."""
+    return TunedModel.from_pretrained(path, base_model, verify_base=verify_base)
+
+
+def get_tuned_model(model: nn.Module, config: MethodLike, **settings) -> TunedModel:
+    """Prepare ``model`` for a tuning method, peft's way: ``get_tuned_model(model,
+    SCLConfig(block=4))``. ``config`` may also be a method name with flat settings,
+    ``get_tuned_model(model, "scl", block=4)``.
+
+    Returns:
+        The :class:`TunedModel` (``model`` is modified in place and wrapped).
+    """
+    if isinstance(config, str):
+        config = method_config(config, **settings)
+    elif settings:
+        raise ConfigError(
+            f"settings {sorted(settings)} given with a config object; put them in the config."
+        )
+    return TunedModel(model, config)
+
+
+def wrap(model: nn.Module, method: str, block: int | str | None = None, **settings) -> TunedModel:
+    """Prepare ``model`` for ``method`` by name: ``wrap(model, "scl", 4, bn="frozen")``."""
+    return get_tuned_model(model, method, block=block, **settings)
 
 
 def scl_wrap(
@@ -404,22 +348,22 @@ def scl_wrap(
 ) -> TunedModel:
     """SCL FT: train one block and the classifier, with the pooled, zero-padded skip from the block
     added to the penultimate features (no new parameters)."""
-    return wrap(model, "scl", block, bn=bn, skip_norm=skip_norm)
+    return TunedModel(model, SCLConfig(block=block, bn=bn, skip_norm=skip_norm))
 
 
 def layer_wrap(model: nn.Module, block: int | str, *, bn: str | None = None) -> TunedModel:
     """Layer FT: train one block and the classifier."""
-    return wrap(model, "layer", block, bn=bn)
+    return TunedModel(model, LayerConfig(block=block, bn=bn))
 
 
 def linear_wrap(model: nn.Module, *, bn: str | None = None) -> TunedModel:
     """Linear probe: train the classifier only."""
-    return wrap(model, "linear", bn=bn)
+    return TunedModel(model, LinearConfig(bn=bn))
 
 
 def full_wrap(model: nn.Module, *, bn: str | None = None) -> TunedModel:
     """Full fine-tuning: train everything (the baseline, through the same wrapper)."""
-    return wrap(model, "full", bn=bn)
+    return TunedModel(model, FullConfig(bn=bn))
 
 
 def lora_block_wrap(
@@ -434,13 +378,28 @@ def lora_block_wrap(
 ) -> TunedModel:
     """LoRA-in-block: peft LoRA adapters (rank ``rank``) on the Linear/Conv2d layers of one block,
     plus the classifier; ``skip=True`` adds the SCL skip from that block."""
-    return wrap(
+    return TunedModel(
         model,
-        "lora-block",
-        block,
-        bn=bn,
-        skip_norm=skip_norm,
-        lora_rank=rank,
-        lora_alpha=alpha,
-        lora_skip=skip,
+        LoRABlockConfig(
+            block=block,
+            bn=bn,
+            skip_norm=skip_norm,
+            lora_rank=rank,
+            lora_alpha=alpha,
+            lora_skip=skip,
+        ),
     )
+
+
+__all__ = [
+    "BN_POLICIES",
+    "TunedModel",
+    "full_wrap",
+    "get_tuned_model",
+    "layer_wrap",
+    "linear_wrap",
+    "load_tuned",
+    "lora_block_wrap",
+    "scl_wrap",
+    "wrap",
+]

@@ -31,7 +31,7 @@ class SelectConfig(DownstreamConfig):
     # image_column, label_column, classes, per_class, test_fraction, image_size, seed); only
     # the training split is read
     rule: str = S.DEFAULT_RULE  # probe | probe_accuracy | middle | curve | linear
-    method: str = "scl"  # layer | scl
+    method: str = "scl"  # a one-block method: layer | scl | lora-block
     candidates: list[str] | None = None  # block indices or names; default: within the budget
     max_trainable_percent: float | None = S.MAX_TRAINABLE_PERCENT  # null = no budget
     lr: float | str = S.PROBE_LR  # the probes' lr; auto: chosen with the block by short probes
@@ -45,8 +45,9 @@ class SelectConfig(DownstreamConfig):
         p = super().validate()
         if self.rule not in S.RULES:
             p.append(f"rule {self.rule!r} is not one of {', '.join(S.RULES)}")
-        if self.method not in ("layer", "scl"):
-            p.append(f"method {self.method!r} is not one of layer, scl")
+        one_block = [n for n, c in ncfinetune.methods.METHODS.items() if c.tunes_block]
+        if self.method not in one_block:
+            p.append(f"method {self.method!r} is not one of {', '.join(one_block)}")
         if self.probe_steps < 1:
             p.append(f"probe_steps must be >= 1, got {self.probe_steps}")
         if self.lr != "auto" and not (isinstance(self.lr, float) and self.lr > 0):
@@ -58,7 +59,7 @@ class SelectConfig(DownstreamConfig):
         return p
 
 
-def main(argv: list[str] | None = None) -> ncfinetune.BlockSelection:
+def main(argv: list[str] | None = None) -> ncfinetune.selection.BlockSelection:
     cfg = parse_config(SelectConfig, sys.argv[1:] if argv is None else argv)
     torch.manual_seed(cfg.seed)
     data = cfg.load_data()
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> ncfinetune.BlockSelection:
     rows = None
     if cfg.per_class:
         rows = nd.balanced_subset(data.labels("train"), per_class=cfg.per_class, seed=cfg.seed)
-    sel = ncfinetune.select_block_on_split(
+    sel = ncfinetune.selection.select_block_on_split(
         model,
         data,
         nd.build_transforms(model, image_size=cfg.image_size),

@@ -3,7 +3,9 @@ import timm
 import torch
 from conftest import CHEAP, TINY, images, make_model
 
-from ncfinetune import BlockError, UnsupportedModelError, get_adapter, list_blocks
+from ncfinetune import list_blocks
+from ncfinetune.backbones import get_adapter
+from ncfinetune.errors import BlockError, UnsupportedModelError
 
 ALL = list(TINY) + list(CHEAP)
 
@@ -14,7 +16,7 @@ def test_decomposition_reproduces_timm_forward(name):
     adapter = get_adapter(model)
     x = images(4)
     with torch.no_grad():
-        feats, logits = adapter.classify(adapter.forward_blocks(adapter.stem(x)), None)
+        logits, feats = adapter.classify(adapter.forward_blocks(adapter.stem(x)), None)
         assert torch.equal(logits, model(x))
         ref = model.forward_head(model.forward_features(x), pre_logits=True)
         assert torch.equal(feats, ref)

@@ -7,8 +7,15 @@ from conftest import images, make_model
 from test_tuning import train_steps
 
 import ncfinetune
-from ncfinetune import CheckpointError, load_tuned, wrap
-from ncfinetune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from ncfinetune import load_tuned
+from ncfinetune.checkpoint import (
+    CONFIG_NAME,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+)
+from ncfinetune.errors import CheckpointError
+from ncfinetune.tuning import wrap
 
 CASES = [
     ("test_resnet", "scl", 1, None),
@@ -42,7 +49,37 @@ def test_save_load_reproduces_logits_exactly(tmp_path, name, method, block, bn):
     x = images(4, seed=7)
     with torch.no_grad():
         assert torch.equal(again.eval()(x), tuned.eval()(x))
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [WEIGHTS_NAME, CONFIG_NAME]
+    files = [WEIGHTS_NAME, CONFIG_NAME]
+    if method.startswith("lora"):  # the adapter in peft's own format
+        files += [PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(files)
+
+
+@pytest.mark.parametrize(
+    "name,method,block", [("test_resnet", "lora-block", 1), ("test_vit", "lora", None)]
+)
+def test_lora_adapter_loads_with_peft_itself(tmp_path, name, method, block):
+    """peft's own inject + set_peft_model_state_dict restores the adapter from the checkpoint;
+    with the classifier from tuned.safetensors, the logits are the tuned model's."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    tuned, fresh = tuned_and_fresh_base(name, method, block, None)
+    tuned.save_pretrained(tmp_path)
+    adapter = safetensors.torch.load_file(tmp_path / PEFT_WEIGHTS_NAME)
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    assert not any(".default." in k for k in adapter)  # peft's adapter-name-free keys
+    rest = safetensors.torch.load_file(tmp_path / WEIGHTS_NAME)
+    assert not any("lora_" in k for k in rest)
+    config = LoraConfig(**json.loads((tmp_path / PEFT_CONFIG_NAME).read_text()))
+    inject_adapter_in_model(config, fresh)
+    result = set_peft_model_state_dict(fresh, adapter)
+    assert not result.unexpected_keys
+    fresh.load_state_dict(rest, strict=False)
+    lora_b = [k for k in adapter if ".lora_B." in k]
+    assert any(adapter[k].abs().sum() > 0 for k in lora_b)  # trained: B moved away from 0
+    x = images(3, seed=5)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), tuned.eval()(x))
 
 
 def test_checkpoint_holds_only_what_was_tuned(tmp_path):

@@ -2,8 +2,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from ncfinetune import ConfigError
 from ncfinetune.config import parse_config, parse_overrides
+from ncfinetune.errors import ConfigError
 
 
 @dataclass

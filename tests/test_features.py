@@ -2,7 +2,8 @@ import pytest
 import torch
 from conftest import make_model
 
-from ncfinetune import ConfigError, scl_wrap
+from ncfinetune import scl_wrap
+from ncfinetune.errors import ConfigError
 from ncfinetune.features import (
     collect_block_features,
     format_layerwise,
@@ -27,7 +28,7 @@ def test_block_features_equal_a_per_block_forward(name):
     assert got.names[-1] == "penultimate" and got.num_samples == 40
     x = torch.cat([b[0] for b in data])
     a = got  # reference: pooled outputs from forward_intermediates-free manual pass
-    from ncfinetune import get_adapter
+    from ncfinetune.backbones import get_adapter
 
     ad = get_adapter(model)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import safetensors.torch
 import torch
 
 import ncfinetune
-from ncfinetune import ConfigError
+from ncfinetune.errors import ConfigError
 from ncfinetune.hub import ASSETS, bundled_backbones, create_backbone
 
 BUNDLED = ["resnet18_fmnist04", "vit_tiny_fmnist04"]

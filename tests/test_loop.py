@@ -5,12 +5,12 @@ import torch
 from conftest import make_model
 
 from ncfinetune.loop import (
-    as_memory_format,
     is_conv_net,
     launch_device_type,
     native_bf16,
     resolve_mixed_precision,
 )
+from ncfinetune.training import as_memory_format
 
 
 def test_auto_mixed_precision_follows_native_bf16_and_explicit_settings_pass_through():

@@ -6,17 +6,10 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, images, labels, make_model
 
-from ncfinetune import (
-    ConfigError,
-    TunedModel,
-    build_optimizer,
-    full_wrap,
-    layer_wrap,
-    linear_wrap,
-    lora_block_wrap,
-    scl_wrap,
-    wrap,
-)
+from ncfinetune import TunedModel, full_wrap, layer_wrap, linear_wrap, scl_wrap
+from ncfinetune.errors import ConfigError
+from ncfinetune.training import build_optimizer
+from ncfinetune.tuning import lora_block_wrap, wrap
 
 FAMILIES = list(TINY) + ["resnet18", "deit_tiny_distilled_patch16_224"]
 METHODS = [
@@ -106,7 +99,7 @@ def test_prefix_builds_no_autograd_graph(name, method, block):
     assert not h.requires_grad and h.grad_fn is None
     if method == "full":
         assert h is x
-    feats, logits = tuned.forward_suffix(h)
+    logits, feats = tuned.forward_suffix(h)
     assert logits.requires_grad
 
 
@@ -123,7 +116,7 @@ def test_scl_skip_is_padded_pooled_block_output(name, block):
         assert torch.equal(skip[:, :c], a.pool(h))
         assert torch.count_nonzero(skip[:, c:]) == 0
         # The classifier input of SCL FT is phi(x) + skip, with phi(x) the plain backbone's.
-        feats, logits = tuned.forward_suffix(tuned.forward_prefix(x))
+        logits, feats = tuned.forward_suffix(tuned.forward_prefix(x))
         phi = tuned.model.forward_head(tuned.model.forward_features(x), pre_logits=True)
         torch.testing.assert_close(feats, phi + skip, rtol=0, atol=1e-6)
         torch.testing.assert_close(logits, tuned.model.get_classifier()(phi + skip))
@@ -228,7 +221,7 @@ def test_lora_block_trains_low_rank_factors_only_and_starts_at_the_base_model(na
     skipped = lora_block_wrap(make_model(name, seed=0), 1, skip=True, skip_norm=False).eval()
     with torch.no_grad():
         h = skipped.adapter.blocks[1](skipped.forward_prefix(x))
-        feats, _ = skipped.forward_suffix(skipped.forward_prefix(x))
+        _, feats = skipped.forward_suffix(skipped.forward_prefix(x))
         phi = skipped.model.forward_head(skipped.model.forward_features(x), pre_logits=True)
     torch.testing.assert_close(feats, phi + skipped.skip(h), rtol=0, atol=1e-6)
 
@@ -238,5 +231,5 @@ def test_lora_config_errors():
         wrap(make_model("test_vit"), "lora-block", 1, lora_rank=0)
     with pytest.raises(ConfigError, match="method='lora-block' tunes one block"):
         wrap(make_model("test_vit"), "lora-block")
-    with pytest.warns(UserWarning, match="lora_skip has no effect with method='lora'"):
+    with pytest.warns(UserWarning, match="lora_skip=True has no effect with method='lora'"):
         wrap(make_model("test_vit"), "lora", lora_skip=True)

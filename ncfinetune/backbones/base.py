@@ -9,12 +9,23 @@ need no extra code.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ncfinetune.errors import BlockError, ConfigError
+
+
+class Prediction(NamedTuple):
+    """What a forward pass with features returns, everywhere in ncfinetune."""
+
+    logits: torch.Tensor
+    """The classifier's output (N x K)."""
+    features: torch.Tensor
+    """The classifier's input: penultimate features phi(x), plus the SCL skip when added."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,11 @@ class BackboneAdapter:
 
     family: str = ""
     """Human-readable family name used in messages."""
+
+    splittable: bool = True
+    """True when :meth:`stem` and :meth:`forward_blocks` can run any range of blocks on its own.
+    That split is what lets the frozen prefix run once and be cached; an adapter without it
+    (the generic one) runs the whole feature extractor and captures block outputs by hook."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -74,18 +90,20 @@ class BackboneAdapter:
         """Penultimate features phi(x) from the last block's output (the classifier's input)."""
         raise NotImplementedError
 
-    def classify(
-        self, h: torch.Tensor, skip: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits from the last block's output, with an optional skip added to the classifier input.
-
-        Returns:
-            ``(features, logits)``: the classifier's input (phi(x) plus skip) and the logits.
-        """
+    def classify(self, h: torch.Tensor, skip: torch.Tensor | None) -> Prediction:
+        """Logits from the last block's output, with an optional skip added to the classifier
+        input; returns ``Prediction(logits, features)``."""
         feats = self.penultimate(h)
         if skip is not None:
             feats = feats + skip
-        return feats, self.model.get_classifier()(feats)
+        return Prediction(self.model.get_classifier()(feats), feats)
+
+    has_skip_norm: bool = False
+    """True when :meth:`pool_normed` exists: the skip can pass through the final norm (ViTs)."""
+
+    def pool_normed(self, h: torch.Tensor) -> torch.Tensor:
+        """Pool through the model's final norm(s); only where :attr:`has_skip_norm`."""
+        raise NotImplementedError
 
     def classifier_modules(self) -> list[nn.Module]:
         """Modules that hold the downstream classifier (always trainable)."""
@@ -126,7 +144,7 @@ class BackboneAdapter:
         n = len(self._blocks)
         names = self.block_names
         listing = _listing(names)
-        arch = _arch_name(self.model)
+        arch = arch_name(self.model)
         if isinstance(block, bool) or not isinstance(block, (int, str)):
             raise BlockError(
                 f"block must be an int index or a module name, got {type(block).__name__} "
@@ -156,6 +174,28 @@ class BackboneAdapter:
             h = blk(h)
         return h
 
+    def block_modules(self, index: int) -> list[nn.Module]:
+        """The modules that train when block ``index`` is tuned (the block itself; a generic
+        timm group may add the stage's downsampling layer that runs before it)."""
+        return [self.blocks[index]]
+
+    def forward_capture(
+        self, x: torch.Tensor, capture: Collection[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run the feature extractor on images ``x``.
+
+        Returns:
+            ``(h, outputs)``: the last block's output (what :meth:`penultimate` and
+            :meth:`classify` take) and the raw output of every block index in ``capture``.
+        """
+        h = self.stem(x)
+        outputs = {}
+        for i, blk in enumerate(self.blocks):
+            h = blk(h)
+            if i in capture:
+                outputs[i] = h
+        return h, outputs
+
 
 def _listing(names: list[str]) -> str:
     if len(names) <= 6:
@@ -164,6 +204,6 @@ def _listing(names: list[str]) -> str:
     return f"0 {names[0]}, 1 {names[1]} ... {last} {names[last]}"
 
 
-def _arch_name(model: nn.Module) -> str:
+def arch_name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture") or type(model).__name__

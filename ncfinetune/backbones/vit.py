@@ -7,7 +7,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ncfinetune.backbones.base import BackboneAdapter
+from ncfinetune.backbones.base import BackboneAdapter, Prediction
 
 
 class ViTAdapter(BackboneAdapter):
@@ -19,6 +19,7 @@ class ViTAdapter(BackboneAdapter):
     """
 
     family = "VisionTransformer"
+    has_skip_norm = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -58,15 +59,13 @@ class DistilledViTAdapter(ViTAdapter):
     def matches(cls, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformerDistilled)
 
-    def classify(
-        self, h: torch.Tensor, skip: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def classify(self, h: torch.Tensor, skip: torch.Tensor | None) -> Prediction:
         m = self.model
         h = m.norm(h)
         cls_tok, dist_tok = m.head_drop(h[:, 0]), m.head_drop(h[:, 1])
         if skip is not None:
             cls_tok, dist_tok = cls_tok + skip, dist_tok + skip
-        return (cls_tok + dist_tok) / 2, (m.head(cls_tok) + m.head_dist(dist_tok)) / 2
+        return Prediction((m.head(cls_tok) + m.head_dist(dist_tok)) / 2, (cls_tok + dist_tok) / 2)
 
     def classifier_modules(self) -> list[nn.Module]:
         return [self.model.head, self.model.head_dist]
