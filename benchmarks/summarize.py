@@ -93,12 +93,9 @@ def size_table(out, title, table, sizes):
 def plot_curve(b, t, table):
     if not any(s is not None for v in table.values() for s in v.values()):
         return  # no records yet: no empty plot
-    import matplotlib
+    from ncfinetune.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for m in METHODS:
         pts = [(n, s) for n, s in table[m].items() if s is not None]
         if not pts:
@@ -114,9 +111,7 @@ def plot_curve(b, t, table):
     ax.set_title(f"{BACKBONES[b]['model']} -> {t} (mean ± sd over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"small_data_{b}_{t}.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, RESULTS / f"small_data_{b}_{t}.png", dpi=120)
 
 
 def method_block(recs, b, t, n, lr_of, out):

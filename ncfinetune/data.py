@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import datasets
 import numpy as np
 import PIL.Image
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from accelerate.data_loader import SeedableRandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from ncfinetune.data_sources import (
     FASHION_MNIST_CLASSES,
@@ -60,7 +61,6 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "PREDECODE_MAX_BYTES",
-    "EpochBatchSampler",
     "ImageData",
     "ImageTransform",
     "TensorCache",
@@ -297,36 +297,6 @@ class _DecodingDataset(Dataset):
         return images, torch.as_tensor(batch[self.label_column], dtype=torch.long)
 
 
-class EpochBatchSampler(Sampler):
-    """Batches of positions; epoch e is shuffled by (seed, e), so a run can resume mid-way.
-
-    Each iteration uses the current epoch and then advances it; `set_epoch` sets it.
-    """
-
-    def __init__(self, size: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool):
-        self.size, self.batch_size = size, batch_size
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration use the order of `epoch`."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        div = self.size // self.batch_size
-        return div if self.drop_last else math.ceil(self.size / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        if self.shuffle:
-            state = np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(int(state)))
-        else:
-            order = torch.arange(self.size)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield order[start : start + self.batch_size].tolist()
-
-
 def build_loader(
     dataset: datasets.Dataset,
     transform: Callable[[object], torch.Tensor],
@@ -350,8 +320,12 @@ def build_loader(
         transform: usually `build_transforms(model)`; any callable image -> C x H x W tensor
             works but is never pre-decoded.
         batch_size: images per batch.
-        shuffle: reshuffle every epoch, by (seed, epoch) (see `EpochBatchSampler`).
-        seed: seed of the shuffling and of worker seeds (>= 0).
+        shuffle: reshuffle every epoch; the order of epoch e depends on (seed, e) only
+            (accelerate's `SeedableRandomSampler`, which seeds a generator with seed + e, so
+            seed s at epoch e + 1 repeats seed s + 1 at epoch e).
+        seed: seed of the shuffling and of worker seeds (>= 0). A loader prepared by an
+            `Accelerator` built with `DataLoaderConfiguration(use_seedable_sampler=True,
+            data_seed=s)` shuffles by that `s` instead: pass the same seed to both.
         num_workers: worker processes; 0 reads in the main process.
         indices: rows of `dataset` to use (e.g. from `balanced_subset`); default all.
         drop_last: drop the last incomplete batch.
@@ -365,7 +339,9 @@ def build_loader(
             pins when CUDA is available. Workers, when asked for, persist across epochs.
 
     Returns:
-        The loader; `loader.batch_sampler.set_epoch(e)` selects the order of epoch e.
+        The loader. Each full pass advances the epoch; `loader.batch_sampler.sampler.set_epoch(e)`
+        selects the order of epoch e (after `accelerator.prepare`: `loader.set_epoch(e)`, which
+        reaches the sampler through accelerate's per-process shards).
     """
     if batch_size < 1 or seed < 0:
         raise DataError(f"batch_size={batch_size} and seed={seed}: both must be >= 1 / >= 0.")
@@ -393,13 +369,21 @@ def build_loader(
         )
     else:
         source = _DecodingDataset(dataset, transform, image_column, label_column, rows)
-    sampler = EpochBatchSampler(
-        rows.size, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last
+    # Plain torch/accelerate samplers over positions 0..n-1 (a range: the sampler only needs the
+    # length, so nothing heavy is referenced). `accelerator.prepare` recognises the seedable
+    # sampler, shards the batch sampler across processes, and forwards `set_epoch` to it; every
+    # process draws the same permutation from (seed, epoch), so the shards are disjoint and a
+    # resumed epoch is shuffled as in an uninterrupted run, for any number of processes.
+    positions = range(rows.size)
+    order = (
+        SeedableRandomSampler(positions, data_seed=seed)
+        if shuffle
+        else SequentialSampler(positions)
     )
-    # A batch sampler (which accelerate knows how to shard across processes) plus the datasets'
-    # batched __getitems__, so a batch is fetched and normalised in one call; the collate
-    # function passes that batch through. A private generator seeds the workers without drawing
-    # from (and so shifting) the global torch RNG.
+    sampler = BatchSampler(order, batch_size, drop_last)
+    # With the datasets' batched __getitems__ a batch is fetched and normalised in one call; the
+    # collate function passes that batch through. A private generator seeds the workers without
+    # drawing from (and so shifting) the global torch RNG.
     return DataLoader(
         source,
         batch_sampler=sampler,

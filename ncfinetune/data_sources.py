@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from ncfinetune.errors import DataError
+from ncfinetune.subsets import stratified_rows
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -458,21 +459,24 @@ def replace_labels(
 def _stratified_split(
     spec: str, dataset: datasets.Dataset, column: str, test_fraction: float, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    from sklearn.model_selection import train_test_split
+    """A stratified train/test split of a dataset that has no test split.
 
+    The rows come from datasets' stratified `Dataset.train_test_split` (via
+    `subsets.stratified_rows`); before, from scikit-learn's `train_test_split`, which drew other
+    rows for the same seed (e.g. digits' 360 test images changed, and two classes' test counts
+    moved by one; every class still has its share to within one row).
+    """
     labels = labels_of(dataset, column)
     try:
-        train_idx, test_idx = train_test_split(
-            np.arange(labels.size), test_size=test_fraction, random_state=seed, stratify=labels
-        )
+        train_idx, test_idx = stratified_rows(labels, test_fraction, seed)
     except ValueError as exc:
         raise DataError(
             f"cannot split {spec!r} ({labels.size} rows, class counts "
             f"{np.bincount(labels).tolist()}) into train/test with test_fraction={test_fraction}: "
-            f"{exc}. Use a larger dataset or fraction, or provide a 'test' split."
+            f"{str(exc).rstrip('.')}. Use a larger dataset or fraction, or provide a 'test' split."
         ) from exc
     # Sorted indices keep the source order, so the split reads the table front to back.
-    return dataset.select(np.sort(train_idx)), dataset.select(np.sort(test_idx))
+    return dataset.select(train_idx), dataset.select(test_idx)
 
 
 def select_classes(data: ImageData, classes: Sequence[int]) -> ImageData:

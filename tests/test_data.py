@@ -253,6 +253,29 @@ def test_validation_split_stays_outside_the_subset():
         validation_split(labels, 1.5)
 
 
+def test_validation_split_is_datasets_stratified_split_and_seeded():
+    labels = np.repeat(np.arange(4), [30, 41, 25, 57])
+    labels = labels[np.random.default_rng(0).permutation(labels.size)]
+    train, val = validation_split(labels, 0.3, seed=4)
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(labels.size))
+    # stratified: every class gives its share of rows to within one
+    assert np.all(np.abs(np.bincount(labels[val]) - 0.3 * np.bincount(labels)) <= 1)
+    assert np.array_equal(val, validation_split(labels, 0.3, seed=4)[1])
+    assert not np.array_equal(val, validation_split(labels, 0.3, seed=5)[1])
+    # the reference: datasets' own split of a ClassLabel column, same seed
+    table = datasets.Dataset.from_dict(
+        {"row": np.arange(labels.size), "y": labels},
+        features=datasets.Features(
+            row=datasets.Value("int64"), y=datasets.ClassLabel(num_classes=4)
+        ),
+    )
+    ref = table.train_test_split(test_size=0.3, stratify_by_column="y", seed=4)["test"]["row"]
+    assert val.tolist() == sorted(ref)
+    assert validation_split(labels, 20, seed=0)[1].size == 20  # an int is a number of rows
+    with pytest.raises(DataError, match=r"cannot stratify 3 rows.*only 1 member"):
+        validation_split(np.array([0, 0, 1]), 0.5)
+
+
 # --- transforms and loaders ----------------------------------------------------------------
 
 
@@ -309,10 +332,44 @@ def test_loader_epochs_are_seeded_and_resumable(digits):
     loader = build_loader(digits.test, transform, batch_size=64, shuffle=True, seed=0)
     first, second = _batches(loader), _batches(loader)
     assert not torch.equal(first[0][1], second[0][1])  # a new order every epoch
-    loader.batch_sampler.set_epoch(1)
+    loader.batch_sampler.sampler.set_epoch(1)
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(_batches(loader), second, strict=True))
     fixed = build_loader(digits.test, transform, batch_size=64, shuffle=False, drop_last=True)
     assert len(fixed) == len(digits.test) // 64
+
+
+def test_prepared_shards_shuffle_by_seed_and_epoch_alone(digits):
+    """accelerate shards the batch sampler per process; `set_epoch` on the prepared loader must
+    reach the sampler, so that a resumed epoch (set directly, no earlier pass) is shuffled as in
+    an uninterrupted run, and the shards of 2 processes split the 1-process order."""
+    from accelerate.data_loader import prepare_data_loader
+
+    transform = build_transforms(timm.create_model("test_resnet", pretrained=False), image_size=8)
+
+    def shards(num_processes: int, epoch: int, seed: int = 0, earlier: int = 0) -> list:
+        out = []
+        for rank in range(num_processes):  # one loader per simulated process, as in a launch
+            loader = build_loader(digits.test, transform, batch_size=36, shuffle=True, seed=seed)
+            shard = prepare_data_loader(
+                loader,
+                num_processes=num_processes,
+                process_index=rank,
+                use_seedable_sampler=True,
+                data_seed=seed,
+            )
+            for e in range(earlier):  # epochs run before, in an uninterrupted run
+                shard.set_epoch(e)
+                list(shard.batch_sampler)
+            shard.set_epoch(epoch)
+            out.append(list(shard.batch_sampler))
+        return out
+
+    (one,) = shards(1, epoch=1)
+    assert len(one) == 10 and sorted(sum(one, [])) == list(range(len(digits.test)))
+    assert shards(1, epoch=1, earlier=1) == [one]  # resumed == uninterrupted
+    assert shards(1, epoch=0) != [one] and shards(1, epoch=1, seed=5) != [one]
+    resumed, uninterrupted = shards(2, epoch=1), shards(2, epoch=1, earlier=1)
+    assert resumed == uninterrupted == [one[0::2], one[1::2]]
 
 
 def test_augmenting_transform_is_never_predecoded(digits):
