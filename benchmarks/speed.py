@@ -30,6 +30,7 @@ as a fraction of its bound.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import resource
@@ -42,12 +43,11 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import ncfinetune
 from ncfinetune.prefix_cache import PrefixCache, prefix_blocker
-from ncfinetune.training import build_optimizer
+from ncfinetune.training import build_cosine_schedule, build_optimizer, fit_batches
 
 OUT = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -145,24 +145,20 @@ def measure(
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.arange(batch) % NUM_CLASSES
     opt = build_optimizer(tuned, lr=0.01)
-    tuned.train()
+    sched = build_cosine_schedule(opt, 10_000)  # the users' loop steps a schedule too
+    autocast = "bf16" if precision == "bf16" else "no"
 
-    def step(inp, forward):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = forward(inp)
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def train(model, batches, opt, sched):
+        """The loop users run (recipes, selection): ncfinetune.training.fit_batches."""
+        return fit_batches(model, batches, opt, sched, precision=autocast).seconds
 
     steps = 1 if px >= 128 else 3
     base_rss = rss_mib()
-    step(x, tuned)  # warm-up (allocations, lazy init)
+    train(tuned, [(x, y)], opt, sched)  # warm-up (allocations, lazy init)
     rates = []
     for _ in range(2 if quick else REPEATS):
         t = time.perf_counter()
-        for _ in range(steps):
-            step(x, tuned)
+        train(tuned, itertools.repeat((x, y), steps), opt, sched)
         rates.append(steps * batch / (time.perf_counter() - t))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     row = {
@@ -194,19 +190,16 @@ def measure(
 
         cache = PrefixCache(cached, fetch, batch_size=batch)
         opt = build_optimizer(cached, lr=0.01)
-        cached.train()
+        sched = build_cosine_schedule(opt, 10_000)
         t = time.perf_counter()
         cache.fill(range(n))  # epoch 1 pays for the prefix once
         row["cache_fill_s"] = time.perf_counter() - t
         epochs = []
+        cached.prefix_inputs = True  # batches are prefix outputs
         for _ in range(2 if quick else 3):
             t = time.perf_counter()
-            for s in range(0, n, batch):
-                h, yy = cache.fetch(list(range(s, s + batch)))
-                loss = F.cross_entropy(cached.forward_suffix(h).logits, yy)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            epoch = (cache.fetch(list(range(s, s + batch))) for s in range(0, n, batch))
+            train(cached, epoch, opt, sched)
             epochs.append(n / (time.perf_counter() - t))
         row["cached_images_per_s"] = statistics.median(epochs)
         row["cached_images_per_s_range"] = [min(epochs), max(epochs)]

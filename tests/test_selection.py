@@ -269,7 +269,7 @@ def test_bad_input_errors():
         ConfigError, match="rule 'best' is not one of middle, curve, linear, probe, probe_accuracy"
     ):
         select_block(model, data, rule="best")
-    with pytest.raises(ConfigError, match="method 'full' cannot be placed at a block"):
+    with pytest.raises(ConfigError, match="method 'full' does not tune one block, so no block can be selected"):
         select_block(model, data, method="full")
     with pytest.raises(ConfigError, match="lr must be 'auto' or a positive number, got -1"):
         select_block(model, data, lr=-1)
@@ -287,7 +287,7 @@ def test_bad_input_errors():
         ConfigError, match=r"lr_grid must hold positive learning rates, got \[0.1, -1\]"
     ):
         select_lr(model, data, method="full", lr_grid=[0.1, -1])
-    with pytest.raises(ConfigError, match="method 'bitfit' is not one of linear, layer, scl, full"):
+    with pytest.raises(ConfigError, match="method='bitfit' is not one of linear, layer, scl, full"):
         select_lr(model, data, method="bitfit")
     with pytest.raises(ConfigError, match="precision 'fp8' is not one of auto, no, bf16"):
         select_block(model, data, precision="fp8")
