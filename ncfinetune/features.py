@@ -213,12 +213,9 @@ def plot_layerwise_nc1(
 ) -> Path:
     """Plot NC1 over depth (log y) for one or more labelled curves to a PNG; ``mark`` highlights a
     block index (e.g. the chosen block)."""
-    import matplotlib
+    from ncfinetune.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     for label, rows in curves.items():
         blocks = [r for r in rows if r["index"] is not None]
         ax.plot(
@@ -236,15 +233,3 @@ def plot_layerwise_nc1(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return save_figure(fig, path, dpi=120)
-
-
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
-    return out

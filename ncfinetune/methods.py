@@ -245,7 +245,11 @@ class _LoRAMixin:
         )
 
     def lora_targets(self, tuned: Any) -> list[str]:
-        """Names of the Linear/Conv2d layers that get LoRA: in the tuned block, or everywhere."""
+        """Names of the Linear/Conv2d layers that get LoRA: in the tuned block, or everywhere.
+
+        Grouped convolutions (depthwise ones in ConvNeXt, EfficientNet, ...) are left out unless
+        the rank is a multiple of their groups: peft's LoRA needs that to factor them.
+        """
         a = tuned.adapter
         blocks = [tuned.block_index] if tuned.block_index is not None else range(len(a.blocks))
         module_names = {id(m): n for n, m in tuned.model.named_modules()}
@@ -254,7 +258,8 @@ class _LoRAMixin:
             for i in blocks
             for top in a.block_modules(i)
             for m in top.modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d))
+            if isinstance(m, nn.Linear)
+            or (isinstance(m, nn.Conv2d) and self.lora_rank % m.groups == 0)
         ]
 
     def prepare(self, tuned: Any) -> None:

@@ -52,7 +52,7 @@ from torch import nn
 from ncfinetune.backbones import get_adapter
 from ncfinetune.backbones.base import arch_name
 from ncfinetune.errors import ConfigError
-from ncfinetune.features import collect_block_features, save_figure
+from ncfinetune.features import collect_block_features
 from ncfinetune.messages import warn_once
 from ncfinetune.methods import method_class
 from ncfinetune.metrics import nc1_or_none
@@ -192,12 +192,9 @@ class BlockSelection:
         """Left: the quantity the rule chose by, per candidate, the choice marked. Right:
         accuracy against trainable share for the candidates (linear probe; probe fine-tunes at
         the chosen lr where measured)."""
-        import matplotlib
+        from ncfinetune.plotting import new_figure, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (a, b) = new_figure(1, 2, figsize=(11, 4))
         xs = [r.index for r in self.rows]
         scale = 1 if self.rule in ("curve", "probe") else 100  # accuracies in %
         ys = [None if (v := self.score(r)) is None else scale * v for r in self.rows]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 
 import ncfinetune
 import ncfinetune.selection
@@ -98,17 +98,20 @@ class FinetuneConfig(DownstreamConfig):
         p = super().validate()
         if self.cpu_threads is not None and self.cpu_threads < 1:
             p.append(f"cpu_threads must be >= 1 or null (auto), got {self.cpu_threads}")
-        if self.method not in ncfinetune.METHODS:
-            p.append(f"method {self.method!r} is not one of {', '.join(ncfinetune.METHODS)}")
-        if self.method in ncfinetune.tuning.BLOCK_METHODS and self.block is None:
-            p.append(f"method {self.method!r} needs a block (index or name)")
-        if self.block == "auto" and self.method not in ("layer", "scl"):
-            p.append(f"block 'auto' needs method layer or scl, got {self.method!r}")
+        methods = ncfinetune.methods.METHODS
+        if self.method not in methods:
+            p.append(f"method {self.method!r} is not one of {', '.join(methods)}")
+        elif methods[self.method].tunes_block and self.block is None:
+            p.append(f"method {self.method!r} needs a block (index, name or auto)")
+        elif self.block == "auto" and not methods[self.method].tunes_block:
+            p.append(
+                f"block 'auto' needs a one-block method (layer, scl, ...), got {self.method!r}"
+            )
         if self.select_rule not in ncfinetune.selection.RULES:
             p.append(
                 f"select_rule {self.select_rule!r} is not one of {', '.join(ncfinetune.selection.RULES)}"
             )
-        if self.bn not in (None, *ncfinetune.BN_POLICIES):
+        if self.bn not in (None, *ncfinetune.methods.BN_POLICIES):
             p.append(f"bn {self.bn!r} is not one of update, frozen")
         if self.optimizer not in ("sgd", "adamw"):
             p.append(f"optimizer {self.optimizer!r} is not one of sgd, adamw")
@@ -135,13 +138,18 @@ class FinetuneConfig(DownstreamConfig):
         return p
 
 
+def tuned_block(cfg: FinetuneConfig) -> str | None:
+    """The configured block where the method tunes one (else None: it has no effect)."""
+    return cfg.block if ncfinetune.methods.method_class(cfg.method).tunes_block else None
+
+
 def choose_block_and_lr(acc, cfg, model, data, train_idx, eval_tf, precision, out: Path):
     """--block auto and/or --lr auto, on (a class-balanced sample of) the training subset only,
     through the same code path as ``ncfinetune.select_block`` and ``recipes/select_block.py``.
     The main process selects; the others receive its choice. Returns (block, lr, record)."""
     from accelerate.utils import broadcast_object_list
 
-    block = cfg.block if cfg.method in ncfinetune.tuning.BLOCK_METHODS else None
+    block = tuned_block(cfg)
     found = [block, cfg.lr, None]
     if acc.is_main_process:
         common = {
@@ -152,7 +160,7 @@ def choose_block_and_lr(acc, cfg, model, data, train_idx, eval_tf, precision, ou
             "precision": "bf16" if precision == "bf16" else "no",
         }
         if block == "auto":  # the probes run at the selection's default lr unless lr: auto
-            sel = ncfinetune.select_block_on_split(
+            sel = ncfinetune.selection.select_block_on_split(
                 model,
                 data,
                 eval_tf,
@@ -175,7 +183,7 @@ def choose_block_and_lr(acc, cfg, model, data, train_idx, eval_tf, precision, ou
                 },
             ]
         else:
-            sel = ncfinetune.select_lr_on_split(
+            sel = ncfinetune.selection.select_lr_on_split(
                 model, data, eval_tf, train_idx, block=block, **common
             )
             found = [
@@ -193,7 +201,7 @@ def read_selection(out: Path, block, lr):
     """The block and lr chosen before an interruption (``selection.json``)."""
     path = out / "selection.json"
     if not path.is_file():
-        raise ncfinetune.ConfigError(
+        raise ncfinetune.errors.ConfigError(
             f"--resume with block/lr auto needs {path}, written when the choice was made; "
             "it is missing. Start afresh (without --resume) or pass the block and lr."
         )
@@ -206,7 +214,7 @@ def cached_loaders(tuned, train_dl, train_eval_dl, test_dl, val_dl):
     a BatchNorm adapting in the prefix, augmentation, data too large)."""
     blocker = prefix_blocker(tuned)
     if blocker is not None:
-        raise ncfinetune.ConfigError(blocker)
+        raise ncfinetune.errors.ConfigError(blocker)
     train = prefix_loader(train_dl, tuned)
     out = [
         train,
@@ -232,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=cfg.tracker,
         project_dir=str(out),
+        # accelerate's seedable sampler: `train_dl.set_epoch(e)` reaches it through the
+        # per-process shards, so epoch e is shuffled by (seed, e) alone, resumed or not
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
     set_seed(cfg.seed)
     threads = set_cpu_threads(acc, cfg.cpu_threads)
@@ -260,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     # model
     model = cfg.load_model(data.num_classes)
     eval_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=False)
-    block = cfg.block if cfg.method in ncfinetune.tuning.BLOCK_METHODS else None
+    block = tuned_block(cfg)
     lr, selection = cfg.lr, None
     if (block == "auto" or lr == "auto") and not (
         cfg.resume and latest_training_state(out / "checkpoints")
@@ -270,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     elif block == "auto" or lr == "auto":  # resuming: the choice made before the interruption
         block, lr = read_selection(out, block, lr)
-    tuned = ncfinetune.wrap(
+    tuned = ncfinetune.tuning.wrap(
         model,
         cfg.method,
         block,
@@ -302,9 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
                 tuned, train_dl, train_eval_dl, test_dl, val_dl
             )
             cache_note = "on: the frozen prefix runs once per image"
-        except (ncfinetune.ConfigError, ncfinetune.DataError, CacheTooLarge) as err:
+        except (ncfinetune.errors.ConfigError, ncfinetune.errors.DataError, CacheTooLarge) as err:
             if cfg.prefix_cache:
-                raise ncfinetune.ConfigError(f"prefix_cache: true, but {err}") from err
+                raise ncfinetune.errors.ConfigError(f"prefix_cache: true, but {err}") from err
             cache_note = f"off ({err})"
 
     opt = build_optimizer(tuned, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay)
@@ -345,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
-        train_dl.set_epoch(epoch)
+        train_dl.set_epoch(epoch)  # resumes at an epoch boundary: no batches to skip
         stats = train_epoch(
             acc,
             tuned,

@@ -22,12 +22,13 @@ import safetensors.torch
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 
 import ncfinetune
 import ncfinetune.hub
 from ncfinetune import data as nd
+from ncfinetune.backbones.base import Prediction
 from ncfinetune.config import parse_config, save_config
 from ncfinetune.loop import predict, set_cpu_threads, train_epoch
 from ncfinetune.metrics import nc1
@@ -100,10 +101,10 @@ class PretrainNet(nn.Module):
 
     def forward_with_features(self, x):
         feats = self.backbone(x)
-        return self.classifier(self.projector(feats)), feats
+        return Prediction(self.classifier(self.projector(feats)), feats)
 
     def forward(self, x):
-        return self.forward_with_features(x)[0]
+        return self.forward_with_features(x).logits
 
 
 def channel_stats(model: nn.Module, dataset, n: int = 5000) -> tuple[tuple[float, ...], ...]:
@@ -127,7 +128,11 @@ def jitter(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(PretrainConfig, sys.argv[1:] if argv is None else argv)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    acc = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        # accelerate's seedable sampler: epoch e is shuffled by (seed, e) on every process
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    )
     set_seed(cfg.seed)
     set_cpu_threads(acc, cfg.cpu_threads)
     out = Path(cfg.output_dir)
@@ -173,8 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     history, start = [], time.time()
     for epoch in range(cfg.epochs):
-        if hasattr(train, "set_epoch"):
-            train.set_epoch(epoch)
+        train.set_epoch(epoch)
         stats_e = train_epoch(
             acc,
             net,

@@ -12,8 +12,9 @@ import safetensors.torch
 import torch
 from conftest import make_model
 
-from ncfinetune import BlockError, ConfigError, DataError, load_tuned
+from ncfinetune import load_tuned
 from ncfinetune.config import parse_config
+from ncfinetune.errors import BlockError, ConfigError, DataError
 from ncfinetune.hub import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,9 +77,9 @@ def test_lora_block_recipe_run_saves_and_reloads_its_adapters(tmp_path):
     assert (tuned.method, tuned.block_index, tuned.config.lora_rank) == ("lora-block", 1, 2)
     assert tuned.config.uses_skip
     names = safetensors.torch.load_file(tmp_path / "tuned" / "tuned.safetensors").keys()
-    assert any(".lora_A." in n for n in names) and not any(
-        n.endswith("conv1.weight") for n in names
-    )
+    adapter = safetensors.torch.load_file(tmp_path / "tuned" / "adapter_model.safetensors").keys()
+    assert any(".lora_A." in n for n in adapter) and not any("lora_" in n for n in names)
+    assert not any(n.endswith("conv1.weight") for n in [*names, *adapter])
 
 
 @pytest.mark.parametrize("model,extra", [("test_vit", []), ("test_resnet", ["--bn", "frozen"])])
@@ -187,6 +188,39 @@ def test_two_process_block_and_lr_auto_select_once_and_agree(tmp_path):
     assert saved["num_processes"] == 2
     assert (saved["block"], saved["lr"]) == (chosen["block"], chosen["lr"])
     assert chosen["lr"] in (0.1, 0.03)
+
+
+def launch_two_processes(*args) -> subprocess.CompletedProcess:
+    """Run recipes/finetune.py on 2 gloo CPU processes (as `accelerate launch` would)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "recipes" / "finetune.py"), *TINY_RUN, *map(str, args)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_process_interrupt_and_resume_gives_the_same_history(tmp_path):
+    """Each process trains its shard of epoch 2's shuffle after a resume, not epoch 1's again:
+    batches of 8 from 60 images, 2 steps per process, so the order decides the loss."""
+    args = ["--epochs", 2, "--max_steps", 2, "--per_class", 6, "--batch_size", 8, "--seed", 3,
+            "--mixed_precision", "no", "--cpu_threads", 1]  # fmt: skip
+    launch_two_processes(*args, "--output_dir", tmp_path / "a")
+    launch_two_processes(*args, "--output_dir", tmp_path / "b", "--stop_after", 1)
+    assert not (tmp_path / "b" / "metrics.json").exists()  # stopped after epoch 1
+    launch_two_processes(*args, "--output_dir", tmp_path / "b", "--resume")
+    full, resumed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
+    assert resumed["num_processes"] == full["num_processes"] == 2
+
+    def numbers(rows):  # every recorded number but the throughput (wall-clock timing)
+        return [{k: v for k, v in r.items() if k != "train_images_per_s"} for r in rows]
+
+    assert numbers(resumed["history"]) == numbers(full["history"])
+    assert full["history"][0]["train_loss"] != full["history"][1]["train_loss"]
+    wa = safetensors.torch.load_file(tmp_path / "a" / "tuned" / "tuned.safetensors")
+    wb = safetensors.torch.load_file(tmp_path / "b" / "tuned" / "tuned.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_two_process_cpu_run_counts_each_test_sample_once(tmp_path):
@@ -360,7 +394,9 @@ def test_block_auto_chooses_the_same_everywhere_and_tunes_the_choice(tmp_path):
         # lr auto: the run trains at the chosen lr; else at its own (0.05), probes at 0.03
         assert m["lr"] == (from_ft["lr"] if lr_args else 0.05)
         from_recipe = recipe["main"]([*data_args, *lr_args, "--output_dir", str(out / "sel")])
-        from_api = ncfinetune.select_block_on_split(model, data, tf, rows, seed=1, **api_kw)
+        from_api = ncfinetune.selection.select_block_on_split(
+            model, data, tf, rows, seed=1, **api_kw
+        )
         for sel in (from_recipe, from_api):
             assert (sel.chosen, sel.lr) == (from_ft["chosen"], from_ft["lr"])
             got = {(r.index, k): v["accuracy"] for r in sel.rows for k, v in r.probes.items()}
