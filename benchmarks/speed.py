@@ -384,6 +384,13 @@ def main(argv=None) -> None:
         action="store_true",
         help="only the fp32/bf16 x NCHW/channels_last table (results/precision.{json,md})",
     )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["full", "linear", "layer", "scl", "lora", "lora-block"],
+        help="only these methods (full FT is always run: ratios are to it); default: all",
+    )
+    p.add_argument("--px", nargs="+", type=int, help="only these image sizes; default: all")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -391,11 +398,16 @@ def main(argv=None) -> None:
         return
     models = QUICK_MODELS if args.quick else {m: MODELS[m] for m in args.models or MODELS}
     settings = QUICK_SETTINGS if args.quick else SETTINGS
+    if args.px:
+        settings = [(px, b) for px, b in settings if px in args.px]
+    keep = None if not args.methods else {"full", *args.methods}
     t0 = time.time()
     meta = {
         "command": "python benchmarks/speed.py"
         + (" --quick" if args.quick else "")
-        + (f" --models {' '.join(args.models)}" if args.models else ""),
+        + (f" --models {' '.join(args.models)}" if args.models else "")
+        + (f" --methods {' '.join(args.methods)}" if args.methods else "")
+        + (f" --px {' '.join(map(str, args.px))}" if args.px else ""),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "versions": f"torch {torch.__version__}, timm {timm.__version__}",
         "repeats": 2 if args.quick else REPEATS,
@@ -409,6 +421,8 @@ def main(argv=None) -> None:
         for px, batch in settings:
             flops[f"{name}@{px}"] = part_flops(name, px)
             for method, block in methods_of(spec):
+                if keep is not None and method not in keep:
+                    continue
                 if method == "scl" and not flops[f"{name}@{px}"]["skip_fits"][block]:
                     continue  # the block is wider than the penultimate features
                 row = run_child(
@@ -429,7 +443,8 @@ def main(argv=None) -> None:
                 )
     meta["seconds"] = time.time() - t0
     # one table per run: a run over some models writes speed_<models>.*, over all speed.*
-    report(rows, flops, dest, meta, "_".join(["speed", *(args.models or [])]))
+    subset = [*(args.methods or []), *(f"{px}px" for px in args.px or [])]
+    report(rows, flops, dest, meta, "_".join(["speed", *(args.models or []), *subset]))
 
 
 if __name__ == "__main__":
