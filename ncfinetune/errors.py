@@ -32,3 +32,17 @@ class MetricInputError(NcFinetuneError, ValueError):
 
 class DataError(NcFinetuneError, ValueError):
     """A dataset spec, split or subset request cannot be satisfied."""
+
+
+class TrainingDiverged(NcFinetuneError, FloatingPointError):
+    """The training loss became NaN or infinite: the lr is too high for this model and data.
+
+    Attributes:
+        step: the optimizer step (1-based, counted over the whole run) whose loss was first
+            non-finite.
+        lr: the learning rate that step trained with.
+    """
+
+    def __init__(self, message: str, *, step: int, lr: float):
+        super().__init__(message)
+        self.step, self.lr = step, lr

@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
-from ncfinetune.errors import ConfigError
+from ncfinetune.errors import ConfigError, TrainingDiverged
 from ncfinetune.prefix_cache import PrefixCache, check_prefix
 from ncfinetune.tuning import TunedModel
 
@@ -115,20 +115,68 @@ class FitStats:
     """What :func:`fit_batches` did on this process.
 
     Attributes:
-        losses: the training loss of every step (float32, on the model's device).
+        losses: the training loss of every batch (float32, on the model's device).
         images: images seen.
         seconds: wall time of the loop.
-        loss_sum: sum over steps of the loss times the batch size (float64, on the device).
+        loss_sum: sum over batches of the loss times the batch size (float64, on the device).
+        lrs: the lr of every optimizer step (the first parameter group's), in order.
+        grad_accum: batches per optimizer step (the last step of a pass may have fewer).
     """
 
     losses: torch.Tensor
     images: int
     seconds: float
     loss_sum: torch.Tensor
+    lrs: list[float] = field(default_factory=list)
+    grad_accum: int = 1
 
     @property
     def steps(self) -> int:
+        """Batches trained on (forward and backward passes)."""
         return int(self.losses.numel())
+
+    @property
+    def optimizer_steps(self) -> int:
+        return len(self.lrs)
+
+    def step_losses(self) -> torch.Tensor:
+        """The loss of every optimizer step: the mean over the batches it accumulated."""
+        if not self.steps:
+            return torch.empty(0, device=self.losses.device)
+        return torch.stack([w.mean() for w in self.losses.split(self.grad_accum)])
+
+
+def diverged(what: str, step: int, lr: float, where: str = "") -> TrainingDiverged:
+    """The error for training that diverged at optimizer ``step`` (1-based) trained at ``lr``:
+    ``what`` says how (e.g. "the loss became nan")."""
+    return TrainingDiverged(
+        f"training diverged at lr {lr:g}: {what} at optimizer step {step}{where}. Lower the "
+        f"learning rate (e.g. --lr {lr / 10:g}).",
+        step=step,
+        lr=lr,
+    )
+
+
+def _marking_last(batches: Iterable, limit: int | None):
+    """``(batch, is_last)`` pairs: the last of ``batches`` or the ``limit``-th is marked
+    (reading one batch ahead, as accelerate's loaders do to find their end)."""
+    it = iter(batches)
+    try:
+        item = next(it)
+    except StopIteration:
+        return
+    count = 1
+    while True:
+        if limit is not None and count >= limit:
+            yield item, True
+            return
+        try:
+            following = next(it)
+        except StopIteration:
+            yield item, True
+            return
+        yield item, False
+        item, count = following, count + 1
 
 
 def fit_batches(
@@ -144,58 +192,110 @@ def fit_batches(
     channels_last: bool = False,
     progress: str | None = None,
     check_finite: bool = True,
+    grad_accum: int = 1,
 ) -> FitStats:
-    """Train ``model`` on ``batches``: one optimizer and scheduler step per batch.
+    """Train ``model`` on ``batches``: one optimizer and scheduler step per ``grad_accum``
+    batches (default: per batch).
 
-    Batches are moved to the model's device. With ``accelerator`` (the model, optimizer,
-    scheduler and loader prepared by it) the step runs under ``accelerator.accumulate`` and its
-    autocast and backward (gradient accumulation, DDP, mixed precision); without, forward
-    passes run under bf16 autocast when ``precision="bf16"``. Losses stay on the device until
-    the end (no host round trip per step).
+    Batches are moved to the model's device. With ``accelerator`` (the model, optimizer and
+    loader prepared by it; the scheduler need not be) the backward pass and autocast are its
+    own (DDP, mixed precision) and gradients are synchronised across processes only on the
+    last batch of each accumulation; without, forward passes run under bf16 autocast when
+    ``precision="bf16"``. Losses stay on the device until the end (no host round trip per
+    step).
+
+    Gradient accumulation: the gradients of ``grad_accum`` consecutive batches are summed,
+    each batch weighted by its share of the accumulated images, so one step equals one step
+    on a batch holding all of them (for models without batch statistics: BatchNorm in
+    training mode sees each batch alone). The last accumulation of a pass (at the end of
+    ``batches`` or at ``max_steps``) is stepped even when it holds fewer batches, so no
+    gradient is left over for the next call: a pass of ``n`` batches makes
+    ``ceil(n / grad_accum)`` optimizer steps. The scheduler steps once per optimizer step
+    (not when a mixed-precision optimizer skipped its step).
 
     Args:
         max_steps: stop after this many batches.
         progress: a tqdm description to show a bar (main process only), or None.
         check_finite: raise when a loss was NaN or infinite.
+        grad_accum: batches per optimizer step (>= 1). The Accelerator must be built with
+            ``gradient_accumulation_steps=1``: the accumulation happens here.
 
     Raises:
-        FloatingPointError: a loss became NaN or infinite (training diverged: lower the lr).
+        TrainingDiverged: a loss became NaN or infinite (training diverged: lower the lr); a
+            ``FloatingPointError``.
+        ConfigError: ``grad_accum`` < 1, or an Accelerator that accumulates itself.
     """
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ConfigError(f"grad_accum must be an int >= 1, got {grad_accum!r}.")
+    if accelerator is not None and accelerator.gradient_accumulation_steps != 1:
+        raise ConfigError(
+            f"the Accelerator accumulates gradients over {accelerator.gradient_accumulation_steps}"
+            " steps itself; build it with gradient_accumulation_steps=1 and pass grad_accum to "
+            "fit_batches (or loop.train_epoch) instead."
+        )
     device = model_device(model)
     autocast = autocast_factory(model, precision, accelerator)
     show = progress is not None and (accelerator is None or accelerator.is_local_main_process)
-    losses, images = [], 0
+    losses, images, lrs = [], 0, []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    window: list[int] = []  # sizes of the batches accumulated since the last optimizer step
     model.train()
     start = time.perf_counter()
-    for x, y in tqdm(batches, desc=progress, leave=False, disable=not show):
+    bar = tqdm(batches, desc=progress, leave=False, disable=not show)
+    marked = _marking_last(bar, max_steps) if grad_accum > 1 else ((b, False) for b in bar)
+    for (x, y), last in marked:
         x = as_memory_format(x.to(device, non_blocking=True), channels_last)
         y = y.to(device, non_blocking=True)
-        accumulate = accelerator.accumulate(model) if accelerator else contextlib.nullcontext()
-        with accumulate:
+        window.append(len(y))
+        closes = last or len(window) == grad_accum
+        # gradients are all-reduced (DDP) only by the backward pass that closes the window
+        sync = (
+            accelerator.no_sync(model)
+            if accelerator is not None and not closes
+            else contextlib.nullcontext()
+        )
+        with sync:
             with autocast():
                 loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+            weighted = loss if len(window) == 1 else loss * (window[-1] / window[0])
             if accelerator is not None:
-                accelerator.backward(loss)
+                accelerator.backward(weighted)
             else:
-                loss.backward()
+                weighted.backward()
+        if closes:
+            if len(window) > 1:  # the mean over the window's images, not a sum of means
+                scale = window[0] / sum(window)
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
-            scheduler.step()
+            if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            window = []
         losses.append(loss.detach())
         loss_sum += loss.detach().double() * len(y)
         images += len(y)
         if max_steps is not None and len(losses) >= max_steps:
             break
     seconds = time.perf_counter() - start
-    stats = FitStats(torch.stack(losses) if losses else torch.empty(0), images, seconds, loss_sum)
-    if check_finite and stats.steps and not bool(torch.isfinite(stats.losses).all()):
-        bad = int((~torch.isfinite(stats.losses)).nonzero()[0])
-        lr = optimizer.param_groups[0]["lr"]
-        raise FloatingPointError(
-            f"the training loss became {stats.losses[bad].item()} at step {bad + 1} of "
-            f"{stats.steps} (lr now {lr:g}): training diverged. Lower the learning rate."
-        )
+    stats = FitStats(
+        torch.stack(losses) if losses else torch.empty(0),
+        images,
+        seconds,
+        loss_sum,
+        lrs,
+        grad_accum,
+    )
+    if check_finite and stats.steps:
+        per_step = stats.step_losses()
+        bad = (~torch.isfinite(per_step)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            loss = per_step[i].item()
+            raise diverged(f"the loss became {loss}", i + 1, lrs[i], f" of {stats.optimizer_steps}")
     return stats
 
 
@@ -209,12 +309,15 @@ def predict_batches(
     features: bool = False,
     channels_last: bool = False,
     progress: str | None = None,
+    logits: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Predictions, labels (and the classifier-input features) of every sample, in eval mode.
 
     ``model`` must have ``forward_with_features(x) -> (logits, features)`` (a TunedModel).
     With ``accelerator`` the results are gathered from all processes so that each sample
     appears exactly once. Results are returned on the CPU (one copy at the end).
+    ``logits=True`` also returns the float32 logits (``"logits"``: softmax them for
+    probabilities).
     """
     net = (
         model if accelerator is None else accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -226,11 +329,14 @@ def predict_batches(
     out: dict[str, list[torch.Tensor]] = {"preds": [], "labels": []}
     if features:
         out["features"] = []
+    if logits:
+        out["logits"] = []
     for x, y in tqdm(batches, desc=progress, leave=False, disable=not show):
         x = as_memory_format(x.to(device, non_blocking=True), channels_last)
         with autocast():
-            logits, feats = net.forward_with_features(x)
-        items = [logits.argmax(1), y.to(device)] + ([feats.float()] if features else [])
+            scores, feats = net.forward_with_features(x)
+        items = [scores.argmax(1), y.to(device)] + ([feats.float()] if features else [])
+        items += [scores.float()] if logits else []
         if accelerator is not None:
             items = accelerator.gather_for_metrics(items)
         for key, value in zip(out, items, strict=True):
@@ -297,7 +403,8 @@ def train_steps(
         The training loss of every step (float32 tensor, on the CPU).
 
     Raises:
-        FloatingPointError: if the loss becomes NaN or infinite (diverged: lower the lr).
+        TrainingDiverged: if the loss becomes NaN or infinite (diverged: lower the lr); a
+            ``FloatingPointError``.
     """
     rows = np.asarray(rows)
     if rows.size == 0:
