@@ -5,13 +5,16 @@
 
 With no arguments: SCL FT of the bundled resnet18 (pretrained here on Fashion-MNIST classes 0-4)
 at block 4 on scikit-learn's digits. Any config key can be overridden as ``--key value``.
-Writes ``config.yaml``, TensorBoard logs, a checkpoint per epoch (``--resume`` continues from
-the newest), ``metrics.json`` and the tuned weights (``tuned/``) under ``output_dir``.
+Writes ``config.yaml``, TensorBoard logs (loss and lr per optimizer step), checkpoints every
+``save_every`` epochs and after the last (``--resume`` continues from the newest), ``metrics.json``
+and the tuned weights (``tuned/``) under ``output_dir``. Validation and NC1 run every
+``eval_every`` epochs, the test split once at the end.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -28,6 +31,10 @@ from ncfinetune import data as nd
 from ncfinetune.config import DownstreamConfig, config_to_dict, parse_config, save_config
 from ncfinetune.loop import (
     MIXED_PRECISION,
+    Stopwatch,
+    build_schedule,
+    collect_nc1,
+    finite_json,
     is_conv_net,
     latest_training_state,
     launch_device_type,
@@ -36,11 +43,11 @@ from ncfinetune.loop import (
     save_training_state,
     set_cpu_threads,
     train_epoch,
+    write_json,
 )
 from ncfinetune.metric_modules import load_metric
-from ncfinetune.metrics import nc1
 from ncfinetune.prefix_cache import CacheTooLarge, prefix_blocker, prefix_loader
-from ncfinetune.training import build_cosine_schedule, build_optimizer
+from ncfinetune.training import build_optimizer, diverged
 
 DEFAULTS = Path(__file__).parent / "configs" / "default.yaml"
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")  # torch.compile, via accelerate
@@ -51,7 +58,11 @@ class FinetuneConfig(DownstreamConfig):
     # backbone and data keys: DownstreamConfig (model, pretrained, checkpoint, dataset, data_dir,
     # image_column, label_column, classes, per_class, test_fraction, image_size, seed)
     train_size: int | None = None
-    val_fraction: float = 0.0
+    # validation rows (val_accuracy, each evaluation): null = auto: with a training subset
+    # (per_class / train_size), as many training-split rows outside it as it holds (at least
+    # 100, as available); with the whole split, none. A share in (0, 1): that share of the rows
+    # outside the subset (without one: held out of the training split). 0 = none
+    val_fraction: float | None = None
     augment: bool = False
     # method
     method: str = "scl"
@@ -85,10 +96,16 @@ class FinetuneConfig(DownstreamConfig):
     compile: str | None = None  # a torch.compile backend (e.g. inductor), via accelerate
     cpu_threads: int | None = None  # CPU only; null = cores / processes on this machine
     num_workers: int = 0
-    max_steps: int | None = None  # per epoch; for smoke tests
+    max_steps: int | None = None  # batches per epoch and process; for smoke tests
     # evaluation and output
     metric: str = "accuracy"
-    nc1: bool = True
+    nc1: bool = True  # record the penultimate NC1 on the training subset at each evaluation
+    # validation and NC1 every N epochs and after the last (null = auto: every ceil(epochs/10))
+    eval_every: int | None = None
+    test_every: int | None = None  # also test every N epochs (null = once, after the last epoch)
+    # a checkpoint every N epochs, after the last and at stop_after (null = as eval_every)
+    save_every: int | None = None
+    keep_last: int = 1  # checkpoints kept (older ones are deleted once a newer one is complete)
     output_dir: str = "runs/finetune"
     resume: bool = False
     stop_after: int | None = None  # stop after this many epochs (simulates an interruption)
@@ -131,8 +148,13 @@ class FinetuneConfig(DownstreamConfig):
             p.append(f"lr must be a number > 0 or auto, got {self.lr!r}")
         if self.select_max_images < 1:
             p.append(f"select_max_images must be >= 1, got {self.select_max_images}")
-        if not 0 <= self.val_fraction < 1:
-            p.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
+            p.append(f"val_fraction must be in [0, 1) or null (auto), got {self.val_fraction}")
+        for key in ("eval_every", "test_every", "save_every", "max_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                p.append(f"{key} must be >= 1 or null, got {getattr(self, key)}")
+        if self.keep_last < 1:
+            p.append(f"keep_last must be >= 1, got {self.keep_last}")
         if self.per_class is not None and self.train_size is not None:
             p.append("give per_class or train_size, not both")
         return p
@@ -226,6 +248,30 @@ def cached_loaders(tuned, train_dl, train_eval_dl, test_dl, val_dl):
     return out
 
 
+def evaluate(acc, tuned, loader, metric, name: str, split: str, channels_last: bool) -> dict:
+    """``{split}_{name}`` (the metric) and ``{split}_samples`` over every sample of a prepared
+    ``loader``, each counted once over all processes."""
+    res = predict(acc, tuned, loader, channels_last=channels_last, progress=split)
+    score = metric.compute(predictions=res["preds"], references=res["labels"])[name]
+    return {f"{split}_{name}": score, f"{split}_samples": len(res["labels"])}
+
+
+def validation_rows(labels, train_idx, fraction: float | None, seed: int):
+    """(training rows, validation rows or None), both from the training split (never the test
+    split). ``fraction`` None (auto): with a subset, as many rows outside it as it holds (at
+    least 100, as available; none when fewer than 2 per class remain); without, none."""
+    if fraction == 0 or (fraction is None and train_idx is None):
+        return train_idx, None
+    if train_idx is None:  # the whole split: hold the share out of training
+        return nd.validation_split(labels, fraction, seed=seed)
+    if fraction is None:
+        free = len(labels) - len(train_idx)
+        if free < 2 * len(set(labels.tolist())):
+            return train_idx, None
+        fraction = min(max(len(train_idx), 100), free - 1)
+    return train_idx, nd.validation_split(labels, fraction, seed=seed, exclude=train_idx)[1]
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(
@@ -237,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
         mixed_precision=precision,
         # None leaves accelerate's own setting (`accelerate launch --dynamo_backend`) in charge
         dynamo_backend=cfg.compile,
-        gradient_accumulation_steps=cfg.grad_accum,
+        # no gradient_accumulation_steps: the loop accumulates grad_accum batches itself
+        # (ncfinetune.training.fit_batches), which also closes a partial group at max_steps
         log_with=cfg.tracker,
         project_dir=str(out),
         # accelerate's seedable sampler: `train_dl.set_epoch(e)` reaches it through the
@@ -262,11 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_idx = nd.balanced_subset(
             labels, per_class=cfg.per_class, total=cfg.train_size, seed=cfg.seed
         )
-    val_idx = None
-    if cfg.val_fraction and train_idx is None:
-        train_idx, val_idx = nd.validation_split(labels, cfg.val_fraction, seed=cfg.seed)
-    elif cfg.val_fraction:  # a small subset: validate on training-split rows outside it
-        val_idx = nd.validation_split(labels, cfg.val_fraction, seed=cfg.seed, exclude=train_idx)[1]
+    train_idx, val_idx = validation_rows(labels, train_idx, cfg.val_fraction, cfg.seed)
 
     # model
     model = cfg.load_model(data.num_classes)
@@ -319,14 +362,16 @@ def main(argv: list[str] | None = None) -> dict:
             cache_note = f"off ({err})"
 
     opt = build_optimizer(tuned, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay)
-    steps_per_epoch = -(-min(len(train_dl), cfg.max_steps or len(train_dl)) // cfg.grad_accum)
-    # the prepared scheduler steps once per process per optimizer step; give it the global count
-    sched = build_cosine_schedule(opt, cfg.epochs * steps_per_epoch * acc.num_processes, cfg.min_lr)
-    tuned, opt, train_dl, train_eval_dl, test_dl, sched = acc.prepare(
-        tuned, opt, train_dl, train_eval_dl, test_dl, sched
-    )
+    # train_eval_dl stays unprepared: NC1 takes each process's share of it (loop.collect_nc1)
+    tuned, opt, train_dl, test_dl = acc.prepare(tuned, opt, train_dl, test_dl)
     if val_dl is not None:
         val_dl = acc.prepare(val_dl)
+    # as long as the run's optimizer steps, counted on the prepared (per-process) loader: the
+    # lr reaches min_lr at the end for any number of processes, grad_accum and max_steps
+    sched, plan = build_schedule(
+        acc, opt, train_dl, epochs=cfg.epochs, min_lr=cfg.min_lr,
+        grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,
+    )  # fmt: skip
     metric = load_metric(cfg.metric)
 
     history, start_epoch = [], 0
@@ -354,47 +399,49 @@ def main(argv: list[str] | None = None) -> dict:
         + (f"; {threads} CPU threads per process" if acc.device.type == "cpu" else "")
     )
 
+    eval_every = cfg.eval_every or -(-cfg.epochs // 10)  # auto: about 10 evaluations a run
+    save_every = cfg.save_every or eval_every
+    clock, steps = Stopwatch(), start_epoch * plan.steps_per_epoch  # optimizer steps done
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
+        n, last = epoch + 1, epoch + 1 == cfg.epochs
+        stop = bool(cfg.stop_after) and n >= cfg.stop_after and not last
         train_dl.set_epoch(epoch)  # resumes at an epoch boundary: no batches to skip
         stats = train_epoch(
-            acc,
-            tuned,
-            train_dl,
-            opt,
-            sched,
-            max_steps=cfg.max_steps,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            channels_last=channels_last,
-        )
-        res = predict(acc, tuned, test_dl, channels_last=channels_last)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": stats.loss,
-            "train_images_per_s": stats.images_per_s,
-            "test_" + cfg.metric: metric.compute(
-                predictions=res["preds"], references=res["labels"]
-            )[cfg.metric],
-            "test_samples": len(res["labels"]),
-        }
-        if cfg.nc1:
-            feats = predict(acc, tuned, train_eval_dl, features=True, channels_last=channels_last)
-            row["nc1_train"] = (
-                nc1(feats["features"], feats["labels"])
-                if len(set(feats["labels"].tolist())) > 1
-                else None
-            )
-        if val_dl is not None:
-            v = predict(acc, tuned, val_dl, channels_last=channels_last)
-            row["val_accuracy"] = (v["preds"] == v["labels"]).float().mean().item()
+            acc, tuned, train_dl, opt, sched, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,
+            desc=f"epoch {n}/{cfg.epochs}", channels_last=channels_last, steps_before=steps,
+        )  # fmt: skip
+        # (a NaN/inf loss raised TrainingDiverged above: nothing of this epoch is logged or saved)
+        clock.add("train", stats.seconds)
+        for i, (loss, step_lr) in enumerate(zip(stats.step_losses, stats.lrs, strict=True)):
+            acc.log({"train/loss": loss, "train/lr": step_lr}, step=steps + i + 1)
+        steps += stats.steps
+        row = {"epoch": n, "step": steps, "train_loss": stats.loss, "lr": stats.lrs[-1],
+               "train_images_per_s": stats.images_per_s}  # fmt: skip
+        if n % eval_every == 0 or last:
+            if val_dl is not None:
+                with clock("validation"):
+                    row |= evaluate(acc, tuned, val_dl, metric, cfg.metric, "val", channels_last)
+            if cfg.nc1:
+                with clock("nc1"):
+                    row["nc1_train"] = collect_nc1(
+                        acc, tuned, train_eval_dl, channels_last=channels_last, progress="NC1"
+                    )
+                if row["nc1_train"] is not None and math.isnan(row["nc1_train"]):  # all agree
+                    what = "the training images' penultimate features became NaN or infinite"
+                    raise diverged(what, steps, stats.lrs[-1], f" (evaluated after epoch {n})")
+        if last or (cfg.test_every and n % cfg.test_every == 0):  # the test split: at the end
+            with clock("test"):
+                row |= evaluate(acc, tuned, test_dl, metric, cfg.metric, "test", channels_last)
         history.append(row)
-        acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
-        acc.print(
-            json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        )
-        save_training_state(acc, ckpt_root, epoch + 1, history)
-        if cfg.stop_after and epoch + 1 >= cfg.stop_after and epoch + 1 < cfg.epochs:
-            acc.print(f"stopping after epoch {epoch + 1} (stop_after); continue with --resume")
+        acc.log({k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}, steps)
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+        acc.print(json.dumps(finite_json(shown)))
+        if n % save_every == 0 or last or stop:
+            with clock("checkpoints"):
+                save_training_state(acc, ckpt_root, n, history, keep_last=cfg.keep_last)
+        if stop:
+            acc.print(f"stopping after epoch {n} (stop_after); continue with --resume")
             acc.end_training()
             return {"history": history, "stopped": True}
 
@@ -416,8 +463,17 @@ def main(argv: list[str] | None = None) -> dict:
         "num_train": len(train_dl.dataset) if train_idx is None else len(train_idx),
         "num_test": len(data.test),
         "test_samples_evaluated": last["test_samples"],
+        "val_" + cfg.metric: last.get("val_" + cfg.metric),  # null: no validation rows
+        "num_val": last.get("val_samples", 0),
         "epochs": cfg.epochs,
+        "grad_accum": cfg.grad_accum,
+        "optimizer_steps": steps,  # epochs x ceil(min(batches per process, max_steps) / grad_accum)
+        "steps_per_epoch": plan.steps_per_epoch,
+        "final_lr": opt.param_groups[0]["lr"],  # where the schedule ended: min_lr
+        "eval_every": eval_every,
+        "save_every": save_every,
         "wall_time_s": wall,
+        "time_s": clock.seconds,  # this invocation's training steps, evaluations, checkpoints
         "train_images_per_s": sum(h["train_images_per_s"] for h in history) / len(history),
         "num_processes": acc.num_processes,
         "cpu_threads": threads if acc.device.type == "cpu" else None,
@@ -431,9 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if acc.is_main_process:
         net.save_pretrained(out / "tuned")
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        tmp.replace(out / "metrics.json")
+        write_json(out / "metrics.json", metrics)  # strict JSON: a NaN/inf is written as null
         nc = f"{metrics['nc1_train']:.3f}" if metrics["nc1_train"] is not None else "n/a"
         print(
             f"\n== {net.describe()}\n"

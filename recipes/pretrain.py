@@ -30,9 +30,7 @@ import ncfinetune.hub
 from ncfinetune import data as nd
 from ncfinetune.backbones.base import Prediction
 from ncfinetune.config import parse_config, save_config
-from ncfinetune.loop import predict, set_cpu_threads, train_epoch
-from ncfinetune.metrics import nc1
-from ncfinetune.training import build_cosine_schedule
+from ncfinetune.loop import build_schedule, collect_nc1, predict, set_cpu_threads, train_epoch
 
 
 @dataclass
@@ -168,9 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * (cfg.max_steps or len(train))
-    sched = build_cosine_schedule(opt, steps, cfg.min_lr)
-    net, opt, train, probe, test, sched = acc.prepare(net, opt, train, probe, test, sched)
+    net, opt, train, test = acc.prepare(net, opt, train, test)  # probe: NC1 shards it itself
+    # as long as the run's optimizer steps, counted on the prepared (per-process) loader
+    sched, plan = build_schedule(
+        acc, opt, train, epochs=cfg.epochs, min_lr=cfg.min_lr, max_steps=cfg.max_steps
+    )
     if cfg.augment:
         train_iter = _Augmented(train)
     acc.print(
@@ -188,15 +188,16 @@ def main(argv: list[str] | None = None) -> dict:
             label_smoothing=cfg.label_smoothing,
             max_steps=cfg.max_steps,
             desc=f"epoch {epoch + 1}",
+            steps_before=epoch * plan.steps_per_epoch,
         )
         res = predict(acc, net, test)
         accuracy = (res["preds"] == res["labels"]).float().mean().item()
-        feats = predict(acc, net, probe, features=True)
         row = {
             "epoch": epoch + 1,
             "train_loss": stats_e.loss,
+            "lr": stats_e.lrs[-1],
             "test_accuracy": accuracy,
-            "nc1_train": nc1(feats["features"], feats["labels"]),
+            "nc1_train": collect_nc1(acc, net, probe),  # streamed, merged across processes
             "images_per_s": stats_e.images_per_s,
         }
         history.append(row)
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
             "source_test_accuracy": history[-1]["test_accuracy"],
             "source_nc1_train": history[-1]["nc1_train"],
+            "final_lr": opt.param_groups[0]["lr"],  # the schedule's end: min_lr
             "history": history,
             "wall_time_s": round(time.time() - start, 1),
             "command": "accelerate launch recipes/pretrain.py "

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -14,7 +15,7 @@ from conftest import make_model
 
 from ncfinetune import load_tuned
 from ncfinetune.config import parse_config
-from ncfinetune.errors import BlockError, ConfigError, DataError
+from ncfinetune.errors import BlockError, ConfigError, DataError, TrainingDiverged
 from ncfinetune.hub import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +50,18 @@ def finetune(*args):
     return FINETUNE["main"]([*TINY_RUN, *map(str, args)])
 
 
+def strict_json(path: Path) -> dict:
+    def refuse(name):
+        raise ValueError(f"{path} holds a bare {name}: not strict JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def test_finetune_smoke_writes_metrics_and_loadable_weights(tmp_path):
-    m = finetune("--epochs", 2, "--max_steps", 2, "--output_dir", tmp_path)
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+    m = finetune(
+        "--epochs", 2, "--max_steps", 2, "--output_dir", tmp_path, "--tracker", "tensorboard"
+    )
+    saved = strict_json(tmp_path / "metrics.json")
     assert saved["test_samples_evaluated"] == saved["num_test"] == 360  # digits: 20% of 1797
     assert saved["num_train"] == 1437 and len(saved["history"]) == 2
     assert saved["trainable_percent"] == pytest.approx(100 * 37_354 / 373_658)
@@ -63,6 +73,24 @@ def test_finetune_smoke_writes_metrics_and_loadable_weights(tmp_path):
     assert (tmp_path / "config.yaml").is_file()
     assert saved["cpu_threads"] == len(os.sched_getaffinity(0))  # auto: all cores, 1 process
     assert not list(tmp_path.rglob("*.tmp"))
+    # 2 epochs x 2 batches, one step each: the cosine ends at min_lr on the last step
+    assert (saved["optimizer_steps"], saved["final_lr"]) == (4, pytest.approx(1e-4))
+    assert saved["num_val"] == 0 and saved["val_accuracy"] is None  # no rows outside the split
+    # TensorBoard: the loss and lr of every optimizer step, the epoch's numbers at its last step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "finetune"))
+    events.Reload()
+
+    def series(tag):
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    assert (
+        [s for s, _ in series("train/loss")] == [s for s, _ in series("train/lr")] == [1, 2, 3, 4]
+    )
+    assert series("train/lr")[0][1] == pytest.approx(0.05)  # step 1 trains at the configured lr
+    assert [s for s, _ in series("train_loss")] == [s for s, _ in series("nc1_train")] == [2, 4]
+    assert series("test_accuracy") == [(4, pytest.approx(m["test_accuracy"]))]  # once, at the end
 
 
 def test_lora_block_recipe_run_saves_and_reloads_its_adapters(tmp_path):
@@ -203,9 +231,12 @@ def launch_two_processes(*args) -> subprocess.CompletedProcess:
 
 def test_two_process_interrupt_and_resume_gives_the_same_history(tmp_path):
     """Each process trains its shard of epoch 2's shuffle after a resume, not epoch 1's again:
-    batches of 8 from 60 images, 2 steps per process, so the order decides the loss."""
-    args = ["--epochs", 2, "--max_steps", 2, "--per_class", 6, "--batch_size", 8, "--seed", 3,
-            "--mixed_precision", "no", "--cpu_threads", 1]  # fmt: skip
+    batches of 8 from 60 images, 3 per process and epoch (max_steps) accumulated 2 + 1 into 2
+    optimizer steps (grad_accum 2), so the order decides the loss. The cosine schedule is
+    counted on the prepared loader: it ends at min_lr after 2 x 2 optimizer steps."""
+    args = ["--epochs", 2, "--max_steps", 3, "--grad_accum", 2, "--per_class", 6,
+            "--batch_size", 8, "--seed", 3, "--mixed_precision", "no", "--cpu_threads", 1,
+            "--min_lr", 0.001]  # fmt: skip
     launch_two_processes(*args, "--output_dir", tmp_path / "a")
     launch_two_processes(*args, "--output_dir", tmp_path / "b", "--stop_after", 1)
     assert not (tmp_path / "b" / "metrics.json").exists()  # stopped after epoch 1
@@ -218,6 +249,11 @@ def test_two_process_interrupt_and_resume_gives_the_same_history(tmp_path):
 
     assert numbers(resumed["history"]) == numbers(full["history"])
     assert full["history"][0]["train_loss"] != full["history"][1]["train_loss"]
+    # epochs x ceil(min(batches per process, max_steps) / grad_accum) = 2 x ceil(3 / 2)
+    assert (full["optimizer_steps"], full["steps_per_epoch"]) == (4, 2)
+    assert full["final_lr"] == resumed["final_lr"] == pytest.approx(0.001)
+    assert [r["step"] for r in full["history"]] == [2, 4]
+    assert full["num_val"] == 100 and full["val_accuracy"] is not None  # auto: rows outside
     wa = safetensors.torch.load_file(tmp_path / "a" / "tuned" / "tuned.safetensors")
     wb = safetensors.torch.load_file(tmp_path / "b" / "tuned" / "tuned.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -346,6 +382,7 @@ def test_pretrain_smoke_then_finetune_from_its_checkpoint(tmp_path):
     )
     card = json.loads((tmp_path / "pt" / "backbone.json").read_text())
     assert card["source"]["classes"] == [0, 1, 2] and len(card["history"]) == 1
+    assert card["final_lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine's end (min_lr 0)
     weights = safetensors.torch.load_file(tmp_path / "pt" / "backbone.safetensors")
     assert all(v.dtype == torch.float16 for v in weights.values()) and "fc.weight" not in weights
     model = create_backbone(
@@ -453,3 +490,32 @@ def test_select_block_recipe_writes_report_and_plot(tmp_path, capsys):
     assert "chosen: block" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="rule 'best' is not one of middle, curve, linear"):
         recipe["main"](["--rule", "best"])
+
+
+def test_a_diverged_run_stops_with_an_error_naming_the_lr_and_step_and_saves_nothing(tmp_path):
+    args = ["--lr", "1e12", "--batch_size", 16, "--epochs", 2, "--max_steps", 3,
+            "--per_class", 5, "--output_dir", tmp_path]  # fmt: skip
+    with pytest.raises(TrainingDiverged) as err:  # an ncfinetune error: the CLI exits with 2
+        finetune(*args)
+    assert err.value.step == 3 and "the loss became nan at optimizer step 3 (epoch 1/2)" in str(
+        err.value
+    )
+    assert str(err.value).startswith(f"training diverged at lr {err.value.lr:g}: ")
+    # nothing written after the first non-finite step (epoch 1): only the config of the start
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_evaluation_test_and_checkpoint_cadence(tmp_path):
+    m = finetune("--epochs", 4, "--max_steps", 1, "--per_class", 5, "--eval_every", 2,
+                 "--test_every", 3, "--save_every", 2, "--keep_last", 2,
+                 "--output_dir", tmp_path)  # fmt: skip
+    kinds = [("val_accuracy" in r, "nc1_train" in r, "test_accuracy" in r) for r in m["history"]]
+    assert kinds == [(False,) * 3, (True, True, False), (False, False, True), (True,) * 3]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_2", "epoch_4"]
+    assert (m["eval_every"], m["save_every"], m["optimizer_steps"]) == (2, 2, 4)
+    # validation by default: 100 rows of the training split outside the 50-image subset
+    assert m["num_val"] == 100 and 0 <= m["val_accuracy"] <= 1
+    labels = parse_config(FINETUNE["FinetuneConfig"], TINY_RUN).load_data().labels("train")
+    train, val = FINETUNE["validation_rows"](labels, np.arange(0, 1437, 10), None, 0)
+    assert len(val) == 144 and not set(val) & set(train)  # as many as the subset (144 > 100)
+    assert FINETUNE["validation_rows"](labels, None, None, 0) == (None, None)
