@@ -156,8 +156,8 @@ def build_schedule(
     max_steps: int | None = None,
 ) -> tuple[torch.optim.lr_scheduler.LRScheduler, StepPlan]:
     """The run's cosine schedule from the optimizer's lr to ``min_lr``, exactly as long as the
-    run's optimizer steps (:func:`plan_steps` on the prepared ``loader``): the last step
-    trains at the schedule's end, after which the lr is ``min_lr``.
+    run's optimizer steps (:func:`plan_steps` on the prepared ``loader``): after the run's last
+    optimizer step the lr is ``min_lr``.
 
     The schedule is stepped once per optimizer step by the training loop, so it is *not*
     passed to ``accelerator.prepare`` (whose wrapper steps it once per process per optimizer
