@@ -3,20 +3,32 @@
 ``parse_config(Cls, argv)`` reads an optional ``--config FILE.yaml``, applies command-line
 overrides on top, converts each value to the field's type, and validates. Every problem found
 (unknown key, wrong type, invalid value) is collected and raised as one :class:`ConfigError`.
+``--help`` prints every key with its type, default and description, generated from the
+dataclass: a field's ``metadata={"help": ...}``, else the comment on its line, else the comment
+lines directly above it (a comment separated from the next field by a blank line is a section
+heading, not a description). :func:`run_cli` runs a recipe's ``main`` so that an ncfinetune
+error prints its message and exits with status 2 (``--debug``: the full traceback).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
+import os
+import sys
+import tokenize
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ncfinetune.errors import ConfigError
+from ncfinetune.errors import ConfigError, NcFinetuneError
 from ncfinetune.hub import DEFAULT_BACKBONE
 
 
@@ -105,34 +117,58 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, str], list[s
     return config_file, values, problems
 
 
-def parse_config(cls: type, argv: list[str] | None = None, defaults_file: str | None = None):
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The ``key: value`` mapping of a YAML config file (raises :class:`ConfigError`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must be a mapping of key: value.")
+    return loaded
+
+
+def wants_help(argv: Iterable[str]) -> bool:
+    """Whether ``argv`` asks for the help text (``--help`` or ``-h``)."""
+    return any(a in ("--help", "-h") or a.startswith("--help=") for a in argv)
+
+
+def parse_config(
+    cls: type,
+    argv: list[str] | None = None,
+    defaults_file: str | None = None,
+    base: Mapping[str, Any] | None = None,
+):
     """Build a ``cls`` dataclass from an optional YAML file plus command-line overrides.
 
     Args:
         cls: a dataclass whose fields have defaults; its ``validate()`` (if any) returns a list of
             problems.
-        argv: command-line arguments (without the program name).
+        argv: command-line arguments (without the program name). ``--help`` (or ``-h``) prints
+            :func:`config_help` (defaults as the YAML file sets them) and exits with status 0.
         defaults_file: YAML file used when ``--config`` is not given.
+        base: values that replace the YAML file's and are replaced by the command line's (a
+            resumed run's saved config).
 
     Raises:
         ConfigError: listing every problem found.
     """
-    config_file, cli, problems = parse_overrides(list(argv or []))
+    argv = list(argv or [])
+    config_file, cli, problems = parse_overrides([a for a in argv if a != "-h"])
     config_file = config_file or defaults_file
     types_ = _field_types(cls)
     values: dict[str, Any] = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {config_file} does not exist.")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {config_file} must be a mapping of key: value.")
-        for key, val in loaded.items():
-            values[key] = (val, False)
+    loaded = read_config_file(config_file) if config_file else {}
+    loaded.update(base or {})
+    if wants_help(argv):
+        if is_main_process():
+            print(config_help(cls, loaded, config_file), flush=True)
+        raise SystemExit(0)
+    for key, val in loaded.items():
+        values[key] = (val, False)
     for key, val in cli.items():
         values[key] = (val, True)
     kwargs = {}
@@ -154,9 +190,209 @@ def parse_config(cls: type, argv: list[str] | None = None, defaults_file: str | 
         raise ConfigError(
             f"{len(problems)} problem(s) in the config{where}:\n  - "
             + "\n  - ".join(problems)
-            + f"\nValid keys: {', '.join(types_)}."
+            + f"\nValid keys: {', '.join(types_)} (--help describes each)."
         )
     return config
+
+
+def _source_file(cls: type) -> str | None:
+    """The file defining ``cls``; also for classes of scripts run by ``runpy`` (whose module is
+    gone from ``sys.modules`` afterwards): the file of any function defined in the class."""
+    try:
+        return inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        pass
+    for value in vars(cls).values():
+        code = getattr(getattr(value, "__func__", value), "__code__", None)
+        if code is not None and os.path.isfile(code.co_filename):
+            return code.co_filename
+    return None
+
+
+_TOOL_COMMENTS = ("fmt:", "noqa", "type:", "pragma")
+
+
+def _comment_help(cls: type) -> dict[str, str]:
+    """Field descriptions written as comments in the class body of ``cls`` (not its bases)."""
+    file = _source_file(cls)
+    if file is None or not os.path.isfile(file):
+        return {}
+    source = Path(file).read_text()
+    node = next(
+        (
+            n
+            for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.ClassDef) and n.name == cls.__name__
+        ),
+        None,
+    )
+    if node is None:
+        return {}
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    comments = {k: v for k, v in comments.items() if v and not v.startswith(_TOOL_COMMENTS)}
+    lines = source.splitlines()
+    found = {}
+    for stmt in node.body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        text = [comments[i] for i in range(stmt.lineno, stmt.end_lineno + 1) if i in comments]
+        if not text:  # the comment lines directly above (a blank line ends a heading)
+            i = stmt.lineno - 1
+            while i >= 1 and lines[i - 1].strip().startswith("#"):
+                if i in comments:
+                    text.insert(0, comments[i])
+                i -= 1
+        if text:
+            found[stmt.target.id] = " ".join(text)
+    return found
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field of dataclass ``cls`` -> its one-line description: ``metadata["help"]``, else
+    the comment on the field's line, else the comment lines directly above it (base classes
+    included); "" when there is none."""
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            found.update(_comment_help(klass))
+    return {
+        f.name: str(f.metadata.get("help") or found.get(f.name, ""))
+        for f in dataclasses.fields(cls)
+    }
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def show_value(value: Any) -> str:
+    """A config value as it is written on the command line (null, true, 5,6,7)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(show_value(v) for v in value) or "[]"
+    return str(value)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _script_doc(cls: type) -> tuple[str, str]:
+    """(file name, first paragraph of its docstring) of the file defining ``cls``."""
+    file = _source_file(cls)
+    if file is None or not os.path.isfile(file):
+        return "", ""
+    doc = ast.get_docstring(ast.parse(Path(file).read_text())) or ""
+    return Path(file).name, doc.split("\n\n")[0].strip()
+
+
+def config_help(
+    cls: type, defaults: Mapping[str, Any] | None = None, defaults_from: str | None = None
+) -> str:
+    """The ``--help`` text of a recipe config: usage, the recipe's summary, and one line per key
+    with its type, default and description.
+
+    Args:
+        cls: the config dataclass.
+        defaults: values that replace the dataclass defaults (a YAML config file's).
+        defaults_from: where ``defaults`` come from, for the heading.
+    """
+    defaults = dict(defaults or {})
+    types_, helps = _field_types(cls), field_help(cls)
+    rows = [
+        (
+            f"--{f.name}",
+            _type_name(types_[f.name]),
+            show_value(defaults[f.name] if f.name in defaults else _field_default(f)),
+            helps[f.name],
+        )
+        for f in dataclasses.fields(cls)
+    ]
+    rows.append(("--debug", "flag", "off", "on an error, show the full traceback"))
+    width = [min(max(len(r[i]) for r in rows), cap) for i, cap in enumerate((24, 16, 20))]
+    lines = []
+    for name, tp, default, text in rows:
+        head = f"  {name:<{width[0]}}  {tp:<{width[1]}}  {default:<{width[2]}}"
+        lines.append(f"{head}  {text}".rstrip())
+    prog, doc = _script_doc(cls)
+    source = f"; defaults from {defaults_from}" if defaults_from else ""
+    return (
+        f"usage: {prog or cls.__name__} [--config FILE.yaml] [--KEY VALUE ...] [--debug]\n\n"
+        + (f"{doc}\n\n" if doc else "")
+        + f"keys (--KEY VALUE, --KEY=VALUE, or KEY: VALUE in the YAML file{source}):\n"
+        + f"  {'key':<{width[0]}}  {'type':<{width[1]}}  {'default':<{width[2]}}  description\n"
+        + "\n".join(lines)
+        + "\n\nnull means unset (auto where the description says so); lists are "
+        "comma-separated (--classes 5,6,7)."
+    )
+
+
+def config_differences(
+    saved: Mapping[str, Any],
+    now: Any,
+    *,
+    ignore: Iterable[str] = (),
+) -> list[str]:
+    """``"key: saved -> now"`` for every field of the config ``now`` whose value differs from
+    ``saved`` (a mapping read from a run's ``config.yaml``), in field order. A key the saved
+    file lacks (written by an older version) counts as its dataclass default."""
+    skip = set(ignore)
+    diffs = []
+    for f in dataclasses.fields(now):
+        if f.name in skip:
+            continue
+        before = saved.get(f.name, _field_default(f))
+        after = getattr(now, f.name)
+        if isinstance(before, tuple):
+            before = list(before)
+        if before != after or isinstance(before, bool) != isinstance(after, bool):
+            diffs.append(f"{f.name}: {show_value(before)} -> {show_value(after)}")
+    return diffs
+
+
+def is_main_process() -> bool:
+    """False on every process but rank 0 of a launched run (``accelerate launch`` and torchrun
+    set ``RANK``); True for a plain process. Readable before any Accelerator exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
+    """Run a recipe's ``main(argv)`` as a command.
+
+    An ncfinetune error (``ConfigError``, ``DataError``, ``BlockError``, ``CheckpointError``, ...)
+    prints ``error: <message>`` to stderr, once (rank 0 of a multi-process launch), and exits
+    with status 2, without a traceback; ``--debug`` anywhere in ``argv`` lets it propagate
+    with its full traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = any(a in ("--debug", "--debug=true") for a in argv)
+    argv = [a for a in argv if a not in ("--debug", "--debug=true", "--debug=false")]
+    try:
+        return main(argv)
+    except NcFinetuneError as err:
+        if debug:
+            raise
+        if is_main_process():
+            print(f"error: {err}\n(--debug shows the traceback)", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -179,20 +415,21 @@ class DownstreamConfig:
     selected on the training rows the other trains on.
     """
 
-    # backbone: a bundled name, or any timm name with pretrained (hub) or checkpoint (local file)
+    # backbone: a bundled name, a recipes/pretrain.py folder, or a timm name with pretrained or
+    # checkpoint
     model: str = DEFAULT_BACKBONE
-    pretrained: bool = False
-    checkpoint: str | None = None
+    pretrained: bool = False  # timm name: download its pretrained weights (hub)
+    checkpoint: str | None = None  # timm name: a local weights file for it
     # data
-    dataset: str = "digits"
-    data_dir: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    classes: list[int] | None = None
-    per_class: int | None = None
-    test_fraction: float = 0.2
-    image_size: int | None = None
-    seed: int = 0
+    dataset: str = "digits"  # digits | fashion_mnist | a folder | a .csv/.parquet file | a hub name
+    data_dir: str | None = None  # fashion_mnist: folder of the IDX files; hub: its data_dir
+    image_column: str | None = None  # null = detected
+    label_column: str | None = None  # null = detected
+    classes: list[int] | None = None  # keep these classes, renumbered 0..K-1 (null = all)
+    per_class: int | None = None  # class-balanced, seeded, nested training subset (null = all)
+    test_fraction: float = 0.2  # test share held out when the source has no test split
+    image_size: int | None = None  # input size in pixels (null = the backbone's)
+    seed: int = 0  # seeds the split, the subset, the classifier's init and the shuffling
 
     def validate(self) -> list[str]:
         p = []
@@ -223,3 +460,54 @@ class DownstreamConfig:
         return create_backbone(
             self.model, num_classes, pretrained=self.pretrained, checkpoint=self.checkpoint
         )
+
+
+@dataclasses.dataclass
+class TunedConfig:
+    """The keys shared by ``recipes/eval.py`` and ``recipes/predict.py``: the tuned folder,
+    how to rebuild its base backbone, and how to run it (see :mod:`ncfinetune.inference`)."""
+
+    tuned: str = "runs/finetune/tuned"  # a folder written by recipes/finetune.py (its tuned/)
+    # the base backbone: null = the one the folder records (base_model); a bundled name, a
+    # recipes/pretrain.py folder or a timm name
+    model: str | None = None
+    pretrained: bool | None = None  # timm base: download its hub weights (null = as recorded)
+    checkpoint: str | None = None  # timm base: a local weights file (null = as recorded)
+    verify_base: bool = True  # check the base weights' fingerprint (false: warn on a mismatch)
+    image_size: int | None = None  # null = the size it was tuned at, else the backbone's
+    batch_size: int = 256  # images per forward pass
+    mixed_precision: str = "no"  # no (fp32) | bf16 | auto (bf16 where the device has it natively)
+    device: str | None = None  # null = cuda when available, else cpu
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            p.append(f"mixed_precision {self.mixed_precision!r} is not one of auto, no, bf16")
+        if self.batch_size < 1:
+            p.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.image_size is not None and self.image_size < 1:
+            p.append(f"image_size must be >= 1 or null, got {self.image_size}")
+        return p
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``ncfinetune.inference.load_tuned_folder`` (and predict/evaluate)."""
+        return {
+            "base_model": self.model,
+            "pretrained": self.pretrained,
+            "checkpoint": self.checkpoint,
+            "verify_base": self.verify_base,
+        }
+
+    def run_kwargs(self) -> dict[str, Any]:
+        """Image size, batch, precision (``auto`` resolved for the device) and device."""
+        import torch
+
+        from ncfinetune.loop import resolve_mixed_precision
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return {
+            "image_size": self.image_size,
+            "batch_size": self.batch_size,
+            "precision": resolve_mixed_precision(self.mixed_precision, torch.device(device).type),
+            "device": device,
+        }

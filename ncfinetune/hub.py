@@ -16,6 +16,9 @@ from ncfinetune.errors import ConfigError
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_BACKBONE = "resnet18_fmnist04"
+BASE_ATTRIBUTE = "ncfinetune_base"
+"""Attribute of a model made by :func:`create_backbone`: how it was made (name as passed,
+pretrained, checkpoint), which ``TunedModel.save_pretrained`` records as the base model."""
 
 
 def bundled_backbones() -> dict[str, dict]:
@@ -47,7 +50,16 @@ def create_backbone(
         checkpoint: a local weights file (.safetensors, or a timm/torch checkpoint) for ``name``.
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``img_size``).
     """
-    kwargs = dict(model_kwargs or {})
+    model = _create(name, num_classes, pretrained, checkpoint, dict(model_kwargs or {}))
+    setattr(
+        model, BASE_ATTRIBUTE, {"name": name, "pretrained": pretrained, "checkpoint": checkpoint}
+    )
+    return model
+
+
+def _create(
+    name: str, num_classes: int, pretrained: bool, checkpoint: str | None, kwargs: dict
+) -> nn.Module:
     bundled = bundled_backbones()
     folder = Path(name)
     if name in bundled or (folder / "backbone.json").is_file():

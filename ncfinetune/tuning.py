@@ -22,6 +22,7 @@ from ncfinetune import checkpoint
 from ncfinetune.backbones import BackboneAdapter, get_adapter
 from ncfinetune.backbones.base import Prediction, arch_name
 from ncfinetune.errors import ConfigError
+from ncfinetune.hub import BASE_ATTRIBUTE
 from ncfinetune.messages import warn_once
 from ncfinetune.methods import (
     BN_POLICIES,
@@ -263,15 +264,33 @@ class TunedModel(nn.Module):
         state = self.model.state_dict()
         return {k: v.detach() for k, v in state.items() if k in keep}
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        *,
+        base_model: str | None = None,
+        metadata: dict | None = None,
+    ) -> Path:
         """Write the tuned tensors (safetensors) and metadata (JSON) to directory ``path``.
 
         Only what was tuned is written, atomically (see :mod:`ncfinetune.checkpoint`); LoRA
         methods also write a peft adapter (``adapter_model.safetensors``).
+
+        Args:
+            base_model: the base backbone as passed to ``create_backbone`` (a bundled name, a
+                ``recipes/pretrain.py`` folder or a timm name), recorded as ``base_model`` so
+                that ``ncfinetune.inference.load_tuned_folder`` can rebuild it. Default: what
+                ``create_backbone`` recorded on the model (with its pretrained/checkpoint
+                arguments as ``base_model_kwargs``), else null.
+            metadata: more JSON facts to record (the recipes add the class names, the image
+                size and the dataset); the keys written here take precedence.
         """
         tensors = self.tuned_state_dict()
         trainable, total = self.parameter_counts()
+        created = getattr(self.model, BASE_ATTRIBUTE, None) or {}
         meta = {
+            **(metadata or {}),
+            "base_model": base_model if base_model is not None else created.get("name"),
             "architecture": self.arch,
             "model_class": type(self.model).__name__,
             "num_classes": int(self.model.num_classes),
@@ -284,6 +303,8 @@ class TunedModel(nn.Module):
             "trainable_params": trainable,
             "total_params": total,
         }
+        if base_model is None and created:
+            meta["base_model_kwargs"] = {k: v for k, v in created.items() if k != "name"}
         return checkpoint.write_checkpoint(
             path, tensors, meta, self.model, peft_config=self.config.peft_export(self)
         )

@@ -13,9 +13,9 @@ and the tuned weights (``tuned/``) under ``output_dir``. Validation and NC1 run 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +28,15 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 import ncfinetune
 import ncfinetune.selection
 from ncfinetune import data as nd
-from ncfinetune.config import DownstreamConfig, config_to_dict, parse_config, save_config
+from ncfinetune import launch, runs
+from ncfinetune.config import (
+    DownstreamConfig,
+    config_to_dict,
+    parse_config,
+    parse_overrides,
+    run_cli,
+    save_config,
+)
 from ncfinetune.loop import (
     MIXED_PRECISION,
     Stopwatch,
@@ -39,7 +47,6 @@ from ncfinetune.loop import (
     latest_training_state,
     launch_device_type,
     predict,
-    resolve_mixed_precision,
     save_training_state,
     set_cpu_threads,
     train_epoch,
@@ -57,15 +64,16 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")  # torch.com
 class FinetuneConfig(DownstreamConfig):
     # backbone and data keys: DownstreamConfig (model, pretrained, checkpoint, dataset, data_dir,
     # image_column, label_column, classes, per_class, test_fraction, image_size, seed)
-    train_size: int | None = None
+
+    train_size: int | None = None  # class-balanced training subset of this many images (null = all)
     # validation rows (val_accuracy, each evaluation): null = auto: with a training subset
     # (per_class / train_size), as many training-split rows outside it as it holds (at least
     # 100, as available); with the whole split, none. A share in (0, 1): that share of the rows
     # outside the subset (without one: held out of the training split). 0 = none
     val_fraction: float | None = None
-    augment: bool = False
+    augment: bool = False  # timm's random training augmentation (crop, flip, colour)
     # method
-    method: str = "scl"
+    method: str = "scl"  # linear | layer | scl | full | lora-block | lora
     block: str | None = "4"  # index, name, or "auto" (select_block on the training subset)
     # block auto: probe | probe_accuracy | middle | curve | linear (ncfinetune.select_block;
     # its probes run at its lr, 0.03, or with lr: auto choose the lr with the block)
@@ -74,31 +82,36 @@ class FinetuneConfig(DownstreamConfig):
     select_max_percent: float | None = ncfinetune.selection.MAX_TRAINABLE_PERCENT
     # block auto / lr auto: selection runs on a class-balanced sample of the training subset
     select_max_images: int = 5000
-    bn: str | None = None
-    skip_norm: bool | None = None
+    bn: str | None = None  # BatchNorm statistics: update | frozen (null = update)
+    skip_norm: bool | None = None  # ViT SCL: pass the skip through the final norm (null = yes)
     lora_rank: int = 8  # lora-block / lora: rank of the peft LoRA update
     lora_alpha: float | None = None  # LoRA scale alpha (null = rank)
     lora_skip: bool = False  # lora-block: also add the SCL skip from the block
     prefix_cache: bool | None = None  # null = auto: cache the frozen prefix's outputs when legal
     # optimisation (paper defaults, SPEC section 5)
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # sgd (momentum, no Nesterov) | adamw
     # a number, or auto: short probes at 0.1, 0.03, 0.01 on held-out training rows choose it
     # (with --block auto, together with the block); never the test split
     lr: float | str = 0.1
-    min_lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    epochs: int = 10
-    batch_size: int = 64
-    grad_accum: int = 1
-    mixed_precision: str = "auto"  # auto = bf16 where the device has native bf16, else no
+    min_lr: float = 1e-4  # the cosine schedule's final lr
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # on every trained parameter
+    epochs: int = 10  # passes over the training subset
+    batch_size: int = 64  # images per process per step (x processes x grad_accum per update)
+    # images per optimizer update over all processes; replaces batch_size with
+    # global_batch_size / (processes x grad_accum), which must divide it (null = use batch_size)
+    global_batch_size: int | None = None
+    grad_accum: int = 1  # batches accumulated per optimizer update
+    # auto = the launcher's --mixed_precision if it was given one, else bf16 where the device
+    # computes bf16 natively, else no | no | fp16 | bf16 (these win over the launcher's)
+    mixed_precision: str = "auto"
     channels_last: bool | None = None  # null = auto: on for conv nets (measured faster here)
     compile: str | None = None  # a torch.compile backend (e.g. inductor), via accelerate
     cpu_threads: int | None = None  # CPU only; null = cores / processes on this machine
-    num_workers: int = 0
+    num_workers: int = 0  # data loader worker processes (0 = load in the training process)
     max_steps: int | None = None  # batches per epoch and process; for smoke tests
     # evaluation and output
-    metric: str = "accuracy"
+    metric: str = "accuracy"  # the test metric (an evaluate module: accuracy, or a hub metric)
     nc1: bool = True  # record the penultimate NC1 on the training subset at each evaluation
     # validation and NC1 every N epochs and after the last (null = auto: every ceil(epochs/10))
     eval_every: int | None = None
@@ -106,10 +119,13 @@ class FinetuneConfig(DownstreamConfig):
     # a checkpoint every N epochs, after the last and at stop_after (null = as eval_every)
     save_every: int | None = None
     keep_last: int = 1  # checkpoints kept (older ones are deleted once a newer one is complete)
-    output_dir: str = "runs/finetune"
+    output_dir: str = "runs/finetune"  # where the run writes (a folder holding a run is not reused)
+    # continue the newest checkpoint in output_dir, with its saved config.yaml as the defaults
     resume: bool = False
+    # with resume: keys allowed to differ from the saved config: epochs and/or lr (epochs,lr)
+    resume_override: list[str] | None = None
     stop_after: int | None = None  # stop after this many epochs (simulates an interruption)
-    tracker: str | None = "tensorboard"  # or none
+    tracker: str | None = "tensorboard"  # tensorboard (logs under output_dir) or none
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -157,7 +173,40 @@ class FinetuneConfig(DownstreamConfig):
             p.append(f"keep_last must be >= 1, got {self.keep_last}")
         if self.per_class is not None and self.train_size is not None:
             p.append("give per_class or train_size, not both")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            p.append(f"global_batch_size must be >= 1 or null, got {self.global_batch_size}")
+        bad = [k for k in self.resume_override or [] if k not in runs.RESUME_OVERRIDABLE]
+        if bad:
+            p.append(
+                f"resume_override {','.join(bad)}: only {', '.join(runs.RESUME_OVERRIDABLE)} "
+                "can change on --resume"
+            )
+        if self.resume_override and not self.resume:
+            p.append("resume_override only applies with --resume")
         return p
+
+
+# keys that do not change what is trained (output, evaluation, logging, speed): --resume
+# accepts new values for them; every other key must keep its saved value
+RESUME_FREE = ("output_dir", "resume", "resume_override", "stop_after", "tracker", "metric", "nc1",
+               "eval_every", "test_every", "save_every", "keep_last", "num_workers",
+               "cpu_threads", "compile", "channels_last", "prefix_cache")  # fmt: skip
+# keys of one invocation: --resume does not take them from the saved config
+PER_INVOCATION = ("resume", "resume_override", "stop_after")
+
+
+def load_config(argv: list[str]) -> FinetuneConfig:
+    """The config from the command line over ``--config`` (or ``configs/default.yaml``); with
+    ``--resume`` and no ``--config``, over the run's saved ``config.yaml`` instead."""
+    defaults = str(DEFAULTS) if DEFAULTS.is_file() else None
+    cfg = parse_config(FinetuneConfig, argv, defaults_file=defaults)
+    if cfg.resume and parse_overrides(argv)[0] is None:
+        base = runs.resume_base(Path(cfg.output_dir), PER_INVOCATION)
+        if base is not None:  # keys this version no longer has cannot be compared: dropped
+            keys = {f.name for f in dataclasses.fields(FinetuneConfig)}
+            base = {k: v for k, v in base.items() if k in keys}
+            cfg = parse_config(FinetuneConfig, argv, defaults_file=defaults, base=base)
+    return cfg
 
 
 def tuned_block(cfg: FinetuneConfig) -> str | None:
@@ -231,6 +280,21 @@ def read_selection(out: Path, block, lr):
     return (saved["block"] if block == "auto" else block), (saved["lr"] if lr == "auto" else lr)
 
 
+def tuned_metadata(cfg: FinetuneConfig, data) -> dict:
+    """What ``tuned/tuned_config.json`` records beside the weights so that the folder alone
+    rebuilds the model and its inputs (``ncfinetune.inference``, ``recipes/eval.py``)."""
+    return {
+        "base_model_kwargs": {"pretrained": cfg.pretrained, "checkpoint": cfg.checkpoint},
+        "image_size": cfg.image_size,
+        "class_names": list(data.class_names),
+        "data": {
+            k: getattr(cfg, k)
+            for k in ("dataset", "data_dir", "image_column", "label_column", "classes")
+            + ("test_fraction", "seed")
+        },
+    }
+
+
 def cached_loaders(tuned, train_dl, train_eval_dl, test_dl, val_dl):
     """The loaders as prefix outputs computed once per image (raises where that is not legal:
     a BatchNorm adapting in the prefix, augmentation, data too large)."""
@@ -274,11 +338,18 @@ def validation_rows(labels, train_idx, fraction: float | None, seed: int):
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(
-        FinetuneConfig, argv, defaults_file=str(DEFAULTS) if DEFAULTS.is_file() else None
-    )
+    cfg = load_config(argv)
     out = Path(cfg.output_dir)
-    precision = resolve_mixed_precision(cfg.mixed_precision, launch_device_type())
+    # a run never overwrites another; --resume continues one only with the config it trained with
+    if cfg.resume:
+        resume = runs.check_resume(out, cfg, ignore=RESUME_FREE, override=cfg.resume_override or ())
+    else:
+        runs.check_fresh_start(out)
+        resume = None
+    # an explicit choice wins (the recipe's, then the launcher's); auto only when none was made
+    precision, precision_source, note = launch.choose_mixed_precision(
+        cfg.mixed_precision, launch_device_type(), launch.launcher_mixed_precision()
+    )
     acc = Accelerator(
         mixed_precision=precision,
         # None leaves accelerate's own setting (`accelerate launch --dynamo_backend`) in charge
@@ -293,13 +364,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     set_seed(cfg.seed)
     threads = set_cpu_threads(acc, cfg.cpu_threads)
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # accelerate launch always sets it
-    if cfg.mixed_precision == "auto" and launched and launched != precision:
-        acc.print(
-            f"mixed precision: the recipe's mixed_precision 'auto' chose {precision} over the "
-            f"launcher's {launched!r}; pass --mixed_precision {launched} after the script name "
-            "to train in that instead."
-        )
+    if note:
+        acc.print(note)
+    # batch_size is per process; a global batch is split over processes and accumulation
+    batch_size = launch.per_process_batch(
+        cfg.batch_size, cfg.global_batch_size, acc.num_processes, cfg.grad_accum
+    )
 
     # data: the training subset is drawn from the training split only; the test split stays whole
     data = cfg.load_data()
@@ -338,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
     if channels_last:
         tuned.to(memory_format=torch.channels_last)
     train_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=cfg.augment)
-    kw = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
+    kw = {"batch_size": batch_size, "num_workers": cfg.num_workers}
     train_dl = nd.build_loader(
         data.train, train_tf, shuffle=True, seed=cfg.seed, indices=train_idx, **kw
     )
@@ -374,12 +444,22 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     metric = load_metric(cfg.metric)
 
-    history, start_epoch = [], 0
+    history, start_epoch, overrides = [], 0, []
     ckpt_root = out / "checkpoints"
-    if cfg.resume and (found := latest_training_state(ckpt_root)):
-        path, start_epoch, history = found
+    if resume is not None:  # checked above: it continues with the saved config
+        fresh = getattr(sched, "scheduler", sched).state_dict()  # the current config's schedule
+        path, start_epoch, history = resume.checkpoint, resume.epoch, resume.history
         acc.load_state(str(path))
         acc.print(f"resumed from {path} (epoch {start_epoch})")
+        if resume.changed:  # resume_override: the schedule the new epochs/lr ask for
+            runs.retarget_schedule(sched, fresh)
+            acc.print(
+                "resume_override: "
+                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in resume.changed.items())
+                + "; the cosine schedule continues as the new one from this step"
+            )
+        if acc.is_main_process:
+            overrides = runs.record_override(out, resume)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -479,14 +559,18 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_threads": threads if acc.device.type == "cpu" else None,
         "prefix_cache": net.prefix_inputs,
         "mixed_precision": precision,
+        "mixed_precision_from": precision_source,  # recipe | launcher | auto
+        "batch_size_per_process": batch_size,
+        "global_batch_size": batch_size * acc.num_processes * cfg.grad_accum,
         "channels_last": channels_last,
         "compile": compiled,
         "lr": lr,
         "selection": selection,  # --block auto / --lr auto: what was chosen, at what cost
+        "resume_overrides": overrides,  # --resume_override: what changed, at which epoch
         "history": history,
     }
     if acc.is_main_process:
-        net.save_pretrained(out / "tuned")
+        net.save_pretrained(out / "tuned", base_model=cfg.model, metadata=tuned_metadata(cfg, data))
         write_json(out / "metrics.json", metrics)  # strict JSON: a NaN/inf is written as null
         nc = f"{metrics['nc1_train']:.3f}" if metrics["nc1_train"] is not None else "n/a"
         print(
@@ -502,4 +586,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

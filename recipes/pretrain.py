@@ -11,6 +11,7 @@ markdown model card; ``--bundle_as NAME`` also copies them into ncfinetune/asset
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -29,7 +30,9 @@ import ncfinetune
 import ncfinetune.hub
 from ncfinetune import data as nd
 from ncfinetune.backbones.base import Prediction
-from ncfinetune.config import parse_config, save_config
+from ncfinetune.config import parse_config, run_cli, save_config
+from ncfinetune.errors import ConfigError
+from ncfinetune.launch import launcher_mixed_precision
 from ncfinetune.loop import build_schedule, collect_nc1, predict, set_cpu_threads, train_epoch
 
 
@@ -38,28 +41,29 @@ class PretrainConfig:
     model: str = "resnet18"  # any timm architecture, trained from scratch
     img_size: int | None = None  # ViT only: positional-embedding grid (timm img_size)
     patch_size: int | None = None  # ViT only
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    image_size: int = 32
+    dataset: str = "fashion_mnist"  # the source data: any spec the recipes accept
+    data_dir: str | None = None  # fashion_mnist: folder of the IDX files; hub: its data_dir
+    classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # source classes kept
+    image_size: int = 32  # input size in pixels (recorded in the backbone's data config)
     augment: bool = True  # batch-level random flip + 2-pixel translation (cheap, tensor ops)
-    epochs: int = 12
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    min_lr: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    projector: bool = False
-    projector_dim: int = 2048
+    epochs: int = 12  # passes over the source training split
+    batch_size: int = 128  # images per process per step (x processes per update)
+    optimizer: str = "sgd"  # sgd (momentum) | adamw
+    lr: float = 0.1  # the cosine schedule's first lr
+    min_lr: float = 0.0  # the cosine schedule's final lr
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # on every parameter
+    label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
+    projector: bool = False  # train through an MLP projector (FC-BN-ReLU-FC), then drop it
+    projector_dim: int = 2048  # hidden width of that projector
     nc1_samples: int = 5000  # source training samples used for the per-epoch NC1
-    mixed_precision: str = "no"
+    # no | fp16 | bf16; null = the launcher's --mixed_precision if it was given one, else no
+    mixed_precision: str | None = None
     cpu_threads: int | None = None  # CPU only; null = cores / processes on this machine
-    seed: int = 0
+    seed: int = 0  # seeds the initialisation, the shuffling and the NC1 sample
     max_steps: int | None = None  # per epoch; for smoke tests
-    output_dir: str = "runs/pretrain"
-    bundle_as: str | None = None
+    output_dir: str = "runs/pretrain"  # backbone.{safetensors,json,md}; never overwritten
+    bundle_as: str | None = None  # also copy the backbone into ncfinetune/assets/ as NAME
 
     def validate(self) -> list[str]:
         problems = []
@@ -72,9 +76,9 @@ class PretrainConfig:
                 problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.optimizer not in ("sgd", "adamw"):
             problems.append(f"optimizer {self.optimizer!r} is not one of sgd, adamw")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             problems.append(
-                f"mixed_precision {self.mixed_precision!r} is not one of no, fp16, bf16"
+                f"mixed_precision {self.mixed_precision!r} is not one of no, fp16, bf16, null"
             )
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -126,6 +130,14 @@ def jitter(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(PretrainConfig, sys.argv[1:] if argv is None else argv)
+    if (Path(cfg.output_dir) / "backbone.json").is_file():
+        raise ConfigError(
+            f"output_dir {cfg.output_dir} already holds a pretrained backbone (backbone.json); "
+            "a run never overwrites another. Pass a new --output_dir, or delete the folder."
+        )
+    # the recipe's explicit setting, else the launcher's explicit one, else fp32
+    precision = cfg.mixed_precision or launcher_mixed_precision() or "no"
+    cfg = dataclasses.replace(cfg, mixed_precision=precision)  # recorded resolved
     acc = Accelerator(
         mixed_precision=cfg.mixed_precision,
         # accelerate's seedable sampler: epoch e is shuffled by (seed, e) on every process
@@ -291,4 +303,4 @@ Offline default backbone of ncfinetune, trained from scratch on this project's m
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,7 +22,7 @@ import torch
 import ncfinetune
 from ncfinetune import data as nd
 from ncfinetune import selection as S
-from ncfinetune.config import DownstreamConfig, parse_config, save_config
+from ncfinetune.config import DownstreamConfig, parse_config, run_cli, save_config
 
 
 @dataclass
@@ -30,16 +30,17 @@ class SelectConfig(DownstreamConfig):
     # backbone and data keys: DownstreamConfig (model, pretrained, checkpoint, dataset, data_dir,
     # image_column, label_column, classes, per_class, test_fraction, image_size, seed); only
     # the training split is read
+
     rule: str = S.DEFAULT_RULE  # probe | probe_accuracy | middle | curve | linear
     method: str = "scl"  # a one-block method: layer | scl | lora-block
     candidates: list[str] | None = None  # block indices or names; default: within the budget
-    max_trainable_percent: float | None = S.MAX_TRAINABLE_PERCENT  # null = no budget
+    max_trainable_percent: float | None = S.MAX_TRAINABLE_PERCENT  # % trainable at most (null: any)
     lr: float | str = S.PROBE_LR  # the probes' lr; auto: chosen with the block by short probes
-    probe_steps: int = S.PROBE_STEPS
-    bn: str | None = None
+    probe_steps: int = S.PROBE_STEPS  # optimizer steps of each probe fine-tune
+    bn: str | None = None  # BatchNorm statistics: update | frozen (null = update)
     mixed_precision: str = "auto"  # probes: auto (bf16 where native, as finetune.py) | no | bf16
     select_max_images: int = 5000  # a class-balanced sample of the training subset, as finetune.py
-    output_dir: str = "runs/select_block"
+    output_dir: str = "runs/select_block"  # block_selection.json / .png and config.yaml
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -94,4 +95,4 @@ def main(argv: list[str] | None = None) -> ncfinetune.selection.BlockSelection:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,4 +1,4 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -66,3 +66,84 @@ def test_parse_overrides_forms():
         {"a": "1", "b": "2", "c": "true", "d_e": "x"},
         [],
     )
+
+
+# -- --help from the dataclass, differences, the command-line wrapper ---------------------------
+@dataclass
+class Documented:
+    # a heading: a blank line separates it from the field below
+
+    plain: int = 1  # the comment on the field's line
+    # the comment lines directly above a field
+    # describe it, joined into one line
+    above: float | None = None
+    helped: list[int] | None = field(default=None, metadata={"help": "metadata wins"})  # not this
+    bare: str = "x"
+
+
+def test_field_help_comes_from_metadata_then_comments():
+    from ncfinetune.config import field_help
+
+    assert field_help(Documented) == {
+        "plain": "the comment on the field's line",
+        "above": "the comment lines directly above a field describe it, joined into one line",
+        "helped": "metadata wins",
+        "bare": "",
+    }
+
+
+def test_help_lists_every_key_with_type_default_and_description(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("plain: 7\n")
+    with pytest.raises(SystemExit) as e:
+        parse_config(Documented, ["--config", str(f), "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: test_config.py [--config FILE.yaml]")
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
+    assert list(lines) == ["--plain", "--above", "--helped", "--bare", "--debug"]
+    assert lines["--plain"].split()[1:4] == ["int", "7", "the"]  # the file's value is the default
+    assert lines["--above"].split()[1:3] == ["float|null", "null"]
+    assert lines["--helped"].split()[1:] == ["list[int]|null", "null", "metadata", "wins"]
+    with pytest.raises(SystemExit):
+        parse_config(Documented, ["-h"])
+
+
+def test_help_prints_on_rank_zero_only(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        parse_config(Documented, ["--help"])
+    assert capsys.readouterr().out == ""
+
+
+def test_config_differences_lists_key_saved_now():
+    from ncfinetune.config import config_differences
+
+    saved = {"plain": 1, "above": 0.5, "helped": [1, 2], "bare": "x"}
+    now = Documented(plain=2, above=0.5, helped=[1, 3], bare="x")
+    assert config_differences(saved, now) == ["plain: 1 -> 2", "helped: 1,2 -> 1,3"]
+    assert config_differences(saved, now, ignore=["plain"]) == ["helped: 1,2 -> 1,3"]
+    # a key an older config file lacks counts as its default
+    assert config_differences({}, Documented(above=0.1)) == ["above: null -> 0.1"]
+
+
+def test_run_cli_prints_the_message_and_exits_2(capsys, monkeypatch):
+    from ncfinetune.config import run_cli
+    from ncfinetune.errors import DataError
+
+    def main(argv):
+        assert "--debug" not in argv
+        raise DataError("no such dataset; use digits")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, ["--x", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no such dataset; use digits\n") and "Traceback" not in err
+    with pytest.raises(DataError):  # --debug: the exception itself, with its traceback
+        run_cli(main, ["--debug"])
+    monkeypatch.setenv("RANK", "1")  # another process of the launch: exits 2 without printing
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+    assert run_cli(lambda argv: argv, ["--a", "1"]) == ["--a", "1"]

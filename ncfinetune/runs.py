@@ -1,0 +1,233 @@
+"""A training recipe's output folder: what a run left there, and the rules for starting or
+resuming one.
+
+* A folder that holds a run (a checkpoint under ``checkpoints/`` or ``metrics.json``) is never
+  started over silently: without ``--resume`` that is an error saying how to go on (a new
+  ``--output_dir``, ``--resume``, or deleting the folder).
+* ``--resume`` continues the newest checkpoint. The saved ``config.yaml`` is compared with the
+  current config: a different value of any key that changes training is an error listing every
+  difference (``key: saved -> now``). Only the keys named in ``resume_override`` (``epochs``,
+  ``lr``) may change; the schedule is then rebuilt for the new values at the step reached
+  (:func:`retarget_schedule`) and the change is recorded (``resume_overrides.json``, copied into
+  ``metrics.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ncfinetune.config import config_differences, read_config_file, show_value
+from ncfinetune.errors import ConfigError
+from ncfinetune.loop import latest_training_state
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+CHECKPOINTS = "checkpoints"
+OVERRIDES_FILE = "resume_overrides.json"
+RESUME_OVERRIDABLE = ("epochs", "lr")
+"""The keys ``resume_override`` may name: the schedule can be rebuilt for new values of these."""
+
+
+@dataclass
+class Resume:
+    """What ``--resume`` continues from.
+
+    Attributes:
+        checkpoint: the newest complete checkpoint folder.
+        epoch: epochs it completed.
+        history: the per-epoch rows recorded up to it.
+        changed: key -> (saved, now) for each overridden key whose value changed.
+    """
+
+    checkpoint: Path
+    epoch: int
+    history: list
+    changed: dict[str, tuple[Any, Any]]
+
+
+def saved_config(out: Path) -> dict[str, Any] | None:
+    """The ``config.yaml`` a run saved in ``out``, or None."""
+    path = Path(out) / CONFIG_FILE
+    return read_config_file(path) if path.is_file() else None
+
+
+def resume_base(out: Path, per_invocation: Iterable[str]) -> dict[str, Any] | None:
+    """The saved config of the run in ``out`` without the keys that belong to one invocation
+    (``resume``, ``stop_after``, ...): the values ``--resume`` starts from, or None."""
+    saved = saved_config(out)
+    if saved is None:
+        return None
+    drop = set(per_invocation)
+    return {k: v for k, v in saved.items() if k not in drop}
+
+
+def check_fresh_start(out: Path) -> None:
+    """Raise when ``out`` already holds a run (finished, or with a checkpoint) and the recipe
+    was not asked to resume it."""
+    out = Path(out)
+    found = latest_training_state(out / CHECKPOINTS)
+    if (out / METRICS_FILE).is_file():
+        state = "a finished run (metrics.json)"
+        go_on = (
+            f"--resume --resume_override epochs --epochs N to train it further (N > "
+            f"{found[1] if found else 'its epochs'})"
+        )
+    elif found is not None:
+        state = f"an unfinished run (checkpoint after epoch {found[1]})"
+        go_on = "--resume to continue it"
+    else:
+        return
+    raise ConfigError(
+        f"output_dir {out} already holds {state}; a run never overwrites another. Pass a new "
+        f"--output_dir, or {go_on}, or delete {out} to start it again."
+    )
+
+
+def check_resume(
+    out: Path,
+    config: Any,
+    *,
+    ignore: Iterable[str],
+    override: Sequence[str] = (),
+) -> Resume:
+    """Check that ``config`` may continue the run in ``out``; return what to resume from.
+
+    Args:
+        out: the run's output folder.
+        config: the current config (a dataclass with ``epochs`` and ``lr``).
+        ignore: keys that do not change what is trained (output, logging, speed settings).
+        override: keys of :data:`RESUME_OVERRIDABLE` allowed to change.
+
+    Raises:
+        ConfigError: no checkpoint (naming where it looked), no saved config, a finished run
+            with nothing left to train, or every difference in keys that change training.
+    """
+    out = Path(out)
+    root = out / CHECKPOINTS
+    found = latest_training_state(root)
+    if found is None:
+        why = (
+            "the run there stopped before finishing its first epoch"
+            if (out / CONFIG_FILE).is_file()
+            else "no run was started there"
+        )
+        raise ConfigError(
+            f"--resume found no checkpoint to continue: looked for {root}/epoch_N folders "
+            f"(written after each epoch) and found none; {why}. Check --output_dir, or start "
+            "the run without --resume."
+        )
+    path, epoch, history = found
+    saved = saved_config(out)
+    if saved is None:
+        raise ConfigError(
+            f"--resume: {out / CONFIG_FILE} is missing, so the checkpoint in {path} cannot be "
+            "checked against the current config. Restore the file, or start a new run."
+        )
+    diffs = config_differences(saved, config, ignore=ignore)
+    allowed = {k for k in override if k in RESUME_OVERRIDABLE}
+    blocking = [d for d in diffs if d.split(":", 1)[0] not in allowed]
+    if config.lr == "auto" and saved.get("lr") != "auto":
+        blocking.append(
+            f"lr: {show_value(saved.get('lr'))} -> auto (lr auto is chosen only when a run "
+            "starts; pass a number)"
+        )
+    if blocking:
+        hint = ""
+        if any(d.split(":", 1)[0] in RESUME_OVERRIDABLE for d in blocking):
+            hint = (
+                " To change only the epoch count or the lr, add --resume_override "
+                + ",".join(
+                    k for k in RESUME_OVERRIDABLE if any(d.startswith(k + ":") for d in blocking)
+                )
+                + "."
+            )
+        raise ConfigError(
+            f"--resume: the config differs from the run's saved {out / CONFIG_FILE} in "
+            f"{len(blocking)} key(s) that change training:\n  - "
+            + "\n  - ".join(blocking)
+            + f"\nResume with the saved values (drop these options: --resume alone reuses the "
+            f"saved config), or start a new run with a new --output_dir.{hint}"
+        )
+    if epoch >= config.epochs:
+        more = (
+            f"it finished all {epoch} epochs"
+            if epoch == config.epochs
+            else f"it already trained {epoch} epochs, more than --epochs {config.epochs}"
+        )
+        raise ConfigError(
+            f"--resume: nothing to train in {out}: {more}. To train further pass --resume "
+            f"--resume_override epochs --epochs N with N > {epoch}, or start a new run with a "
+            "new --output_dir."
+        )
+    changed = {}
+    for key in sorted(allowed):
+        before = saved.get(key)
+        after = getattr(config, key)
+        if before != after:
+            changed[key] = (before, after)
+    return Resume(path, epoch, history, changed)
+
+
+def record_override(out: Path, resume: Resume) -> list[dict]:
+    """Append this resume's overridden keys to ``out/resume_overrides.json``; return the list
+    (every override of the run so far, for ``metrics.json``)."""
+    path = Path(out) / OVERRIDES_FILE
+    done = json.loads(path.read_text()) if path.is_file() else []
+    if resume.changed:
+        done.append(
+            {
+                "at_epoch": resume.epoch,
+                **{k: {"saved": a, "now": b} for k, (a, b) in resume.changed.items()},
+            }
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(done, indent=2) + "\n")
+        tmp.replace(path)
+    return done
+
+
+def retarget_schedule(scheduler: Any, fresh_state: dict) -> None:
+    """Make a resumed cosine schedule the one the current config asks for.
+
+    ``fresh_state`` is the state of the schedule built from the current config (new length
+    ``T_max`` and base lr), taken before the checkpoint was loaded. The loaded schedule keeps
+    its step count and the optimizer its moments; length and base lr become the new ones, and
+    each parameter group's lr is set to the new schedule's value at the step reached, so the
+    recorded lr and the lr trained with agree. (The lr therefore moves at the resume: e.g. a
+    finished 10-epoch run extended to 20 continues from the middle of the 20-epoch cosine.)
+
+    Args:
+        scheduler: the (accelerate-prepared or plain) ``CosineAnnealingLR``.
+        fresh_state: ``scheduler.state_dict()`` before ``load_state``.
+
+    Raises:
+        ConfigError: the schedule is not a cosine schedule (only those are retargeted).
+    """
+    inner = getattr(scheduler, "scheduler", scheduler)
+    needed = ("T_max", "eta_min", "base_lrs", "last_epoch")
+    if not all(k in fresh_state for k in needed):
+        raise ConfigError(
+            f"resume_override needs the cosine schedule; this run's schedule is "
+            f"{type(inner).__name__}. Resume without --resume_override."
+        )
+    state = inner.state_dict()
+    state.update(T_max=fresh_state["T_max"], eta_min=fresh_state["eta_min"])
+    state["base_lrs"] = list(fresh_state["base_lrs"])
+    inner.load_state_dict(state)
+    step = inner.last_epoch
+    lrs = [
+        inner.eta_min
+        + (base - inner.eta_min)
+        * (1 + math.cos(math.pi * min(step, inner.T_max) / inner.T_max))
+        / 2
+        for base in inner.base_lrs
+    ]
+    for group, base, lr in zip(inner.optimizer.param_groups, inner.base_lrs, lrs, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = lr
+    inner._last_lr = lrs

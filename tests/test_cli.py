@@ -1,0 +1,71 @@
+"""The recipes as commands: --help generated from each config dataclass, errors as a message and
+exit status 2 (a traceback only with --debug), printed once under a 2-process launch."""
+
+import dataclasses
+import importlib.util
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+from test_recipes import ROOT, TINY_RUN
+
+from ncfinetune.config import field_help
+
+RECIPES = ("finetune", "pretrain", "select_block", "eval", "predict")
+CONFIGS = {"finetune": "FinetuneConfig", "pretrain": "PretrainConfig",
+           "select_block": "SelectConfig", "eval": "EvaluateConfig", "predict": "PredictConfig"}  # fmt: skip
+
+
+def test_recipe_names_do_not_shadow_installed_modules():
+    # `python recipes/x.py` puts recipes/ first on sys.path: a recipes/evaluate.py would hide
+    # Hugging Face's `evaluate` from every recipe (finetune.py's metric loading broke on it)
+    for name in RECIPES:
+        assert (ROOT / "recipes" / f"{name}.py").is_file()
+        assert importlib.util.find_spec(name) is None, name
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_has_help_with_every_key_described(name, capsys):
+    recipe = runpy.run_path(str(ROOT / "recipes" / f"{name}.py"), run_name=f"{name}_recipe")
+    cls = recipe[CONFIGS[name]]
+    helps = field_help(cls)
+    assert not [k for k, text in helps.items() if not text], "keys without a description"
+    with pytest.raises(SystemExit) as e:
+        recipe["main"](["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {name}.py [--config FILE.yaml] [--KEY VALUE ...] [--debug]")
+    for f in dataclasses.fields(cls):
+        line = next(x for x in out.splitlines() if x.startswith(f"  --{f.name} "))
+        assert helps[f.name][:30] in line
+
+
+def script(*args, env=None):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)  # fmt: skip
+
+
+def test_errors_exit_2_with_the_message_and_a_traceback_only_with_debug(tmp_path):
+    finetune = ROOT / "recipes" / "finetune.py"
+    proc = script(finetune, "--epochs", 0, "--method", "nope", "--output_dir", tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: 2 problem(s) in the config")
+    assert "epochs must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+    proc = script(finetune, "--epochs", 0, "--debug", "--output_dir", tmp_path)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+    proc = script(ROOT / "recipes" / "eval.py", "--tuned", tmp_path / "none", "--help")
+    assert proc.returncode == 0 and "--tuned" in proc.stdout
+
+
+def test_two_processes_print_a_config_error_once(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           ROOT / "recipes" / "finetune.py", *TINY_RUN, "--epochs", "0",
+           "--output_dir", tmp_path]  # fmt: skip
+    proc = script(*cmd, env=env)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: 1 problem(s) in the config") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("epochs must be >= 1, got 0") == 1
