@@ -1,9 +1,15 @@
 """The README's Python "Use" snippet runs as written, offline."""
 
+import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +33,62 @@ def test_use_snippet_runs_offline_as_written(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trainable 924,170 of 11,181,642 (8.27%)" in proc.stdout
     assert (tmp_path / "out" / "digits-scl" / "tuned_config.json").is_file()
+
+
+# Short flags appended to each line of the README's Recipes block: same commands, tiny budgets.
+SHORT = {
+    "finetune.py": ["--max_steps", "2", "--per_class", "5", "--select_max_images", "50"],
+    # bundle_as null: the test must not copy a 2-step backbone over the shipped one
+    "pretrain.py": ["--epochs", "1", "--max_steps", "2", "--nc1_samples", "100"]
+    + ["--bundle_as", "null", "--output_dir", "runs/pretrain_test"],
+}
+
+
+def recipes_block() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Recipes") :]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    lines, buf = [], ""
+    for raw in block.splitlines():
+        line = raw.split("  #")[0].rstrip()
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        if (buf + line).strip():
+            lines.append((buf + line).strip())
+        buf = ""
+    return lines
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="the README's config line uses Fashion-MNIST (apt-get install dataset-fashion-mnist)",
+)
+def test_recipes_block_runs_top_to_bottom(tmp_path):
+    """Every line of the README's Recipes block, in order, with tiny budgets appended."""
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    images = tmp_path / "my_images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 60 * i, dtype=np.uint8)).save(images / f"im {i}.png")
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    ran = []
+    for line in recipes_block():
+        args = shlex.split(line)
+        extra = next((v for k, v in SHORT.items() if any(a.endswith(k) for a in args)), [])
+        if "--help" in args:
+            extra = []
+        cmd = args + extra
+        proc = subprocess.run(
+            cmd[1:] if cmd[0].startswith("ACCELERATE_USE_CPU") else cmd,
+            cwd=tmp_path,
+            env={**env, "ACCELERATE_USE_CPU": "true"} if "ACCELERATE_USE_CPU" in line else env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, f"{line}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
+        ran.append(args[1] if args[0] != "python" else args[1])
+    assert (tmp_path / "preds.csv").is_file()
+    assert len(ran) >= 8
