@@ -269,7 +269,9 @@ def test_bad_input_errors():
         ConfigError, match="rule 'best' is not one of middle, curve, linear, probe, probe_accuracy"
     ):
         select_block(model, data, rule="best")
-    with pytest.raises(ConfigError, match="method 'full' does not tune one block, so no block can be selected"):
+    with pytest.raises(
+        ConfigError, match="method 'full' does not tune one block, so no block can be selected"
+    ):
         select_block(model, data, method="full")
     with pytest.raises(ConfigError, match="lr must be 'auto' or a positive number, got -1"):
         select_block(model, data, lr=-1)
