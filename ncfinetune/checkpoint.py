@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from torch import nn
 
 from ncfinetune._version import __version__
 from ncfinetune.errors import CheckpointError
+from ncfinetune.files import atomic_write, write_json
 from ncfinetune.messages import warn_once
 
 WEIGHTS_NAME = "tuned.safetensors"
@@ -60,22 +59,6 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def _is_lora_key(key: str) -> bool:
@@ -130,12 +113,12 @@ def write_checkpoint(
         atomic_write(
             adapter_file, lambda tmp: safetensors.torch.save_file(adapter, tmp, {"format": "pt"})
         )
-        _write_json(out / PEFT_CONFIG_NAME, peft_config.to_dict())
+        write_json(out / PEFT_CONFIG_NAME, peft_config.to_dict())
         meta["peft_adapter_sha256"] = _file_sha256(adapter_file)
     weights = out / WEIGHTS_NAME
     atomic_write(weights, lambda tmp: safetensors.torch.save_file(tensors, tmp, {"format": "pt"}))
     meta["weights_sha256"] = _file_sha256(weights)
-    _write_json(out / CONFIG_NAME, meta)  # last: its hashes vouch for the files above
+    write_json(out / CONFIG_NAME, meta)  # last: its hashes vouch for the files above
     return out
 
 

@@ -18,7 +18,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +25,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
-from ncfinetune.checkpoint import atomic_write
+from ncfinetune.files import finite_json
 from ncfinetune.metrics_stream import NC1Accumulator
 from ncfinetune.training import (
     as_memory_format,
@@ -416,25 +415,6 @@ def _nc1_of_present(stats: NC1Accumulator) -> float | None:
             }
         )
     return stats.compute()
-
-
-# -- strict JSON -----------------------------------------------------------------------------------
-def finite_json(value: Any) -> Any:
-    """``value`` with every NaN or infinite float (in nested dicts, lists and tuples) replaced
-    by None, so that it serialises as strict JSON (``null``, never a bare ``NaN``)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as strict JSON (:func:`finite_json`, ``allow_nan=False``), atomically."""
-    text = json.dumps(finite_json(data), indent=2, allow_nan=False) + "\n"
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 # -- checkpoints for resume (atomic: write to a temporary folder, then rename) -------------------

@@ -8,13 +8,13 @@ whatever backend the caller's pyplot uses), so importing or plotting here never 
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 from matplotlib.figure import Figure
+
+from ncfinetune.files import atomic_write
 
 __all__ = ["new_figure", "save_figure"]
 
@@ -49,15 +49,6 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     with `os.replace`, so `path` holds either the old file or the whole new one. The format is
     the suffix of `path` (PNG when it has none).
     """
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fmt = out.suffix.lstrip(".").lower() or matplotlib.rcParams["savefig.format"]
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:  # honours the umask, unlike mkstemp's 0600
-            fig.savefig(fh, format=fmt, dpi=dpi)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    fmt = Path(path).suffix.lstrip(".").lower() or matplotlib.rcParams["savefig.format"]
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi))

@@ -23,6 +23,7 @@ from typing import Any
 
 from ncfinetune.config import config_differences, read_config_file, show_value
 from ncfinetune.errors import ConfigError
+from ncfinetune.files import write_json
 from ncfinetune.loop import latest_training_state
 
 CONFIG_FILE = "config.yaml"
@@ -185,9 +186,7 @@ def record_override(out: Path, resume: Resume) -> list[dict]:
                 **{k: {"saved": a, "now": b} for k, (a, b) in resume.changed.items()},
             }
         )
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(done, indent=2) + "\n")
-        tmp.replace(path)
+        write_json(path, done)
     return done
 
 

@@ -38,7 +38,6 @@ candidate in hindsight, was on no pair more than 0.26 point below the fixed midd
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,6 +52,7 @@ from ncfinetune.backbones import get_adapter
 from ncfinetune.backbones.base import arch_name
 from ncfinetune.errors import ConfigError
 from ncfinetune.features import collect_block_features
+from ncfinetune.files import write_json
 from ncfinetune.messages import warn_once
 from ncfinetune.methods import method_class
 from ncfinetune.metrics import nc1_or_none
@@ -176,12 +176,7 @@ class BlockSelection:
 
     def save_json(self, path: str | Path) -> Path:
         """Write the report as JSON (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_dict(), indent=1)
 
     def save(self, output_dir: str | Path) -> tuple[Path, Path]:
         """Write ``block_selection.json`` and ``block_selection.png`` under ``output_dir``."""

@@ -14,13 +14,13 @@ recipes/pretrain.py folder (``ncfinetune.inference.load_tuned_folder``).
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ncfinetune.checkpoint import read_tuned_config
 from ncfinetune.config import TunedConfig, parse_config, run_cli
+from ncfinetune.files import write_json
 from ncfinetune.inference import Evaluation, evaluate, recorded_data
 
 DATA_KEYS = ("dataset", "data_dir", "image_column", "label_column", "classes", "test_fraction",
@@ -62,9 +62,7 @@ def main(argv: list[str] | None = None) -> Evaluation:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {"tuned": str(cfg.tuned), **result.to_dict(), "precision": run["precision"]}
-    tmp = out / "evaluation.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out / "evaluation.json")
+    write_json(out / "evaluation.json", record)
     png = result.plot_confusion(out / "confusion_matrix.png")
     nc = "n/a" if result.nc1 is None else f"{result.nc1:.3f}"
     worst = sorted(

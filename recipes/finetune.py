@@ -37,12 +37,12 @@ from ncfinetune.config import (
     run_cli,
     save_config,
 )
+from ncfinetune.files import finite_json, write_json
 from ncfinetune.loop import (
     MIXED_PRECISION,
     Stopwatch,
     build_schedule,
     collect_nc1,
-    finite_json,
     is_conv_net,
     latest_training_state,
     launch_device_type,
@@ -50,7 +50,6 @@ from ncfinetune.loop import (
     save_training_state,
     set_cpu_threads,
     train_epoch,
-    write_json,
 )
 from ncfinetune.metric_modules import load_metric
 from ncfinetune.prefix_cache import CacheTooLarge, prefix_blocker, prefix_loader
@@ -464,9 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         if selection is not None:  # what --resume reuses
-            tmp = out / "selection.json.tmp"
-            tmp.write_text(json.dumps({"block": block, "lr": lr, **selection}) + "\n")
-            tmp.replace(out / "selection.json")
+            write_json(out / "selection.json", {"block": block, "lr": lr, **selection}, None)
     if cfg.tracker:
         acc.init_trackers("finetune", config={k: str(v) for k, v in config_to_dict(cfg).items()})
     net = acc.unwrap_model(tuned, keep_torch_compile=False)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ncfinetune.config import TunedConfig, parse_config, run_cli
+from ncfinetune.files import atomic_write
 from ncfinetune.inference import ImagePrediction, predict
 
 
@@ -37,16 +38,15 @@ class PredictConfig(TunedConfig):
 
 def write_csv(rows: list[ImagePrediction], path: str | Path) -> Path:
     """Write the predictions as CSV (header file, class, probability, class_id), atomically."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "class", "probability", "class_id"])
-        for r in rows:
-            writer.writerow([r.file, r.class_name, f"{r.probability:.6f}", r.class_id])
-    tmp.replace(out)
-    return out
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "class", "probability", "class_id"])
+            for r in rows:
+                writer.writerow([r.file, r.class_name, f"{r.probability:.6f}", r.class_id])
+
+    return atomic_write(path, write)
 
 
 def main(argv: list[str] | None = None) -> list[ImagePrediction]:

@@ -9,11 +9,11 @@ from conftest import make_model
 from torch.utils.data import DataLoader, TensorDataset
 
 from ncfinetune.errors import TrainingDiverged
+from ncfinetune.files import finite_json, write_json
 from ncfinetune.loop import (
     accumulate_nc1,
     build_schedule,
     collect_nc1,
-    finite_json,
     is_conv_net,
     latest_training_state,
     launch_device_type,
@@ -24,7 +24,6 @@ from ncfinetune.loop import (
     save_training_state,
     shard_loader,
     train_epoch,
-    write_json,
 )
 from ncfinetune.training import as_memory_format
 
