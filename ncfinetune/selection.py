@@ -321,9 +321,9 @@ def _as_fetch(data: Any) -> tuple[Any, np.ndarray]:
     )
 
 
-def _trainable_percent(model: nn.Module, index: int) -> float:
+def _trainable_percent(adapter, index: int) -> float:
     # layer and scl train the same modules (the skip has no parameters)
-    adapter = get_adapter(model)
+    model = adapter.model  # one adapter per call site: the generic one runs a dummy forward
     head = sum(p.numel() for m in adapter.classifier_modules() for p in m.parameters())
     block = sum(p.numel() for m in adapter.block_modules(index) for p in m.parameters())
     total = sum(p.numel() for p in model.parameters())
@@ -348,7 +348,7 @@ def default_candidates(
     adapter = get_adapter(model)
     idx = [i for i in range(len(adapter.blocks)) if not _uses_skip(method) or _fits(adapter, i)]
     if max_trainable_percent is not None:
-        idx = [i for i in idx if _trainable_percent(model, i) <= max_trainable_percent]
+        idx = [i for i in idx if _trainable_percent(adapter, i) <= max_trainable_percent]
     if len(idx) > max_candidates:
         pick = np.unique(np.round(np.linspace(0, len(idx) - 1, max_candidates)).astype(int))
         idx = [idx[p] for p in pick]
@@ -441,17 +441,17 @@ def select_block(
         idx = default_candidates(model, method, max_trainable_percent)
         if not idx:
             allowed = [i for i in range(len(names)) if not _uses_skip(method) or _fits(adapter, i)]
-            least = min(allowed, key=lambda i: _trainable_percent(model, i))
+            least = min(allowed, key=lambda i: _trainable_percent(adapter, i))
             raise ConfigError(
                 f"no block of {arch_name(model)} trains at most {max_trainable_percent}% of the "
                 f"parameters with {method}; the smallest is block {least} ({names[least]}) at "
-                f"{_trainable_percent(model, least):.2f}%. Raise max_trainable_percent or pass "
+                f"{_trainable_percent(adapter, least):.2f}%. Raise max_trainable_percent or pass "
                 "candidates."
             )
     else:
         idx = _explicit_candidates(model, adapter, method, candidates, max_trainable_percent)
     rows = [
-        CandidateRow(i, names[i], adapter.block_channels(i), _trainable_percent(model, i))
+        CandidateRow(i, names[i], adapter.block_channels(i), _trainable_percent(adapter, i))
         for i in idx
     ]
     fetch, labels = _as_fetch(train_data)
@@ -810,13 +810,13 @@ def _explicit_candidates(model, adapter, method, candidates, max_trainable_perce
             "method='layer'."
         )
     if max_trainable_percent is not None:
-        over = [i for i in idx if _trainable_percent(model, i) > max_trainable_percent]
+        over = [i for i in idx if _trainable_percent(adapter, i) > max_trainable_percent]
         if len(over) == len(idx):
-            least = min(idx, key=lambda i: _trainable_percent(model, i))
+            least = min(idx, key=lambda i: _trainable_percent(adapter, i))
             raise ConfigError(
                 f"no candidate block trains at most {max_trainable_percent}% of the parameters; "
                 f"the smallest is block {least} ({names[least]}) at "
-                f"{_trainable_percent(model, least):.2f}%. Raise max_trainable_percent "
+                f"{_trainable_percent(adapter, least):.2f}%. Raise max_trainable_percent "
                 "(None: no budget) or add candidates."
             )
         idx = [i for i in idx if i not in over]
