@@ -59,6 +59,15 @@ def _convert(value: Any, tp: Any, from_cli: bool) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"expected a list, got {value!r}")
         return [_convert(v, item, from_cli) for v in value]
+    if tp is dict:
+        if from_cli and isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError(f"expected a mapping such as '{{depth: 6}}', got {value!r}") from None
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"expected a mapping with string keys such as {{depth: 6}}, got {value!r}")
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value

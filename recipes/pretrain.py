@@ -4,16 +4,21 @@
 
 Cross-entropy with optional label smoothing and the optional MLP projector of Wang et al.
 (FC-BN-ReLU-FC between backbone and classifier, discarded after pretraining). Logs source test
-accuracy and NC1 of the backbone features on source training data every epoch. Writes the
-backbone (without classifier or projector) in float16 safetensors plus a JSON card and a
-markdown model card; ``--bundle_as NAME`` also copies them into ncfinetune/assets/.
+accuracy and NC1 of the backbone features on source training data every epoch. Optional
+distillation from a teacher backbone (``--teacher resnet18_fmnist04``): its classifier is a
+linear probe fitted on the source training features, and the student's target is
+``(1 - distill_alpha) * one_hot(label) + distill_alpha * softmax(teacher logits)``.
+
+Writes the backbone (without classifier or projector) in float16 safetensors plus a JSON card
+and a markdown model card, into ``output_dir`` only: the recipe never writes into the installed
+package. Shipping a backbone with the package is a separate maintainer step
+(``python tools/bundle_backbone.py runs/pretrain_x NAME``; see the README).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ from ncfinetune import data as nd
 from ncfinetune.backbones.base import Prediction
 from ncfinetune.config import parse_config, run_cli, save_config
 from ncfinetune.errors import ConfigError
+from ncfinetune.files import atomic_write, write_json, write_text
 from ncfinetune.launch import launcher_mixed_precision
 from ncfinetune.loop import build_schedule, collect_nc1, predict, set_cpu_threads, train_epoch
 
@@ -41,6 +47,7 @@ class PretrainConfig:
     model: str = "resnet18"  # any timm architecture, trained from scratch
     img_size: int | None = None  # ViT only: positional-embedding grid (timm img_size)
     patch_size: int | None = None  # ViT only
+    model_kwargs: dict = field(default_factory=dict)  # more timm.create_model args, e.g. depth
     dataset: str = "fashion_mnist"  # the source data: any spec the recipes accept
     data_dir: str | None = None  # fashion_mnist: folder of the IDX files; hub: its data_dir
     classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # source classes kept
@@ -54,6 +61,8 @@ class PretrainConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # on every parameter
     label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
+    teacher: str | None = None  # distil from this backbone (bundled name or pretrain folder)
+    distill_alpha: float = 0.5  # weight of the teacher's probabilities in the target, in (0, 1]
     projector: bool = False  # train through an MLP projector (FC-BN-ReLU-FC), then drop it
     projector_dim: int = 2048  # hidden width of that projector
     nc1_samples: int = 5000  # source training samples used for the per-epoch NC1
@@ -63,10 +72,24 @@ class PretrainConfig:
     seed: int = 0  # seeds the initialisation, the shuffling and the NC1 sample
     max_steps: int | None = None  # per epoch; for smoke tests
     output_dir: str = "runs/pretrain"  # backbone.{safetensors,json,md}; never overwritten
-    bundle_as: str | None = None  # also copy the backbone into ncfinetune/assets/ as NAME
+    bundle_as: str | None = None  # removed: use tools/bundle_backbone.py (a maintainer step)
 
     def validate(self) -> list[str]:
         problems = []
+        if self.bundle_as is not None:
+            problems.append(
+                f"bundle_as ({self.bundle_as!r}) was removed: a recipe never writes into the "
+                "installed package. Pretrain into output_dir, then (maintainers) run "
+                f"`python tools/bundle_backbone.py {self.output_dir} NAME`; drop bundle_as."
+            )
+        if not 0 < self.distill_alpha <= 1:
+            problems.append(f"distill_alpha must be in (0, 1], got {self.distill_alpha}")
+        clash = {"num_classes", "pretrained", "img_size", "patch_size"} & set(self.model_kwargs)
+        if clash:
+            problems.append(
+                f"model_kwargs may not set {sorted(clash)}: use the img_size/patch_size keys "
+                "(the classifier and weights are the recipe's own)"
+            )
         if self.cpu_threads is not None and self.cpu_threads < 1:
             problems.append(f"cpu_threads must be >= 1 or null (auto), got {self.cpu_threads}")
         if not timm.is_model(self.model):
@@ -156,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_classes": 0,
     }
     kwargs = {k: v for k, v in (("img_size", cfg.img_size), ("patch_size", cfg.patch_size)) if v}
+    kwargs.update(cfg.model_kwargs)
     backbone = timm.create_model(
         cfg.model, num_classes=0, pretrained_cfg_overlay=data_cfg, **kwargs
     )
@@ -183,8 +207,12 @@ def main(argv: list[str] | None = None) -> dict:
     sched, plan = build_schedule(
         acc, opt, train, epochs=cfg.epochs, min_lr=cfg.min_lr, max_steps=cfg.max_steps
     )
-    if cfg.augment:
-        train_iter = _Augmented(train)
+    teacher, teacher_note = None, None
+    if cfg.teacher:
+        teacher, teacher_note = fit_teacher(cfg, acc, data, backbone)
+        acc.print(f"teacher {cfg.teacher}: {teacher_note}")
+    train_iter = _Targets(train, augment=cfg.augment, teacher=teacher, alpha=cfg.distill_alpha,
+                          num_classes=data.num_classes, autocast=acc.autocast)
     acc.print(
         f"pretraining {cfg.model} on {nd.describe(data)}; {sum(p.numel() for p in params):,} parameters"
     )
@@ -194,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         stats_e = train_epoch(
             acc,
             net,
-            train_iter if cfg.augment else train,
+            train_iter,
             opt,
             sched,
             label_smoothing=cfg.label_smoothing,
@@ -221,7 +249,10 @@ def main(argv: list[str] | None = None) -> dict:
             k: v.detach().to(torch.float16).contiguous()
             for k, v in acc.unwrap_model(net).backbone.state_dict().items()
         }
-        safetensors.torch.save_file(state, out / "backbone.safetensors")
+        atomic_write(
+            out / "backbone.safetensors",
+            lambda tmp: safetensors.torch.save_file(state, tmp, metadata={"format": "pt"}),
+        )
         card = {
             "architecture": cfg.model,
             "model_kwargs": kwargs,
@@ -236,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
             "training": {
                 k: v for k, v in vars(cfg).items() if k not in ("output_dir", "bundle_as")
             },
+            "teacher": teacher_note,
             "source_test_accuracy": history[-1]["test_accuracy"],
             "source_nc1_train": history[-1]["nc1_train"],
             "final_lr": opt.param_groups[0]["lr"],  # the schedule's end: min_lr
@@ -249,13 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "torch": torch.__version__,
             },
         }
-        (out / "backbone.json").write_text(json.dumps(card, indent=2) + "\n")
-        (out / "backbone.md").write_text(model_card(card))
-        if cfg.bundle_as:
-            for ext in ("safetensors", "json", "md"):
-                shutil.copy(
-                    out / f"backbone.{ext}", ncfinetune.hub.ASSETS / f"{cfg.bundle_as}.{ext}"
-                )
+        write_text(out / "backbone.md", model_card(card))
+        write_json(out / "backbone.json", card)  # last: its presence marks a finished run
         acc.print(
             f"source test accuracy {history[-1]['test_accuracy']:.4f}, NC1 {history[-1]['nc1_train']:.3f}, "
             f"{card['wall_time_s']}s; wrote {out}/backbone.safetensors"
@@ -264,18 +291,87 @@ def main(argv: list[str] | None = None) -> dict:
     return {"history": history}
 
 
-class _Augmented:
-    """Wraps a loader and applies :func:`jitter` to each batch."""
+class _Targets:
+    """Wraps a loader: :func:`jitter` each batch (``augment``) and, with a ``teacher``, replace
+    the labels by the distillation target ``(1 - alpha) * one_hot + alpha * softmax(teacher)``
+    (cross-entropy takes class probabilities as its target)."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, *, augment, teacher, alpha, num_classes, autocast):
+        self.loader, self.augment, self.teacher = loader, augment, teacher
+        self.alpha, self.num_classes, self.autocast = alpha, num_classes, autocast
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
         for x, y in self.loader:
-            yield jitter(x), y
+            if self.augment:
+                x = jitter(x)
+            if self.teacher is not None:
+                with torch.no_grad(), self.autocast():
+                    soft = self.teacher(x.to(_device(self.teacher))).float().softmax(-1)
+                hard = nn.functional.one_hot(y, self.num_classes).float()
+                y = (1 - self.alpha) * hard.to(soft.device) + self.alpha * soft
+            yield x, y
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class _Renormalized(nn.Module):
+    """The teacher behind a change of input normalisation: the loader normalises with the
+    student's statistics; the teacher was trained with its own."""
+
+    def __init__(self, model: nn.Module, student_stats, teacher_stats):
+        super().__init__()
+        self.model = model
+        for name, (mean, std) in (("s", student_stats), ("t", teacher_stats)):
+            self.register_buffer(f"{name}_mean", torch.tensor(mean).view(1, -1, 1, 1))
+            self.register_buffer(f"{name}_std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        raw = x * self.s_std + self.s_mean
+        return self.model((raw - self.t_mean) / self.t_std)
+
+
+def fit_teacher(cfg, acc, data, student: nn.Module) -> tuple[nn.Module, dict]:
+    """The teacher backbone with a linear classifier fitted (multinomial logistic regression,
+    scikit-learn) on its features of the unaugmented source training images. Returns the
+    teacher (eval mode, frozen, on the accelerator's device) and what to record about it."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = ncfinetune.hub.create_backbone(cfg.teacher, data.num_classes).eval().requires_grad_(False)
+    size = tuple(model.pretrained_cfg["input_size"])
+    if size != (3, cfg.image_size, cfg.image_size):
+        raise ConfigError(
+            f"teacher {cfg.teacher!r} takes input {size}, the student (3, {cfg.image_size}, "
+            f"{cfg.image_size}); pick a teacher pretrained at image_size {cfg.image_size}."
+        )
+    tf = nd.build_transforms(model, augment=False)  # the teacher's own normalisation
+    splits = {}
+    for split, dataset in (("train", data.train), ("test", data.test)):
+        loader = nd.build_loader(dataset, tf, batch_size=512, shuffle=False)
+        feats, labels = [], []
+        with torch.no_grad():
+            for x, y in loader:
+                feats.append(model.forward_head(model.forward_features(x), pre_logits=True))
+                labels.append(y)
+        splits[split] = (torch.cat(feats).float().numpy(), torch.cat(labels).numpy())
+    probe = LogisticRegression(max_iter=1000).fit(*splits["train"])
+    head = model.get_classifier()
+    head.weight.data.copy_(torch.as_tensor(probe.coef_, dtype=head.weight.dtype))
+    head.bias.data.copy_(torch.as_tensor(probe.intercept_, dtype=head.bias.dtype))
+    stats = (tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"]))
+    student_stats = (tuple(student.pretrained_cfg["mean"]), tuple(student.pretrained_cfg["std"]))
+    teacher = _Renormalized(model, student_stats, stats).to(acc.device).eval()
+    note = {
+        "backbone": cfg.teacher,
+        "classifier": "logistic regression on its source training features",
+        "source_test_accuracy": round(float(probe.score(*splits["test"])), 4),
+        "distill_alpha": cfg.distill_alpha,
+    }
+    return teacher, note
 
 
 def model_card(card: dict) -> str:
@@ -284,6 +380,13 @@ def model_card(card: dict) -> str:
         f"| {h['epoch']} | {h['train_loss']:.4f} | {h['test_accuracy']:.4f} | {h['nc1_train']:.3f} |"
         for h in card["history"]
     )
+    t = card.get("teacher")
+    teacher_line = (
+        f"- distilled from `{t['backbone']}` (its classifier: {t['classifier']}; source test "
+        f"accuracy {t['source_test_accuracy']:.4f}), target weight {t['distill_alpha']}\n"
+        if t
+        else ""
+    )
     return f"""# {card["architecture"]} pretrained on {src["dataset"]} classes {src["classes"]}
 
 Offline default backbone of ncfinetune, trained from scratch on this project's machine.
@@ -291,7 +394,7 @@ Offline default backbone of ncfinetune, trained from scratch on this project's m
 - architecture: `{card["architecture"]}` {card["model_kwargs"] or ""}, input {card["pretrained_cfg"]["input_size"]}
 - data: {src["dataset"]} classes {src["classes"]} ({", ".join(src["class_names"])}), {src["train_size"]} train / {src["test_size"]} test images, grayscale replicated to RGB, mean {[round(m, 4) for m in card["pretrained_cfg"]["mean"]]}, std {[round(s, 4) for s in card["pretrained_cfg"]["std"]]}
 - training: {tr["epochs"]} epochs, batch {tr["batch_size"]}, {tr["optimizer"]} lr {tr["lr"]} cosine, momentum {tr["momentum"]}, weight decay {tr["weight_decay"]}, label smoothing {tr["label_smoothing"]}, projector {tr["projector"]}, augment {tr["augment"]}, seed {tr["seed"]}
-- **source test accuracy: {card["source_test_accuracy"]:.4f}**; NC1 of backbone features on {tr["nc1_samples"]} source training images: {card["source_nc1_train"]:.3f}
+{teacher_line}- **source test accuracy: {card["source_test_accuracy"]:.4f}**; NC1 of backbone features on {tr["nc1_samples"]} source training images: {card["source_nc1_train"]:.3f}
 - wall time: {card["wall_time_s"]} s; weights stored as float16 (no classifier)
 - command: `{card["command"]}`
 - versions: {card["versions"]}
