@@ -169,7 +169,7 @@ def load_data(backbone: str, target: str) -> dict:
     path = CACHE / f"{target}-{'x'.join(map(str, tf.input_size))}-{tag}.pt"
     shift = TARGETS[target].get("shift")
     if path.is_file():
-        saved = torch.load(path)
+        saved = torch.load(path, weights_only=True)
     else:
         tspec = TARGETS[target]
         data = nd.load_image_dataset(tspec["dataset"], seed=0)

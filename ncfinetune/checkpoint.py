@@ -6,7 +6,10 @@ and how to recognise the base model). LoRA methods keep their adapter in peft's 
 beside it (``adapter_model.safetensors`` + ``adapter_config.json``), so peft's
 ``set_peft_model_state_dict`` loads it into any model injected with that config. Every file is
 written to a temporary name and renamed, and the JSON, written last, records the SHA-256 of the
-tensor files: a directory holding a torn set is detected at load time. Nothing is ever unpickled.
+tensor files. The folder is written beside its target and moved into place as a whole
+(:func:`ncfinetune.files.install_folder`), and loading verifies hashes, the recipe stored in the
+weights file, tensor names, shapes and finiteness before anything is copied. Nothing is ever
+unpickled.
 
 The base fingerprint is a SHA-256 of every base tensor the checkpoint does *not* contain. Those
 tensors are bit-identical before and after tuning (they are frozen), so the fingerprint can be
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ from torch import nn
 
 from ncfinetune._version import __version__
 from ncfinetune.errors import CheckpointError
-from ncfinetune.files import atomic_write, write_json
+from ncfinetune.files import install_folder, set_aside, staging_folder, write_json
 from ncfinetune.messages import warn_once
 
 WEIGHTS_NAME = "tuned.safetensors"
@@ -66,6 +70,20 @@ def _is_lora_key(key: str) -> bool:
     return "lora_" in key
 
 
+CHECKPOINT_FILES = (WEIGHTS_NAME, CONFIG_NAME, PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME)
+RECIPE_KEYS = ("architecture", "num_classes", "method", "config", "block", "bn", "skip_norm")
+"""What rebuilds the wrapper. Also stored inside ``tuned.safetensors`` (its metadata), so that
+an edited ``tuned_config.json`` is detected at load time instead of rebuilding another model."""
+_EMBEDDED = "ncfinetune_recipe"
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinite values."""
+    return [
+        k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+
+
 def write_checkpoint(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
@@ -74,7 +92,13 @@ def write_checkpoint(
     *,
     peft_config: Any = None,
 ) -> Path:
-    """Write a tuned checkpoint to directory ``path`` (created if needed); returns the path.
+    """Write a tuned checkpoint to directory ``path``; returns the path.
+
+    The whole folder is written beside ``path`` and then moved into place
+    (:func:`ncfinetune.files.install_folder`): after a crash at any moment the folder holds the
+    previous checkpoint or the new one, complete; leftovers of an interrupted save are removed
+    by the next one. An existing ``path`` is replaced as a whole, so it may only hold checkpoint
+    files.
 
     Args:
         tensors: the tuned tensors under the timm model's names.
@@ -85,12 +109,40 @@ def write_checkpoint(
             adapter is then written in peft's own format (``adapter_model.safetensors`` from
             ``get_peft_model_state_dict``, ``adapter_config.json``) and the rest of the tuned
             tensors (classifier, BatchNorm statistics) to ``tuned.safetensors``.
+
+    Raises:
+        CheckpointError: ``path`` is a file, or a folder holding other files; a tensor holds
+            NaN or infinite values (nothing is written).
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"cannot save to {out}: it exists and is not a directory.")
-    out.mkdir(parents=True, exist_ok=True)
+        raise CheckpointError(
+            f"cannot save to {out}: it exists and is not a directory. Pass a folder path."
+        )
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in CHECKPOINT_FILES)
+        if foreign:
+            raise CheckpointError(
+                f"cannot save to {out}: a checkpoint replaces its folder as a whole, and this "
+                f"folder holds {len(foreign)} other entries ({', '.join(foreign[:5])}). Save "
+                "into a new or empty folder, or into an earlier checkpoint's folder."
+            )
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    adapter = None
+    if peft_config is not None:
+        from peft import get_peft_model_state_dict
+
+        adapter = {
+            k: v.detach().to("cpu").contiguous()
+            for k, v in get_peft_model_state_dict(model).items()
+        }
+    bad = non_finite({**tensors, **(adapter or {})})
+    if bad:
+        raise CheckpointError(
+            f"refusing to save to {out}: {len(bad)} tuned tensors hold NaN or infinite values "
+            f"({', '.join(bad[:4])}): training diverged. Nothing was written; lower the lr, or "
+            "save the last good model."
+        )
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -101,30 +153,106 @@ def write_checkpoint(
         "num_tensors": len(tensors),
         "base_fingerprint": base_fingerprint(model, set(tensors)),
     }
-    if peft_config is not None:
-        from peft import get_peft_model_state_dict
-
-        adapter = {
-            k: v.detach().to("cpu").contiguous()
-            for k, v in get_peft_model_state_dict(model).items()
-        }
-        tensors = {k: v for k, v in tensors.items() if not _is_lora_key(k)}
-        adapter_file = out / PEFT_WEIGHTS_NAME
-        atomic_write(
-            adapter_file, lambda tmp: safetensors.torch.save_file(adapter, tmp, {"format": "pt"})
+    recipe = json.dumps({k: meta.get(k) for k in RECIPE_KEYS}, sort_keys=True)
+    staging = staging_folder(out)
+    try:
+        if adapter is not None:
+            tensors = {k: v for k, v in tensors.items() if not _is_lora_key(k)}
+            safetensors.torch.save_file(adapter, staging / PEFT_WEIGHTS_NAME, {"format": "pt"})
+            (staging / PEFT_CONFIG_NAME).write_text(
+                json.dumps(peft_config.to_dict(), indent=2, default=list) + "\n"
+            )
+            meta["peft_adapter_sha256"] = _file_sha256(staging / PEFT_WEIGHTS_NAME)
+        safetensors.torch.save_file(
+            tensors, staging / WEIGHTS_NAME, {"format": "pt", _EMBEDDED: recipe}
         )
-        write_json(out / PEFT_CONFIG_NAME, peft_config.to_dict())
-        meta["peft_adapter_sha256"] = _file_sha256(adapter_file)
-    weights = out / WEIGHTS_NAME
-    atomic_write(weights, lambda tmp: safetensors.torch.save_file(tensors, tmp, {"format": "pt"}))
-    meta["weights_sha256"] = _file_sha256(weights)
-    write_json(out / CONFIG_NAME, meta)  # last: its hashes vouch for the files above
+        meta["weights_sha256"] = _file_sha256(staging / WEIGHTS_NAME)
+        write_json(staging / CONFIG_NAME, meta)
+        install_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
 
 
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The folder to read the checkpoint at ``path`` from: ``path`` itself, or, when a save was
+    interrupted between setting the old version aside and moving the new one in (platforms
+    without an atomic folder swap), the old version (with a warning)."""
+    root = Path(path)
+    if (root / CONFIG_NAME).is_file():
+        return root
+    old = set_aside(root)
+    if old is not None and (old / CONFIG_NAME).is_file():
+        warn_once(
+            f"{root} holds no complete checkpoint: a save was interrupted. Loading the previous "
+            f"version, kept at {old}; the next save to {root} replaces it."
+        )
+        return old
+    return root
+
+
+def _schema_problems(meta: dict) -> list[str]:
+    """What is wrong with the keys and types of a tuned_config.json."""
+    from ncfinetune.methods import METHODS
+
+    def kind(v):
+        return f"{v!r} ({type(v).__name__})"
+
+    problems = []
+    expect = {
+        "architecture": (str,),
+        "num_classes": (int,),
+        "method": (str,),
+        "weights_sha256": (str,),
+        "base_fingerprint": (str,),
+    }
+    if meta.get("format_version") >= 2:
+        expect["config"] = (dict,)
+    for key, types in expect.items():
+        if key not in meta:
+            problems.append(f"required key {key!r} is missing")
+        elif isinstance(meta[key], bool) or not isinstance(meta[key], types):
+            problems.append(f"{key!r} must be {types[0].__name__}, got {kind(meta[key])}")
+    if "block" not in meta:
+        problems.append("required key 'block' is missing (null for methods without a block)")
+    elif meta["block"] is not None and (
+        isinstance(meta["block"], bool) or not isinstance(meta["block"], int) or meta["block"] < 0
+    ):
+        problems.append(f"'block' must be an int >= 0 or null, got {kind(meta['block'])}")
+    if isinstance(meta.get("num_classes"), int) and meta["num_classes"] < 1:
+        problems.append(f"'num_classes' must be >= 1, got {meta['num_classes']}")
+    if isinstance(meta.get("method"), str) and meta["method"] not in METHODS:
+        problems.append(
+            f"'method' {meta['method']!r} is not a registered method ({', '.join(METHODS)})"
+        )
+    for key in ("bn", "base_model"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            problems.append(f"{key!r} must be a string or null, got {kind(meta[key])}")
+    if meta.get("skip_norm") is not None and not isinstance(meta["skip_norm"], bool):
+        problems.append(f"'skip_norm' must be true, false or null, got {kind(meta['skip_norm'])}")
+    names = meta.get("class_names")
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+    ):
+        problems.append(f"'class_names' must be a list of strings, got {kind(names)}")
+    elif names is not None and isinstance(meta.get("num_classes"), int):
+        if len(names) != meta["num_classes"]:
+            problems.append(
+                f"'class_names' has {len(names)} names for num_classes={meta['num_classes']}"
+            )
+    return problems
+
+
 def read_tuned_config(path: str | os.PathLike) -> dict:
-    """The metadata of the checkpoint at ``path``, validated."""
-    config = Path(path) / CONFIG_NAME
+    """The metadata of the checkpoint at ``path``, validated (keys and types).
+
+    Raises:
+        CheckpointError: no checkpoint there, invalid JSON, another format, a newer format
+            version, or missing keys / wrong types (all listed).
+    """
+    root = checkpoint_dir(path)
+    config = root / CONFIG_NAME
     if not config.is_file():
         raise CheckpointError(
             f"no ncfinetune checkpoint at {path}: {CONFIG_NAME} is missing. Pass the directory "
@@ -132,16 +260,31 @@ def read_tuned_config(path: str | os.PathLike) -> dict:
         )
     try:
         meta = json.loads(config.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(
-            f"{config} is not valid JSON ({e}); the checkpoint is damaged."
+            f"{config} is not valid JSON ({e}); the checkpoint is damaged. Save it again."
         ) from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{config} holds a JSON {type(meta).__name__}, not an object: not an ncfinetune "
+            "tuned-weights config."
+        )
     if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
-        raise CheckpointError(f"{config} is not an ncfinetune tuned-weights config.")
+        raise CheckpointError(
+            f"{config} is not an ncfinetune tuned-weights config (its 'format' is "
+            f"{meta.get('format')!r}, expected {FORMAT!r} with an integer 'format_version')."
+        )
     if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{config} has format version {meta['format_version']}, newer than this ncfinetune "
             f"({__version__}) reads (<= {FORMAT_VERSION}). Upgrade ncfinetune."
+        )
+    problems = _schema_problems(meta)
+    if problems:
+        raise CheckpointError(
+            f"{config} is not a valid tuned config ({len(problems)} problems): "
+            + "; ".join(problems)
+            + ". Was it edited? Restore the file written with the checkpoint, or save again."
         )
     return meta
 
@@ -178,41 +321,105 @@ def _verified(path: Path, name: str, sha: str | None) -> Path:
     if sha is not None and _file_sha256(file) != sha:
         raise CheckpointError(
             f"{file} does not match the SHA-256 recorded in {CONFIG_NAME}: the checkpoint was "
-            "partly overwritten or damaged. Save it again."
+            "partly overwritten, edited or damaged. Save it again."
         )
     return file
 
 
+def _mismatch(path, what: str, found: dict, expected: dict, meta: dict) -> str | None:
+    """A message naming the tensors that are missing, extra or of another shape, or None."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = [
+        f"{k} {tuple(found[k])} (expected {tuple(expected[k])})"
+        for k in sorted(set(found) & set(expected))
+        if tuple(found[k]) != tuple(expected[k])
+    ]
+    if not (missing or extra or shapes):
+        return None
+    parts = [
+        f"{label} {len(items)}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+        for label, items in (("missing", missing), ("extra", extra), ("other shape", shapes))
+        if items
+    ]
+    return (
+        f"the {what} of checkpoint {path} are not the set that method {meta['method']!r} "
+        f"(block {meta['block']}) on {meta['architecture']} rebuilds: {'; '.join(parts)}. The "
+        "file or its config was edited, or it belongs to another model; save it again."
+    )
+
+
+def _read_tensors(file: Path, device) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(file, framework="pt") as f:
+        metadata = f.metadata() or {}
+    return safetensors.torch.load_file(file, device=str(device)), metadata
+
+
 def load_weights(
-    path: str | os.PathLike, meta: dict, model: nn.Module, *, verify_base: bool = True
+    path: str | os.PathLike,
+    meta: dict,
+    model: nn.Module,
+    *,
+    expected: dict[str, torch.Size],
+    verify_base: bool = True,
 ) -> None:
     """Load a checkpoint's tensors into ``model`` (already wrapped the way it was saved).
 
-    Every file is checked against the SHA-256 in the metadata, every tensor's name and shape
-    against the model before anything is copied, and the base fingerprint against the model's
-    frozen tensors. Then safetensors' ``load_model`` copies the tuned tensors and peft's
-    ``set_peft_model_state_dict`` the LoRA adapter.
+    Every file is checked against the SHA-256 in the metadata; the recipe stored inside the
+    weights file against ``tuned_config.json`` (an edited method or block is an error); the
+    tensor names and shapes against ``expected`` (what the rebuilt wrapper tunes: missing,
+    extra and reshaped tensors are named); every tensor must be finite; and the base
+    fingerprint must match the model's frozen tensors. Only then are tensors copied, and
+    peft's ``set_peft_model_state_dict`` loads the LoRA adapter.
+
+    Args:
+        expected: name -> shape of the tuned tensors (``TunedModel.tuned_state_dict()``).
+
+    Raises:
+        CheckpointError: any check above failed (nothing is copied into the model).
     """
-    root = Path(path)
+    root = checkpoint_dir(path)
     weights = _verified(root, WEIGHTS_NAME, meta["weights_sha256"])
     adapter_file = None
     if "peft_adapter_sha256" in meta:
         adapter_file = _verified(root, PEFT_WEIGHTS_NAME, meta["peft_adapter_sha256"])
     state = model.state_dict()
-    with safe_open(weights, framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    bad = [
-        f"{k} {shape} vs {tuple(state[k].shape) if k in state else 'missing'}"
-        for k, shape in shapes.items()
-        if k not in state or tuple(state[k].shape) != shape
-    ]
+    device = next(iter(state.values())).device if state else "cpu"
+    tensors, metadata = _read_tensors(weights, device)
+    if _EMBEDDED in metadata:
+        saved = json.loads(metadata[_EMBEDDED])
+        now = {k: meta.get(k) for k in RECIPE_KEYS}
+        diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in RECIPE_KEYS if saved.get(k) != now[k]]
+        if diff:
+            raise CheckpointError(
+                f"{root / CONFIG_NAME} does not describe the weights saved beside it "
+                f"(weights file -> config: {'; '.join(diff)}): the config was edited. Restore "
+                "it, or tune the model again with the new settings."
+            )
+    wanted = {k: tuple(v.shape) for k, v in expected.items() if not _is_lora_key(k)}
+    if adapter_file is None:
+        wanted = {k: tuple(v.shape) for k, v in expected.items()}
+    problem = _mismatch(path, "tensors", {k: v.shape for k, v in tensors.items()}, wanted, meta)
+    if problem:
+        raise CheckpointError(problem)
+    adapter = None
+    if adapter_file is not None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        adapter, _ = _read_tensors(adapter_file, device)
+        lora = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+        problem = _mismatch(
+            path, "LoRA adapter tensors", {k: v.shape for k, v in adapter.items()}, lora, meta
+        )
+        if problem:
+            raise CheckpointError(problem)
+    bad = non_finite({**tensors, **(adapter or {})})
     if bad:
         raise CheckpointError(
-            f"checkpoint {path} does not fit the base {meta['architecture']}: {len(bad)} tensors "
-            f"differ (checkpoint vs model: {'; '.join(bad[:3])}). Use the architecture it was "
-            "saved from."
+            f"checkpoint {path} holds NaN or infinite values in {len(bad)} tensors "
+            f"({', '.join(bad[:4])}); it cannot give meaningful predictions. Save a finite model."
         )
-    exclude = set(shapes)
+    exclude = set(tensors)
     if adapter_file is not None:
         exclude |= {k for k in state if _is_lora_key(k)}
     if base_fingerprint(model, exclude) != meta["base_fingerprint"]:
@@ -224,16 +431,13 @@ def load_weights(
         if verify_base:
             raise CheckpointError(msg)
         warn_once(msg)
-    device = next(iter(state.values())).device if state else "cpu"
-    missing, unexpected = safetensors.torch.load_model(
-        model, weights, strict=False, device=str(device)
-    )
-    if unexpected:  # excluded by the shape check above; kept as the strict key check
-        raise CheckpointError(f"checkpoint {path} has tensors the model lacks: {unexpected[:3]}")
-    if adapter_file is not None:
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, safetensors.torch.load_file(adapter_file))
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:  # excluded by the name check above; kept as the strict check
+        raise CheckpointError(
+            f"checkpoint {path} has tensors the model lacks: {result.unexpected_keys[:3]}"
+        )
+    if adapter is not None:
+        result = set_peft_model_state_dict(model, adapter)
         if result.unexpected_keys:
             raise CheckpointError(
                 f"the LoRA adapter of {path} does not fit the model: unexpected "

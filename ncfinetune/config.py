@@ -64,9 +64,13 @@ def _convert(value: Any, tp: Any, from_cli: bool) -> Any:
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
-                raise ValueError(f"expected a mapping such as '{{depth: 6}}', got {value!r}") from None
+                raise ValueError(
+                    f"expected a mapping such as '{{depth: 6}}', got {value!r}"
+                ) from None
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ValueError(f"expected a mapping with string keys such as {{depth: 6}}, got {value!r}")
+            raise ValueError(
+                f"expected a mapping with string keys such as {{depth: 6}}, got {value!r}"
+            )
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -414,6 +418,42 @@ def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
+SEED_MAX = 2**32 - 1
+"""Largest seed every generator a run seeds accepts (numpy's legacy seeding is 32-bit)."""
+
+
+def seed_problems(seed: int, key: str = "seed") -> list[str]:
+    """A problem when ``seed`` is outside what torch, numpy and random all accept."""
+    if not 0 <= seed <= SEED_MAX:
+        return [f"{key} must be in [0, 2**32 - 1] (what numpy accepts), got {seed}"]
+    return []
+
+
+def output_problems(key: str, path: str | None, *, folder: bool = True) -> list[str]:
+    """Problems writing to ``path`` (the value of config key ``key``), found before any data
+    or model is loaded: a file where a folder is needed (or the reverse), a parent that is a
+    file, or no permission to create or write it."""
+    if path is None:
+        return []
+    target = Path(path)
+    if folder and target.exists() and not target.is_dir():
+        return [
+            f"{key} {path} is a file, not a folder: pass a folder path (the run writes "
+            "several files into it)"
+        ]
+    if not folder and target.is_dir():
+        return [f"{key} {path} is a folder: pass a file path, e.g. {target / 'predictions.csv'}"]
+    existing = next((a for a in (target, *target.parents) if a.exists()), Path("."))
+    if not existing.is_dir():
+        return [f"{key} {path} cannot be created: {existing} is a file, not a folder"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [
+            f"{key} {path} cannot be written: no write permission on {existing}; pick a "
+            "folder you can write to"
+        ]
+    return []
+
+
 @dataclasses.dataclass
 class DownstreamConfig:
     """The backbone and downstream-data keys shared by ``recipes/finetune.py`` and
@@ -446,6 +486,7 @@ class DownstreamConfig:
             p.append("give pretrained or checkpoint, not both")
         if not 0 < self.test_fraction < 1:
             p.append(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        p += seed_problems(self.seed)
         return p
 
     def load_data(self):
@@ -496,6 +537,11 @@ class TunedConfig:
             p.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.image_size is not None and self.image_size < 1:
             p.append(f"image_size must be >= 1 or null, got {self.image_size}")
+        if not Path(self.tuned).is_dir():
+            p.append(
+                f"tuned {self.tuned} is not a folder: pass the tuned/ folder a finetune run "
+                "wrote (e.g. runs/finetune/tuned)"
+            )
         return p
 
     def load_kwargs(self) -> dict[str, Any]:

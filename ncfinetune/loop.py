@@ -25,7 +25,8 @@ from accelerate.utils import gather_object
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
-from ncfinetune.files import finite_json
+from ncfinetune.errors import ConfigError
+from ncfinetune.files import install_folder, write_json
 from ncfinetune.metrics_stream import NC1Accumulator
 from ncfinetune.training import (
     as_memory_format,
@@ -160,12 +161,12 @@ def build_schedule(
 
     The schedule is stepped once per optimizer step by the training loop, so it is *not*
     passed to ``accelerator.prepare`` (whose wrapper steps it once per process per optimizer
-    step); it is registered for checkpointing instead, so ``save_state``/``load_state``
-    carry it. Returns (scheduler, plan).
+    step). Nor is it registered for accelerate's checkpointing, which pickles custom objects
+    and unpickles them with ``weights_only=False``: :func:`save_training_state` writes its
+    state as JSON instead. Returns (scheduler, plan).
     """
     plan = plan_steps(loader, epochs, grad_accum, max_steps)
     scheduler = build_cosine_schedule(optimizer, plan.total_steps, min_lr)
-    accelerator.register_for_checkpointing(scheduler)
     return scheduler, plan
 
 
@@ -418,28 +419,38 @@ def _nc1_of_present(stats: NC1Accumulator) -> float | None:
 
 
 # -- checkpoints for resume (atomic: write to a temporary folder, then rename) -------------------
+SCHEDULER_FILE = "scheduler.json"
+
+
 def save_training_state(
-    accelerator: Accelerator, root: Path, epoch: int, history: list, *, keep_last: int = 1
+    accelerator: Accelerator,
+    root: Path,
+    epoch: int,
+    history: list,
+    *,
+    scheduler=None,
+    keep_last: int = 1,
 ) -> Path:
-    """Save model/optimizer/scheduler/RNG state after ``epoch`` (1-based) under ``root`` as
-    ``epoch_{epoch}``: written to a temporary folder, then renamed, so a folder named
+    """Save model/optimizer/RNG state (accelerate, safetensors) and the ``scheduler``'s state
+    (JSON) after ``epoch`` (1-based) under ``root`` as ``epoch_{epoch}``: written to a staging
+    folder, then moved into place (:func:`ncfinetune.files.install_folder`), so a folder named
     ``epoch_N`` is always complete. Afterwards only the ``keep_last`` newest checkpoints are
     kept (and leftovers of interrupted writes are removed)."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"epoch_{epoch}", root / f".epoch_{epoch}.tmp"
+    final = root / f"epoch_{epoch}"
+    tmp = root / f".epoch_{epoch}.tmp"  # one name for every process (they all write into it)
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        text = json.dumps(finite_json({"epoch": epoch, "history": history}), allow_nan=False)
-        (tmp / "history.json").write_text(text)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if scheduler is not None:
+            write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
+        write_json(tmp / "history.json", {"epoch": epoch, "history": history}, None)
+        install_folder(tmp, final)
         done = sorted(
             (d for d in root.glob("epoch_*") if d.name.split("_")[-1].isdigit()),
             key=lambda d: int(d.name.split("_")[-1]),
@@ -450,6 +461,32 @@ def save_training_state(
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_training_state(accelerator: Accelerator, path: Path, scheduler) -> None:
+    """Restore what :func:`save_training_state` wrote: accelerate's state (loaded with
+    ``weights_only=True``: nothing is unpickled) and the scheduler's JSON state.
+
+    Raises:
+        ConfigError: the checkpoint has no scheduler state (written by an older ncfinetune,
+            which pickled it).
+    """
+    file = Path(path) / SCHEDULER_FILE
+    pickles = sorted(p.name for p in Path(path).glob("custom_checkpoint_*"))
+    if pickles:
+        raise ConfigError(
+            f"checkpoint {path} holds pickled objects ({', '.join(pickles)}), which ncfinetune "
+            "does not write and will not unpickle (they can run code). Start a new run (a new "
+            "--output_dir), or remove them if you wrote them yourself."
+        )
+    if not file.is_file():
+        raise ConfigError(
+            f"checkpoint {path} has no {SCHEDULER_FILE}: it was written by an older ncfinetune "
+            "that pickled the schedule, which is no longer unpickled. Start a new run (a new "
+            "--output_dir), or resume with the version that wrote it."
+        )
+    accelerator.load_state(str(path))
+    scheduler.load_state_dict(json.loads(file.read_text()))
 
 
 def latest_training_state(root: Path) -> tuple[Path, int, list] | None:

@@ -11,7 +11,9 @@ pure function of the input (``bn="frozen"``, no augmentation).
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -43,8 +45,9 @@ class TunedModel(nn.Module):
 
     Build it with :func:`get_tuned_model` (or :func:`scl_wrap`, :func:`layer_wrap`,
     :func:`linear_wrap`, :func:`full_wrap`, :func:`lora_block_wrap`). The wrapped timm model is
-    ``self.model``; it is modified in place (``requires_grad`` flags, LoRA layers), so wrap a
-    model once.
+    ``self.model``; it is modified in place (``requires_grad`` flags, LoRA layers), so a model
+    belongs to one wrapper: wrapping a model that a live TunedModel owns raises
+    :class:`ConfigError` (wrap ``copy.deepcopy(model)`` instead, or drop the first wrapper).
     """
 
     def __init__(self, model: nn.Module, config: MethodConfig) -> None:
@@ -56,6 +59,7 @@ class TunedModel(nn.Module):
                 f"config must be a method config such as SCLConfig(block=4), got "
                 f"{type(config).__name__} {config!r}."
             )
+        _check_unowned(model)
         adapter = get_adapter(model)
         self.model = model
         self.adapter: BackboneAdapter = adapter
@@ -77,6 +81,7 @@ class TunedModel(nn.Module):
         self.frozen_batchnorms: list[nn.Module] = []
         """BatchNorms outside the trained modules (kept in eval mode under ``bn="frozen"``)."""
         self._freeze()
+        model.__dict__[_OWNER] = weakref.ref(self)  # last: only a complete wrapper owns it
 
     # -- construction helpers -------------------------------------------------------------
     def _check_skip_fits(self, index: int) -> None:
@@ -331,8 +336,34 @@ class TunedModel(nn.Module):
         settings = {**settings, "block": meta["block"]} if "block" in settings else settings
         # wrap first: the LoRA methods add modules (and state keys) the checkpoint fills
         tuned = cls(base_model, method_config(meta["method"], **settings))
-        checkpoint.load_weights(path, meta, tuned.model, verify_base=verify_base)
+        checkpoint.load_weights(
+            path, meta, tuned.model, expected=tuned.tuned_state_dict(), verify_base=verify_base
+        )
         return tuned
+
+
+_OWNER = "_ncfinetune_owner"
+
+
+def _check_unowned(model: nn.Module) -> None:
+    """Raise if a live wrapper owns ``model`` or an earlier wrapper injected LoRA layers."""
+    ref = model.__dict__.get(_OWNER)
+    owner = ref() if ref is not None else None
+    if owner is not None and owner.model is model:
+        gc.collect()  # a dropped wrapper caught in a reference cycle is not the owner any more
+        owner = ref()
+    if owner is not None and owner.model is model:
+        raise ConfigError(
+            f"this {arch_name(model)} is already wrapped by a live TunedModel ({owner.describe()}); "
+            "a second wrapper would train and describe the same tensors differently. Wrap a "
+            "copy (get_tuned_model(copy.deepcopy(model), ...)) or a fresh model, or delete the "
+            "first wrapper (del tuned) before wrapping again."
+        )
+    if ref is not None and any("lora_" in name for name, _ in model.named_parameters()):
+        raise ConfigError(
+            f"this {arch_name(model)} was wrapped by a LoRA method before, which injected LoRA "
+            "layers into it; wrap a fresh model (or the copy you made before wrapping)."
+        )
 
 
 def load_tuned(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ncfinetune.checkpoint import read_tuned_config
-from ncfinetune.config import TunedConfig, parse_config, run_cli
+from ncfinetune.config import TunedConfig, output_problems, parse_config, run_cli, seed_problems
 from ncfinetune.files import write_json
 from ncfinetune.inference import Evaluation, evaluate, recorded_data
 
@@ -50,6 +50,9 @@ class EvaluateConfig(TunedConfig):
             p.append(f"split {self.split!r} is not one of test, train")
         if self.test_fraction is not None and not 0 < self.test_fraction < 1:
             p.append(f"test_fraction must be in (0, 1) or null, got {self.test_fraction}")
+        if self.seed is not None:
+            p += seed_problems(self.seed)
+        p += output_problems("output_dir", self.output_dir)
         return p
 
 

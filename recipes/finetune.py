@@ -26,12 +26,15 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 import ncfinetune
+import ncfinetune.messages
+import ncfinetune.methods
 import ncfinetune.selection
 from ncfinetune import data as nd
 from ncfinetune import launch, runs
 from ncfinetune.config import (
     DownstreamConfig,
     config_to_dict,
+    output_problems,
     parse_config,
     parse_overrides,
     run_cli,
@@ -46,6 +49,7 @@ from ncfinetune.loop import (
     is_conv_net,
     latest_training_state,
     launch_device_type,
+    load_training_state,
     predict,
     save_training_state,
     set_cpu_threads,
@@ -124,7 +128,8 @@ class FinetuneConfig(DownstreamConfig):
     # with resume: keys allowed to differ from the saved config: epochs and/or lr (epochs,lr)
     resume_override: list[str] | None = None
     stop_after: int | None = None  # stop after this many epochs (simulates an interruption)
-    tracker: str | None = "tensorboard"  # tensorboard (logs under output_dir) or none
+    # tensorboard (logs under output_dir), none, or another accelerate tracker that is installed
+    tracker: str | None = "tensorboard"
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -182,7 +187,30 @@ class FinetuneConfig(DownstreamConfig):
             )
         if self.resume_override and not self.resume:
             p.append("resume_override only applies with --resume")
+        p += tracker_problems(self.tracker)
+        p += output_problems("output_dir", self.output_dir)
         return p
+
+
+def tracker_problems(tracker: str | None) -> list[str]:
+    """A problem when ``tracker`` is not an accelerate tracker installed here (or none)."""
+    import importlib.util
+
+    from accelerate.utils import LoggerType, imports
+
+    if tracker in (None, "none"):
+        return []
+    names = [t.value for t in LoggerType if t.value != "all"]
+    if tracker not in names:
+        return [f"tracker {tracker!r} is not one of none, {', '.join(names)} (accelerate's)"]
+    check = getattr(imports, f"is_{tracker}_available", None)
+    available = check() if check else importlib.util.find_spec(tracker) is not None
+    if not available:
+        return [
+            f"tracker {tracker!r} is not installed here: pip install {tracker}, or use "
+            "tensorboard or none"
+        ]
+    return []
 
 
 # keys that do not change what is trained (output, evaluation, logging, speed): --resume
@@ -205,7 +233,34 @@ def load_config(argv: list[str]) -> FinetuneConfig:
             keys = {f.name for f in dataclasses.fields(FinetuneConfig)}
             base = {k: v for k, v in base.items() if k in keys}
             cfg = parse_config(FinetuneConfig, argv, defaults_file=defaults, base=base)
-    return cfg
+    return without_unused_method_keys(cfg)
+
+
+METHOD_KEYS = {"block": None, "bn": None, "skip_norm": None, "lora_rank": 8, "lora_alpha": None,
+               "lora_skip": False}  # fmt: skip
+"""The method settings of the flat config, with the value that means "not set"."""
+
+
+def without_unused_method_keys(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with the method settings the chosen method does not have reset to "not set",
+    with one warning naming them: what config.yaml and the metrics record is then what ran
+    (e.g. ``--method linear --block 3``: no block is tuned, and block is recorded as null)."""
+    fields = {f.name for f in dataclasses.fields(ncfinetune.methods.method_class(cfg.method))}
+    unused = {
+        k: getattr(cfg, k)
+        for k, unset in METHOD_KEYS.items()
+        if k not in fields and getattr(cfg, k) != unset
+    }
+    if not unused:
+        return cfg
+    ncfinetune.messages.warn_once(
+        f"method {cfg.method!r} has no {', '.join(unused)} setting: "
+        + ", ".join(f"{k}={v!r}" for k, v in unused.items())
+        + " has no effect and is recorded as "
+        + ", ".join(f"{k}={METHOD_KEYS[k]!r}" for k in unused)
+        + " (drop it from the command line or config to silence this)."
+    )
+    return dataclasses.replace(cfg, **{k: METHOD_KEYS[k] for k in unused})
 
 
 def tuned_block(cfg: FinetuneConfig) -> str | None:
@@ -355,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
         dynamo_backend=cfg.compile,
         # no gradient_accumulation_steps: the loop accumulates grad_accum batches itself
         # (ncfinetune.training.fit_batches), which also closes a partial group at max_steps
-        log_with=cfg.tracker,
+        log_with=None if cfg.tracker in (None, "none") else cfg.tracker,
         project_dir=str(out),
         # accelerate's seedable sampler: `train_dl.set_epoch(e)` reaches it through the
         # per-process shards, so epoch e is shuffled by (seed, e) alone, resumed or not
@@ -448,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
     if resume is not None:  # checked above: it continues with the saved config
         fresh = getattr(sched, "scheduler", sched).state_dict()  # the current config's schedule
         path, start_epoch, history = resume.checkpoint, resume.epoch, resume.history
-        acc.load_state(str(path))
+        load_training_state(acc, path, sched)
         acc.print(f"resumed from {path} (epoch {start_epoch})")
         if resume.changed:  # resume_override: the schedule the new epochs/lr ask for
             runs.retarget_schedule(sched, fresh)
@@ -464,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_config(cfg, out / "config.yaml")
         if selection is not None:  # what --resume reuses
             write_json(out / "selection.json", {"block": block, "lr": lr, **selection}, None)
-    if cfg.tracker:
+    if cfg.tracker not in (None, "none"):
         acc.init_trackers("finetune", config={k: str(v) for k, v in config_to_dict(cfg).items()})
     net = acc.unwrap_model(tuned, keep_torch_compile=False)
     compiled = acc.state.dynamo_plugin.backend.value.lower()  # "no" unless a backend was set
@@ -516,7 +571,9 @@ def main(argv: list[str] | None = None) -> dict:
         acc.print(json.dumps(finite_json(shown)))
         if n % save_every == 0 or last or stop:
             with clock("checkpoints"):
-                save_training_state(acc, ckpt_root, n, history, keep_last=cfg.keep_last)
+                save_training_state(
+                    acc, ckpt_root, n, history, scheduler=sched, keep_last=cfg.keep_last
+                )
         if stop:
             acc.print(f"stopping after epoch {n} (stop_after); continue with --resume")
             acc.end_training()

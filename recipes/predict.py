@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ncfinetune.config import TunedConfig, parse_config, run_cli
+from ncfinetune.config import TunedConfig, output_problems, parse_config, run_cli
 from ncfinetune.files import atomic_write
 from ncfinetune.inference import ImagePrediction, predict
 
@@ -33,6 +33,9 @@ class PredictConfig(TunedConfig):
         p = super().validate()
         if not self.images:
             p.append("images is required: --images FOLDER (or one image file)")
+        elif not Path(self.images).exists():
+            p.append(f"images {self.images} does not exist: pass a folder of images or one file")
+        p += output_problems("output", self.output, folder=False)
         return p
 
 

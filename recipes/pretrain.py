@@ -35,7 +35,13 @@ import ncfinetune
 import ncfinetune.hub
 from ncfinetune import data as nd
 from ncfinetune.backbones.base import Prediction
-from ncfinetune.config import parse_config, run_cli, save_config
+from ncfinetune.config import (
+    output_problems,
+    parse_config,
+    run_cli,
+    save_config,
+    seed_problems,
+)
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import atomic_write, write_json, write_text
 from ncfinetune.launch import launcher_mixed_precision
@@ -105,6 +111,12 @@ class PretrainConfig:
             )
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        problems += seed_problems(self.seed)
+        problems += output_problems("output_dir", self.output_dir)
         return problems
 
 
@@ -211,8 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.teacher:
         teacher, teacher_note = fit_teacher(cfg, acc, data, backbone)
         acc.print(f"teacher {cfg.teacher}: {teacher_note}")
-    train_iter = _Targets(train, augment=cfg.augment, teacher=teacher, alpha=cfg.distill_alpha,
-                          num_classes=data.num_classes, autocast=acc.autocast)
+    train_iter = _Targets(
+        train,
+        augment=cfg.augment,
+        teacher=teacher,
+        alpha=cfg.distill_alpha,
+        num_classes=data.num_classes,
+        autocast=acc.autocast,
+    )
     acc.print(
         f"pretraining {cfg.model} on {nd.describe(data)}; {sum(p.numel() for p in params):,} parameters"
     )
@@ -341,7 +359,9 @@ def fit_teacher(cfg, acc, data, student: nn.Module) -> tuple[nn.Module, dict]:
     teacher (eval mode, frozen, on the accelerator's device) and what to record about it."""
     from sklearn.linear_model import LogisticRegression
 
-    model = ncfinetune.hub.create_backbone(cfg.teacher, data.num_classes).eval().requires_grad_(False)
+    model = (
+        ncfinetune.hub.create_backbone(cfg.teacher, data.num_classes).eval().requires_grad_(False)
+    )
     size = tuple(model.pretrained_cfg["input_size"])
     if size != (3, cfg.image_size, cfg.image_size):
         raise ConfigError(

@@ -22,7 +22,13 @@ import torch
 import ncfinetune
 from ncfinetune import data as nd
 from ncfinetune import selection as S
-from ncfinetune.config import DownstreamConfig, parse_config, run_cli, save_config
+from ncfinetune.config import (
+    DownstreamConfig,
+    output_problems,
+    parse_config,
+    run_cli,
+    save_config,
+)
 
 
 @dataclass
@@ -55,6 +61,7 @@ class SelectConfig(DownstreamConfig):
             p.append(f"lr must be a number > 0 or auto, got {self.lr!r}")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             p.append(f"mixed_precision {self.mixed_precision!r} is not one of auto, no, bf16")
+        p += output_problems("output_dir", self.output_dir)
         if self.select_max_images < 1:
             p.append(f"select_max_images must be >= 1, got {self.select_max_images}")
         return p

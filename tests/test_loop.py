@@ -8,7 +8,7 @@ import torch
 from conftest import make_model
 from torch.utils.data import DataLoader, TensorDataset
 
-from ncfinetune.errors import TrainingDiverged
+from ncfinetune.errors import ConfigError, TrainingDiverged
 from ncfinetune.files import finite_json, write_json
 from ncfinetune.loop import (
     accumulate_nc1,
@@ -21,6 +21,7 @@ from ncfinetune.loop import (
     native_bf16,
     plan_steps,
     resolve_mixed_precision,
+    load_training_state,
     save_training_state,
     shard_loader,
     train_epoch,
@@ -78,16 +79,31 @@ def test_plan_steps_counts_optimizer_steps_of_the_loader_it_is_given():
         plan_steps([], 1)
 
 
-def test_build_schedule_ends_at_min_lr_and_is_checkpointed(tmp_path):
+def test_build_schedule_ends_at_min_lr_and_is_checkpointed_as_json(tmp_path):
     acc = fresh_accelerator()
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
     sched, plan = build_schedule(acc, opt, list(range(5)), epochs=2, min_lr=1e-4, grad_accum=2)
-    assert plan.total_steps == 6 and sched in acc._custom_objects  # saved by save_state
-    for _ in range(plan.total_steps):
+    # not accelerate's custom object: that one is pickled, and unpickled with weights_only=False
+    assert plan.total_steps == 6 and sched not in acc._custom_objects
+    for _ in range(3):
         opt.step()
         sched.step()
+    path = save_training_state(acc, tmp_path, 1, [], scheduler=sched)
+    assert not list(path.glob("custom_checkpoint_*"))
+    saved = json.loads((path / "scheduler.json").read_text())
+    assert saved["last_epoch"] == 3
+    again, _ = build_schedule(acc, opt, list(range(5)), epochs=2, min_lr=1e-4, grad_accum=2)
+    load_training_state(acc, path, again)
+    assert again.last_epoch == 3 and again.get_last_lr() == sched.get_last_lr()
+    for _ in range(plan.total_steps - 3):
+        opt.step()
+        again.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    (path / "scheduler.json").unlink()  # a checkpoint of an older version (pickled schedule)
+    with pytest.raises(ConfigError, match="no scheduler.json.*older ncfinetune.*new run"):
+        load_training_state(acc, path, again)
 
 
 def test_collect_nc1_shards_rows_once_and_merges_to_the_one_shot_value():

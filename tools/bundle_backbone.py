@@ -28,9 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not re.fullmatch(r"[a-z0-9_]+", args.name):
         ap.error(f"name {args.name!r} must match [a-z0-9_]+ (it becomes a file name)")
-    missing = [f for f in ("safetensors", "json", "md") if not (args.folder / f"backbone.{f}").is_file()]
+    missing = [
+        f for f in ("safetensors", "json", "md") if not (args.folder / f"backbone.{f}").is_file()
+    ]
     if missing:
-        ap.error(f"{args.folder} lacks backbone.{{{','.join(missing)}}}: is it a finished pretrain run?")
+        ap.error(
+            f"{args.folder} lacks backbone.{{{','.join(missing)}}}: is it a finished pretrain run?"
+        )
     if (ASSETS / f"{args.name}.json").exists() and not args.replace:
         ap.error(f"{args.name} is already bundled ({ASSETS}); pass --replace to overwrite it")
     for ext in ("safetensors", "md", "json"):  # the card last: it makes the backbone visible
