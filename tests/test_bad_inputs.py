@@ -29,10 +29,10 @@ from conftest import images, make_model
 from test_tuning import train_steps
 
 from ncfinetune import layer_wrap, load_tuned, scl_wrap
-from ncfinetune.tuning import lora_block_wrap
 from ncfinetune.checkpoint import CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME
 from ncfinetune.errors import CheckpointError, ConfigError, NcFinetuneError
 from ncfinetune.files import install_folder, staging_folder
+from ncfinetune.tuning import lora_block_wrap
 
 ROOT = Path(__file__).resolve().parents[1]
 
