@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import math
 import os
 import sys
 import tokenize
@@ -91,9 +92,12 @@ def _convert(value: Any, tp: Any, from_cli: bool) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ValueError(f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"expected a string, got {value!r}")
@@ -418,6 +422,26 @@ def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
+def bound_problems(config: Any, **bounds: str) -> list[str]:
+    """Problems with numeric keys of ``config``: ``bounds`` maps a key to a rule, one of
+    ``">=0"``, ``">=1"``, ``">0"``, ``"[0,1)"``, ``"(0,100]"``; a None value always passes (the
+    keys' null means auto or not set)."""
+    rules = {
+        ">=0": lambda v: v >= 0,
+        ">=1": lambda v: v >= 1,
+        ">0": lambda v: v > 0,
+        "[0,1)": lambda v: 0 <= v < 1,
+        "(0,100]": lambda v: 0 < v <= 100,
+    }
+    problems = []
+    for key, rule in bounds.items():
+        value = getattr(config, key)
+        if value is not None and not isinstance(value, str) and not rules[rule](value):
+            what = {">=0": ">= 0", ">=1": ">= 1", ">0": "> 0"}.get(rule, f"in {rule}")
+            problems.append(f"{key} must be {what}, got {value}")
+    return problems
+
+
 SEED_MAX = 2**32 - 1
 """Largest seed every generator a run seeds accepts (numpy's legacy seeding is 32-bit)."""
 
@@ -487,6 +511,14 @@ class DownstreamConfig:
         if not 0 < self.test_fraction < 1:
             p.append(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         p += seed_problems(self.seed)
+        p += bound_problems(self, per_class=">=1", image_size=">=1")
+        if self.classes is not None:
+            if len(set(self.classes)) < 2:
+                p.append(f"classes must name at least 2 classes, got {self.classes}")
+            if len(set(self.classes)) != len(self.classes):
+                p.append(f"classes lists a class twice: {self.classes}")
+            if any(c < 0 for c in self.classes):
+                p.append(f"classes are label indices >= 0, got {self.classes}")
         return p
 
     def load_data(self):

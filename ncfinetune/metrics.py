@@ -1,13 +1,30 @@
 """Neural-collapse and representation metrics: pure tensor maths, no models.
 
 Every function takes features ``H`` (N x d; a torch tensor on any device, computed on that
-device, or a NumPy array) and, where it needs them, integer class labels ``y`` of shape (N,).
-Labels are class ids. With ``num_classes=None`` the K classes are the distinct label values,
-remapped in sorted order to 0..K-1 (so labels may skip values or be negative); with
-``num_classes=K`` every label must lie in [0, K) and every class must have a sample. All sums
-are accumulated in float64, whatever the input dtype. Bad input raises
-:class:`~ncfinetune.errors.MetricInputError`, never a silent NaN. On CPU, each calling thread
-keeps one float64 scratch buffer (~10-20 MiB, at most 64 MiB) between calls, for speed.
+device, or a NumPy array) and, where it needs them, class labels ``y`` of length N.
+
+Labels: integer labels (a tensor, an integer array, or a list of ints / NumPy ints) are class
+ids. With ``num_classes=None`` the K classes are the distinct label values, remapped in sorted
+order to 0..K-1 (so labels may skip values or be negative); with ``num_classes=K`` every label
+must lie in [0, K) and every class must have a sample. Any other hashable labels (strings,
+tuples, mixed types, e.g. ``["cat", "dog", ...]`` or ``[(0, "a"), ...]``) are accepted too: the
+K classes are then their distinct values (labels that compare equal, such as 1 and 1.0, are one
+class), and ``num_classes``, if given, must equal K. Float, bool and complex label *arrays*,
+unhashable labels (lists, arrays) and missing labels (None, NaN) are errors that name them.
+
+Scale and dtype: all sums are accumulated in float64, whatever the input dtype (float16,
+bfloat16, float32 and integers are cast exactly). NC1, CDNV, numerical rank, class-separation
+R^2 and linear CKA are invariant to a global scale of the features, and are computed so that
+they stay so at any magnitude float64 can hold: float64 features of magnitude outside
+[2**-64, 2**64] (e.g. 1e-200 or 1e200, where sums of squares would underflow to 0 or overflow
+to inf) are first rescaled by a power of two, which is exact. (Other dtypes never need it.)
+
+Bad input raises :class:`~ncfinetune.errors.MetricInputError` (a ``ValueError``) saying what
+was received and how to fix it, never a silent NaN or inf: wrong shapes or label count, fewer
+than 2 classes, an empty class, NaN/inf features (how many, in which rows), and all-zero
+features (every metric here is 0/0 for them; we raise rather than pick a value). On CPU, each
+calling thread keeps one float64 scratch buffer (~10-20 MiB, at most 64 MiB) between calls,
+for speed.
 
 Definitions (SPEC section 3): ``mu_k`` is the mean of class k, ``mu_G`` the unweighted mean of
 the K class means.
@@ -33,8 +50,12 @@ from ncfinetune.metrics_core import (
     chunk_rows,
     class_means,
     float64_chunks,
-    raise_non_finite,
+    ldexp,
+    max_abs,
+    raise_all_zero,
+    scale_exponent,
     scratch,
+    unit_scale,
 )
 
 __all__ = [
@@ -72,25 +93,30 @@ def nc1(features: Any, labels: Any, num_classes: int | None = None) -> float:
     is centred in float64 before projecting, in a third pass. Agrees with the dense formula to
     ~1e-12 relative in tests (required: 1e-6).
 
-    Invariant (tested) to permuting the samples, scaling the features by any c != 0, adding a
-    constant vector, and rotating the features by an orthogonal matrix.
+    Invariant (tested) to permuting the samples, scaling the features by any c != 0 (also at
+    extreme magnitudes such as 1e-200 or 1e200, see the module docstring), adding a constant
+    vector, and rotating the features by an orthogonal matrix. A class with a single sample is
+    fine (it adds no within-class scatter).
 
     Args:
         features: N x d feature matrix (torch tensor on any device, or NumPy array).
-        labels: N integer class ids (see the module docstring for how they are read).
+        labels: N class labels: integer class ids or any hashable labels (see the module
+            docstring for how they are read).
         num_classes: the number of classes K if labels are already 0..K-1 (then every class
             must have a sample), or None to use the distinct label values.
 
     Returns:
-        NC1 as a Python float (>= 0).
+        NC1 as a finite Python float (>= 0).
 
     Raises:
-        MetricInputError: on bad shapes or dtypes, fewer than 2 classes, an empty class,
-            non-finite features, or identical class means (NC1 undefined).
+        MetricInputError: on bad shapes or dtypes, a label count that differs from N, unusable
+            labels (unhashable, None/NaN), fewer than 2 classes, an empty class, non-finite
+            (NaN/inf) or all-zero features, or identical class means (NC1 undefined).
     """
     h = check_features(features)
     n, d = h.shape
-    y, k, counts = check_labels(labels, n, h.device, num_classes)
+    y, k, counts, _ = check_labels(labels, n, h.device, num_classes)
+    h = unit_scale(h)  # raises on NaN/inf or all zeros; rescales extreme float64 exactly
     means, fro2 = class_means(h, y, k, counts)
     u, s = between_directions(means)
     w = 1.0 / s.square()
@@ -154,24 +180,27 @@ def cdnv(features: Any, labels: Any, num_classes: int | None = None) -> float:
 
     CDNV = mean over k != l of (Var_k + Var_l) / (2 ||mu_k - mu_l||**2), with Var_k the mean
     squared distance of the class-k features to mu_k. Smaller means tighter classes relative to
-    their distances. Scale- and translation-invariant (tested). Distances between means come
-    from a K x K Gram of the centred means; near-zero entries are recomputed directly, so two
-    coinciding means are detected exactly.
+    their distances. Scale- (at any magnitude, see the module docstring) and
+    translation-invariant (tested). Distances between means come from a K x K Gram of the
+    centred means; near-zero entries are recomputed directly, so two coinciding means are
+    detected exactly. A class with a single sample has Var_k = 0, which is fine.
 
     Args:
         features: N x d feature matrix (torch tensor or NumPy array).
-        labels: N integer class ids.
+        labels: N class labels (integer ids or any hashable labels).
         num_classes: K if labels are 0..K-1, or None to use the distinct labels.
 
     Returns:
-        CDNV as a Python float (>= 0).
+        CDNV as a finite Python float (>= 0).
 
     Raises:
-        MetricInputError: on bad input (see :func:`nc1`) or two classes with the same mean.
+        MetricInputError: on bad input (see :func:`nc1`, all-zero features included) or two
+            classes with the same mean (up to float64 rounding).
     """
     h = check_features(features)
     n, d = h.shape
-    y, k, counts = check_labels(labels, n, h.device, num_classes)
+    y, k, counts, names = check_labels(labels, n, h.device, num_classes)
+    h = unit_scale(h)
     means, _ = class_means(h, y, k, counts)
     within = torch.zeros(k, dtype=torch.float64, device=h.device)
     rows = min(n, chunk_rows(d, h.device))
@@ -182,7 +211,7 @@ def cdnv(features: Any, labels: Any, num_classes: int | None = None) -> float:
         dev = b.sub_(g) if h.dtype != torch.float64 else b - g
         within.index_add_(0, y[s:e], dev.square_().sum(1))
     var = within / counts.to(within)
-    return cdnv_from_stats(means, var)
+    return cdnv_from_stats(means, var, names)
 
 
 def numerical_rank(features: Any, labels: Any, num_classes: int | None = None) -> float:
@@ -190,38 +219,44 @@ def numerical_rank(features: Any, labels: Any, num_classes: int | None = None) -
 
     (1/K) sum_k ||H_k||_F**2 / ||H_k||_2**2, where H_k holds the class-k rows as they are: NOT
     centred, following the SPEC / paper definition (so it is not translation-invariant). Each
-    term lies in [1, min(N_k, d)]; smaller means the class spans fewer directions.
-    Scale-invariant. ||H_k||_2**2 is the largest eigenvalue of the smaller Gram matrix of H_k
-    (N_k x N_k or d x d, float64), which has the same relative accuracy as an SVD for that value.
+    term lies in [1, min(N_k, d)] (a class with one sample counts 1); smaller means the class
+    spans fewer directions. Scale-invariant, also per class: each H_k is rescaled by a power of
+    two to a largest magnitude in [0.5, 1) before its Gram matrix is formed, so the value is the
+    same at any magnitude (1e-200 or 1e200 in float64 included). ||H_k||_2**2 is the largest
+    eigenvalue of the smaller Gram matrix of H_k (N_k x N_k or d x d, float64), which has the
+    same relative accuracy as an SVD for that value.
 
     Args:
         features: N x d feature matrix (torch tensor or NumPy array).
-        labels: N integer class ids.
+        labels: N class labels (integer ids or any hashable labels).
         num_classes: K if labels are 0..K-1, or None to use the distinct labels.
 
     Returns:
-        The mean numerical rank as a Python float.
+        The mean numerical rank as a finite Python float.
 
     Raises:
-        MetricInputError: on bad input (see :func:`nc1`) or a class whose features are all zero.
+        MetricInputError: on bad input (see :func:`nc1`, all-zero features included) or a
+            class whose features are all zero.
     """
     h = check_features(features)
     n, d = h.shape
-    y, k, _ = check_labels(labels, n, h.device, num_classes)
-    raise_non_finite(h)
+    y, k, counts, names = check_labels(labels, n, h.device, num_classes)
+    if max_abs(h) == 0.0:  # also raises on NaN/inf
+        raise_all_zero(h)
     order = torch.argsort(y, stable=True)
-    groups = torch.split(order, torch.bincount(y, minlength=k).tolist())
+    groups = torch.split(order, counts.tolist())
     total = 0.0
     for cls, idx in enumerate(groups):  # one eigen-solve per class, K in all
-        hk = h[idx].to(torch.float64)
-        gram = hk @ hk.T if hk.shape[0] <= d else hk.T @ hk
-        top = float(torch.linalg.eigvalsh(gram)[-1])
-        if top <= 0.0:
+        hk = h[idx]
+        top_abs = max_abs(hk)
+        if top_abs == 0.0:
             raise MetricInputError(
-                f"class {cls} (after remapping to 0..K-1) has all-zero features, so its "
-                "numerical rank ||H_k||_F^2 / ||H_k||_2^2 is 0/0. Drop that class."
+                f"class {names[cls]!r} has all-zero features, so its numerical rank "
+                "||H_k||_F^2 / ||H_k||_2^2 is 0/0. Drop that class (or those rows)."
             )
-        total += float(gram.trace()) / top
+        hk = ldexp(hk.to(torch.float64), -scale_exponent(top_abs))
+        gram = hk @ hk.T if hk.shape[0] <= d else hk.T @ hk
+        total += float(gram.trace()) / float(torch.linalg.eigvalsh(gram)[-1])
     return total / k
 
 
@@ -232,7 +267,9 @@ def class_separation_r2(features: Any, labels: Any, num_classes: int | None = No
     pairs (m, n) of class k of (1 - cos(x_m, x_n)), and d_total = (1/K**2) sum_{j,k} mean over
     the N_j N_k pairs across classes j and k (class-weighted, as in the paper). Following the
     paper's formula, the pairs include m == n (distance 0). In [0, 1]; 1 means each class
-    collapses to one direction. Scale-invariant per example (tested).
+    collapses to one direction. Scale-invariant per example (tested), at any magnitude: each
+    row is divided by its largest magnitude before it is normalised, so no square overflows
+    or underflows.
 
     Computed in O(N d) through class means m_k of the L2-normalised rows u_i: the mean of
     1 - cos over class k is (1/N_k) sum_i ||u_i - m_k||**2 (no 1 - ||m_k||**2 cancellation), and
@@ -240,39 +277,44 @@ def class_separation_r2(features: Any, labels: Any, num_classes: int | None = No
 
     Args:
         features: N x d feature matrix (torch tensor or NumPy array).
-        labels: N integer class ids.
+        labels: N class labels (integer ids or any hashable labels).
         num_classes: K if labels are 0..K-1, or None to use the distinct labels.
 
     Returns:
-        R^2 as a Python float.
+        R^2 as a finite Python float.
 
     Raises:
-        MetricInputError: on bad input (see :func:`nc1`), an all-zero row (cosine undefined),
-            or all examples pointing the same way (d_total = 0).
+        MetricInputError: on bad input (see :func:`nc1`, all-zero features included), an
+            all-zero row (cosine undefined), or all examples pointing the same way (d_total
+            = 0 up to float64 rounding of the normalised rows, so R^2 would be 0/0).
     """
     h = check_features(features)
     n, d = h.shape
-    y, k, counts = check_labels(labels, n, h.device, num_classes)
-    raise_non_finite(h)
+    y, k, counts, _ = check_labels(labels, n, h.device, num_classes)
+    if max_abs(h) == 0.0:  # also raises on NaN/inf
+        raise_all_zero(h)
     u = h.to(torch.float64)
-    norms = torch.linalg.vector_norm(u, dim=1, keepdim=True)
-    zero = torch.nonzero(norms.flatten() == 0).flatten()
+    row_max = u.abs().amax(1, keepdim=True)
+    zero = torch.nonzero(row_max.flatten() == 0).flatten()
     if zero.numel():
         raise MetricInputError(
             f"{zero.numel()} feature row(s) are all zero (first: row {int(zero[0])}); cosine "
             "similarity is undefined for them. Drop those rows."
         )
-    u = u / norms
+    u = u / row_max  # each row's largest entry is now +-1: its norm cannot under/overflow
+    u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True)
     m = torch.zeros(k, d, dtype=torch.float64, device=h.device).index_add_(0, y, u)
     m /= counts.to(m)[:, None]
     within = torch.zeros(k, dtype=torch.float64, device=h.device)
     within.index_add_(0, y, (u - m[y]).square().sum(1))
     d_within = float((within / counts.to(within)).mean())
     d_total = d_within + float((m - m.mean(0)).square().sum(1).mean())
-    if d_total <= 0.0:
+    # Unit rows equal up to rounding differ by at most ~2 (d + 2) eps64 in norm: below that
+    # (squared) d_total is rounding noise, not a direction spread, and R^2 is 0/0.
+    if d_total <= (2 * (d + 2) * EPS64) ** 2:
         raise MetricInputError(
-            "every example points in the same direction, so the mean cosine distance is 0 "
-            "and R^2 is 0/0. Pass features that vary in direction."
+            f"every example points in the same direction (mean cosine distance {d_total:.3g}, "
+            "zero up to float64 rounding), so R^2 is 0/0. Pass features that vary in direction."
         )
     return 1.0 - d_within / d_total
 
@@ -282,46 +324,68 @@ def linear_cka(features_a: Any, features_b: Any) -> float:
 
     CKA = ||A_c^T B_c||_F**2 / (||A_c^T A_c||_F ||B_c^T B_c||_F) with column-centred A_c (N x
     d_a) and B_c (N x d_b); d_a and d_b may differ. In [0, 1]; 1 means the representations agree
-    up to an orthogonal transform and isotropic scaling, to which CKA is invariant (tested).
-    Uses the d x d feature-space form when d_a + d_b <= N, otherwise the equal N x N Gram form
-    <A_c A_c^T, B_c B_c^T>, whichever is cheaper; float64 throughout.
+    up to an orthogonal transform and isotropic scaling, to which CKA is invariant (tested),
+    also at extreme magnitudes: each representation is rescaled by a power of two to a largest
+    magnitude in [0.5, 1) before any product is formed (exact, and the fourth powers in CKA
+    would otherwise overflow float64 from |x| ~ 1e77 on). Uses the d x d feature-space form
+    when d_a + d_b <= N, otherwise the equal N x N Gram form <A_c A_c^T, B_c B_c^T>, whichever
+    is cheaper; float64 throughout.
 
     Args:
         features_a: N x d_a matrix (torch tensor or NumPy array).
         features_b: N x d_b matrix for the same examples, in the same order.
 
     Returns:
-        Linear CKA as a Python float.
+        Linear CKA as a finite Python float.
 
     Raises:
-        MetricInputError: on non-2-D input, differing N, non-finite values, or a representation
-            that is constant over the examples (CKA 0/0).
+        MetricInputError: on non-2-D input, differing N, fewer than 2 examples, non-finite
+            values, or a representation that is constant over the examples (all zeros
+            included; also when it varies only at float64 rounding level after centring), for
+            which CKA is 0/0.
     """
     a = check_features(features_a, "features_a")
     b = check_features(features_b, "features_b")
-    if a.shape[0] != b.shape[0]:
+    n = a.shape[0]
+    if n != b.shape[0]:
         raise MetricInputError(
-            f"features_a has N = {a.shape[0]} rows but features_b has {b.shape[0]}; CKA compares "
+            f"features_a has N = {n} rows but features_b has {b.shape[0]}; CKA compares "
             "two representations of the same examples, so pass matching rows."
         )
-    raise_non_finite(a, "features_a")
-    raise_non_finite(b, "features_b")
+    if n < 2:
+        raise MetricInputError(
+            f"CKA needs at least 2 examples, got N = {n}: a representation of fewer examples "
+            "is constant, so CKA is 0/0. Pass more examples."
+        )
     b = b.to(device=a.device)
-    a = a.to(torch.float64)
-    b = b.to(torch.float64)
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    if a.shape[1] + b.shape[1] <= a.shape[0]:
+    a, b = _centred_unit(a, "features_a"), _centred_unit(b, "features_b")
+    if a.shape[1] + b.shape[1] <= n:
         cross = torch.linalg.matrix_norm(a.T @ b).square()
         na, nb = torch.linalg.matrix_norm(a.T @ a), torch.linalg.matrix_norm(b.T @ b)
     else:
         ka, kb = a @ a.T, b @ b.T
         cross = (ka * kb).sum()
         na, nb = torch.linalg.matrix_norm(ka), torch.linalg.matrix_norm(kb)
-    if float(na) == 0.0 or float(nb) == 0.0:
-        which = "features_a" if float(na) == 0.0 else "features_b"
-        raise MetricInputError(
-            f"{which} is constant over the {a.shape[0]} examples (zero after centring), so CKA "
-            "is 0/0. Pass a representation that varies across examples."
-        )
     return float(cross / (na * nb))
+
+
+def _centred_unit(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` in float64, scaled by a power of two to max |x| in [0.5, 1), columns centred.
+
+    Raises if ``x`` holds NaN/inf or is constant over the rows (exactly, or up to rounding:
+    ||X_c||_F <= 64 eps64 ||X||_F, i.e. the rows differ only in their last few bits, so X_c is
+    the rounding noise of the centring), since CKA is then 0/0.
+    """
+    n = x.shape[0]
+    m = max_abs(x, what)  # raises on NaN/inf
+    x = ldexp(x.to(torch.float64), -scale_exponent(m)) if m > 0.0 else x.to(torch.float64)
+    centred = x - x.mean(0)
+    spread = float(torch.linalg.vector_norm(centred))
+    size = float(torch.linalg.vector_norm(x))
+    if bool((x == x[:1]).all()) or spread <= 64 * EPS64 * size:
+        raise MetricInputError(
+            f"{what} is constant over the {n} examples (zero after centring, up to float64 "
+            f"rounding: spread {spread:.3g} vs norm {size:.3g}), so CKA is 0/0. Pass a "
+            "representation that varies across examples."
+        )
+    return centred

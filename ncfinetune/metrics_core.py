@@ -5,11 +5,13 @@ The lowest layer under :mod:`ncfinetune.metrics` (the one-shot metrics) and
 These names are public so both modules can share them, but they are building blocks for
 those two modules, not part of the package API (``ncfinetune.__all__``): use the metrics
 themselves. Conventions (float64 accumulation, :class:`~ncfinetune.errors.MetricInputError`
-on bad input, the per-thread CPU scratch buffer) are described in :mod:`ncfinetune.metrics`.
+on bad input, the per-thread CPU scratch buffer, scale handling, labels) are described in
+:mod:`ncfinetune.metrics`.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from typing import Any
@@ -21,6 +23,7 @@ from ncfinetune.errors import MetricInputError
 
 __all__ = [
     "EPS64",
+    "SAFE_EXPONENT",
     "as_tensor",
     "between_directions",
     "cdnv_from_stats",
@@ -32,8 +35,13 @@ __all__ = [
     "class_sums",
     "float64_chunks",
     "label_ids",
+    "ldexp",
+    "max_abs",
+    "raise_all_zero",
     "raise_non_finite",
+    "scale_exponent",
     "scratch",
+    "unit_scale",
 ]
 
 # float64 machine epsilon, the unit of every rank / pinv cutoff here and in the metrics.
@@ -47,6 +55,10 @@ _GPU_CHUNK_BYTES = 256 * 2**20
 _SCRATCH = threading.local()  # per-thread CPU work buffer, see scratch
 _SCRATCH_MAX_BYTES = 64 * 2**20
 _HUGE_PAGE = 2 * 2**20
+# float64 features whose largest magnitude lies in [2**-SAFE_EXPONENT, 2**SAFE_EXPONENT] are used
+# as they are: every sum, Gram entry and fourth power the metrics form then stays far inside the
+# float64 range (2**+-1022). Outside it they are first rescaled by a power of two (exact).
+SAFE_EXPONENT = 64
 
 
 # --------------------------------------------------------------------------- input checks
@@ -87,38 +99,208 @@ def check_features(features: Any, what: str = "features") -> torch.Tensor:
     return h
 
 
+def _rows(idx: list[int], limit: int = 10) -> str:
+    """Row numbers for a message: ``[3, 7, 9]`` or ``[3, 7, ...] (25 rows)``."""
+    shown = ", ".join(map(str, idx[:limit]))
+    return f"[{shown}]" if len(idx) <= limit else f"[{shown}, ...] ({len(idx)} rows)"
+
+
 def raise_non_finite(h: torch.Tensor, what: str = "features") -> None:
-    """Raise if ``h`` holds NaN or inf, saying how many and where the first one is."""
+    """Raise if ``h`` holds NaN or inf, saying how many, in which rows, and where the first is."""
     bad = ~torch.isfinite(h)
     count = int(bad.sum())
     if count == 0:
         return
+    nans = int(torch.isnan(h).sum())
+    rows = torch.nonzero(bad.any(1)).flatten().tolist()
     flat = int(torch.argmax(bad.reshape(-1).to(torch.uint8)))
     row, col = divmod(flat, h.shape[1])
     raise MetricInputError(
-        f"{what} contain {count} non-finite value(s) (NaN or inf); the first is at row {row}, "
-        f"column {col} ({float(h[row, col])}). Metrics are undefined for them: drop or fix "
-        "those rows (e.g. check the model for overflow in half precision)."
+        f"{what} contain {count} non-finite value(s) ({nans} NaN, {count - nans} inf) in "
+        f"{len(rows)} row(s) {_rows(rows)}; the first is at row {row}, column {col} "
+        f"({float(h[row, col])}). Every value must be finite (metrics are undefined for NaN/inf): "
+        "drop or fix those rows (e.g. check the model for overflow in half precision)."
     )
 
 
-def label_ids(labels: Any, n: int, device: torch.device) -> torch.Tensor:
-    """Labels checked for shape, integer dtype and length; returned as int64 on ``device``."""
-    y = as_tensor(labels, "labels")
+def max_abs(h: torch.Tensor, what: str = "features") -> float:
+    """The largest magnitude in ``h`` (exact, any dtype; 0.0 if empty); raises on NaN/inf."""
+    if h.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(h)  # one read of h, no copy; NaN propagates to both
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise_non_finite(h, what)
+    return max(-lo, hi)
+
+
+def scale_exponent(m: float) -> int:
+    """e with m * 2**-e in [0.5, 1) for a finite m > 0 (0 for m = 0)."""
+    return math.frexp(m)[1]
+
+
+def ldexp(t: torch.Tensor, e: int) -> torch.Tensor:
+    """``t * 2**e`` (exact for float64 unless it under/overflows); ``t`` itself when e = 0.
+
+    Applied in steps of at most 2**+-1000, so that each factor is a normal float64.
+    """
+    while e:
+        step = max(-1000, min(1000, e))
+        t = t * 2.0**step
+        e -= step
+    return t
+
+
+def unit_scale(h: torch.Tensor, what: str = "features") -> torch.Tensor:
+    """``h`` made safe for float64 sums of squares (and Gram products) without changing a metric.
+
+    Raises :class:`MetricInputError` on NaN/inf and on all-zero features (every metric here is
+    0/0 for them). float64 input whose largest magnitude lies outside
+    [2**-SAFE_EXPONENT, 2**SAFE_EXPONENT] comes back as a float64 copy scaled by a power of two
+    to a largest magnitude in [0.5, 1): exact (each value keeps its digits), so the scale-
+    invariant metrics give the same value, where the raw sums would overflow to inf (|h| ~ 1e200)
+    or underflow to 0 (|h| ~ 1e-200). Other dtypes come back unchanged: float32/16, bfloat16
+    and integers cannot leave the safe range once cast to float64 (float32 spans 2**+-149..128).
+    """
+    m = max_abs(h, what)
+    if m == 0.0:
+        raise_all_zero(h, what)
+    e = scale_exponent(m)
+    if h.dtype == torch.float64 and abs(e) > SAFE_EXPONENT:
+        return ldexp(h, -e)
+    return h
+
+
+def raise_all_zero(h: torch.Tensor, what: str = "features") -> None:
+    """Raise the error for features whose values are all zero (``h`` is N x d)."""
+    n, d = h.shape
+    raise MetricInputError(
+        f"{what} are all zero ({n} x {d} values), so the metric is 0/0 (undefined). Pass "
+        "non-zero features: check that they were captured from the intended block (hook, "
+        "pooling) and not from a zero-initialised buffer."
+    )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float | complex | np.number | np.bool_)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+
+def _not_1d(shape: tuple[int, ...]) -> MetricInputError:
+    return MetricInputError(
+        f"labels must be a 1-D array of N class ids, got shape {tuple(shape)}. "
+        "Pass class indices, not one-hot rows (use labels.argmax(1))."
+    )
+
+
+def _read_labels(labels: Any, n: int) -> torch.Tensor | list:
+    """Labels as a 1-D integer tensor (class ids) or, for any other hashable labels, a list.
+
+    Checks the length against the ``n`` feature rows, and rejects float, bool and complex
+    numeric labels (they are almost always scores or one-hot rows, not class ids).
+    """
+    if isinstance(labels, torch.Tensor):
+        y = labels.detach()
+    elif isinstance(labels, list | tuple) and not all(_is_number(v) for v in labels):
+        y = list(labels)  # strings, tuples, mixed: each element is one label
+    elif isinstance(labels, list | tuple) and len(labels) == 0:
+        y = torch.empty(0, dtype=torch.int64)
+    else:
+        arr = np.asarray(labels)
+        if arr.dtype.kind in "biufc":
+            y = as_tensor(arr, "labels")
+        elif arr.ndim != 1:
+            raise _not_1d(arr.shape)
+        else:
+            y = arr.tolist()  # str/bytes/object arrays, e.g. a pandas column
+            if all(map(_is_int, y)):
+                try:
+                    y = torch.tensor(y, dtype=torch.int64)
+                except (OverflowError, RuntimeError):  # ints beyond int64: plain labels
+                    pass
+    if isinstance(y, list):
+        if len(y) != n:
+            raise MetricInputError(
+                f"features have N = {n} rows but labels have {len(y)} entries; "
+                "pass one label per feature row."
+            )
+        return y
     if y.ndim != 1:
-        raise MetricInputError(
-            f"labels must be a 1-D array of N class ids, got shape {tuple(y.shape)}. "
-            "Pass class indices, not one-hot rows (use labels.argmax(1))."
-        )
+        raise _not_1d(y.shape)
     if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
         raise MetricInputError(
             f"labels must have an integer dtype, got {y.dtype}. Cast with .long() "
-            "(or .astype(np.int64)) if they hold whole-number class ids."
+            "(or .astype(np.int64)) if they hold whole-number class ids; labels may also be "
+            "any hashable values such as strings or tuples, passed as a list."
         )
     if y.shape[0] != n:
         raise MetricInputError(
             f"features have N = {n} rows but labels have {y.shape[0]} entries; "
             "pass one label per feature row."
+        )
+    return y
+
+
+def _factorize(items: list) -> tuple[torch.Tensor, list]:
+    """Hashable labels -> (class ids 0..K-1 in sorted label order, the K labels in that order).
+
+    Labels that compare equal (1, 1.0, np.int64(1)) are one class. Labels of types that do not
+    sort together (e.g. 1 and "a") are ordered by type name, then repr.
+    """
+    index: dict = {}
+    ids = np.empty(len(items), dtype=np.int64)
+    unhashable, missing = [], []
+    for i, v in enumerate(items):
+        if v is None or (isinstance(v, float | np.floating) and math.isnan(v)):
+            missing.append(i)
+            continue
+        try:
+            ids[i] = index.setdefault(v, len(index))
+        except TypeError:
+            unhashable.append(i)
+    if unhashable:
+        first = items[unhashable[0]]
+        raise MetricInputError(
+            f"labels must be hashable (int, str, tuple, ...), but {len(unhashable)} are not, "
+            f"in rows {_rows(unhashable)} (first: {first!r:.60}, a {type(first).__name__}). "
+            "If they are one-hot or score rows, pass labels.argmax(1); otherwise convert each "
+            "label to a tuple or a string."
+        )
+    if missing:
+        raise MetricInputError(
+            f"labels hold {len(missing)} missing value(s) (None or NaN) in rows "
+            f"{_rows(missing)}; every feature row needs a class label. Drop those rows or "
+            "give them a label."
+        )
+    names = list(index)
+    try:
+        order = sorted(range(len(names)), key=names.__getitem__)
+    except (TypeError, ValueError):  # mixed types: any fixed order will do, classes are unordered
+        order = sorted(range(len(names)), key=lambda c: (type(names[c]).__name__, repr(names[c])))
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[order] = np.arange(len(names))
+    return torch.from_numpy(rank[ids]), [names[c] for c in order]
+
+
+def label_ids(labels: Any, n: int, device: torch.device) -> torch.Tensor:
+    """Integer class ids checked for shape, dtype and length; returned as int64 on ``device``.
+
+    Used where labels must already be class ids (:class:`NC1Accumulator`); other hashable
+    labels are an error that names them.
+    """
+    y = _read_labels(labels, n)
+    if isinstance(y, list):
+        odd = [i for i, v in enumerate(y) if not _is_int(v)]
+        distinct = list(dict.fromkeys(repr(y[i])[:30] for i in odd))
+        shown = ", ".join(distinct[:5]) + (" ..." if len(distinct) > 5 else "")
+        raise MetricInputError(
+            f"labels must be integer class ids in [0, num_classes) here, but {len(odd)} are "
+            f"not, in rows {_rows(odd)} (e.g. {shown}). Map them to ids first, e.g. "
+            "index = {c: i for i, c in enumerate(sorted(set(labels)))}; "
+            "ids = [index[c] for c in labels]."
         )
     return y.to(device=device, dtype=torch.int64)
 
@@ -137,21 +319,44 @@ def check_range(y: torch.Tensor, k: int) -> None:
 
 def check_labels(
     labels: Any, n: int, device: torch.device, num_classes: int | None
-) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """Validate labels; return (class ids in [0, K) as int64 on ``device``, K, counts per class)."""
-    y = label_ids(labels, n, device)
-    if num_classes is None:
-        _, y, counts = torch.unique(y, sorted=True, return_inverse=True, return_counts=True)
-        k = int(counts.numel())
-    else:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+) -> tuple[torch.Tensor, int, torch.Tensor, list]:
+    """Validate labels; return (class ids in [0, K) as int64 on ``device``, K, counts per class,
+    the label of each class 0..K-1 for messages).
+
+    Integer labels are class ids (see :mod:`ncfinetune.metrics`); any other hashable labels
+    (strings, tuples, mixed) are factorised, their K distinct values being the classes.
+    """
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer)
+    ):
+        raise MetricInputError(
+            f"num_classes must be an int or None, got {num_classes!r}. Pass the number of "
+            "classes, or None to use the distinct labels."
+        )
+    raw = _read_labels(labels, n)
+    if isinstance(raw, list):
+        y, names = _factorize(raw)
+        y = y.to(device)
+        k = len(names)
+        counts = torch.bincount(y, minlength=k)
+        if num_classes is not None and int(num_classes) != k:
+            shown = ", ".join(repr(v)[:30] for v in names[:10]) + (" ..." if k > 10 else "")
             raise MetricInputError(
-                f"num_classes must be an int or None, got {num_classes!r}. Pass the number of "
-                "classes, or None to use the distinct labels."
+                f"num_classes={int(num_classes)} but the labels hold {k} distinct values "
+                f"({shown}). With non-integer labels the classes are the distinct labels: "
+                f"pass num_classes=None (or {k})."
             )
+    elif num_classes is None:
+        y = raw.to(device=device, dtype=torch.int64)
+        values, y, counts = torch.unique(y, sorted=True, return_inverse=True, return_counts=True)
+        k = int(counts.numel())
+        names = values.tolist()
+    else:
+        y = raw.to(device=device, dtype=torch.int64)
         k = int(num_classes)
         check_range(y, k)
         counts = torch.bincount(y, minlength=max(k, 0))
+        names = list(range(max(k, 0)))
         empty = torch.nonzero(counts == 0).flatten().tolist()
         if empty and k >= 2:
             shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
@@ -165,7 +370,7 @@ def check_labels(
             f"the metrics need at least 2 classes, got {k} (N = {n}). "
             "Pass features of two or more classes."
         )
-    return y, k, counts
+    return y, k, counts, names
 
 
 # --------------------------------------------------------------------------- float64 passes
@@ -278,14 +483,17 @@ def between_directions(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return u[:, keep].contiguous(), s[keep]
 
 
-def cdnv_from_stats(means: torch.Tensor, var: torch.Tensor) -> float:
+def cdnv_from_stats(means: torch.Tensor, var: torch.Tensor, names: list | None = None) -> float:
     """CDNV from class statistics: ``means`` (K x d) and ``var`` (K,), both float64.
 
-    ``var[k]`` is the mean squared distance of class k's features to its mean. Shared by
-    :func:`ncfinetune.metrics.cdnv` and ``NC1Accumulator.cdnv``; raises
-    :class:`MetricInputError` if two class means coincide.
+    ``var[k]`` is the mean squared distance of class k's features to its mean; ``names[k]`` is
+    class k's label, for the message. Shared by :func:`ncfinetune.metrics.cdnv` and
+    ``NC1Accumulator.cdnv``; both may pass statistics of features scaled by any common factor
+    (CDNV is scale-invariant). Raises :class:`MetricInputError` if two class means coincide up
+    to float64 rounding (distance at most max(d, K) * eps64 times the larger mean's norm, the
+    cutoff :func:`between_directions` uses): CDNV would divide by zero, or by rounding noise.
     """
-    k = means.shape[0]
+    k, d = means.shape
     c = means - means.mean(0, keepdim=True)
     gram = c @ c.T
     sqn = gram.diagonal()
@@ -295,12 +503,17 @@ def cdnv_from_stats(means: torch.Tensor, var: torch.Tensor) -> float:
     i, j = close[0], close[1]
     dist2[i, j] = (means[i] - means[j]).square().sum(1)
     off = ~torch.eye(k, dtype=torch.bool, device=means.device)
-    same = torch.nonzero((dist2 == 0) & off)
+    norm2 = means.square().sum(1)
+    tol2 = (max(d, k) * EPS64) ** 2 * torch.maximum(norm2[:, None], norm2[None, :])
+    same = torch.nonzero((dist2 <= tol2) & off)
     if same.numel():
         a, b = same[0].tolist()
+        if names is not None:
+            a, b = names[a], names[b]
         raise MetricInputError(
-            f"classes {a} and {b} (after remapping to 0..K-1) have identical means, so CDNV "
-            "divides by zero. Check the labels, or merge the two classes."
+            f"classes {a!r} and {b!r} have identical means (up to float64 rounding), so CDNV "
+            "divides by zero. Check that the labels match the features, or merge the two "
+            "classes."
         )
     ratio = (var[:, None] + var[None, :]) / (2.0 * dist2.masked_fill(~off, 1.0))
     return float(ratio[off].mean())

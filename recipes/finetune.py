@@ -33,6 +33,7 @@ from ncfinetune import data as nd
 from ncfinetune import launch, runs
 from ncfinetune.config import (
     DownstreamConfig,
+    bound_problems,
     config_to_dict,
     output_problems,
     parse_config,
@@ -187,6 +188,13 @@ class FinetuneConfig(DownstreamConfig):
             )
         if self.resume_override and not self.resume:
             p.append("resume_override only applies with --resume")
+        p += bound_problems(
+            self, train_size=">=1", weight_decay=">=0", min_lr=">=0", momentum="[0,1)",
+            num_workers=">=0", select_max_percent="(0,100]", lora_rank=">=1", lora_alpha=">0",
+            stop_after=">=1",
+        )  # fmt: skip
+        if isinstance(self.lr, float) and self.min_lr > self.lr:
+            p.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr}): the cosine decays to it")
         p += tracker_problems(self.tracker)
         p += output_problems("output_dir", self.output_dir)
         return p

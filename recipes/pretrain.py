@@ -36,6 +36,7 @@ import ncfinetune.hub
 from ncfinetune import data as nd
 from ncfinetune.backbones.base import Prediction
 from ncfinetune.config import (
+    bound_problems,
     output_problems,
     parse_config,
     run_cli,
@@ -115,6 +116,14 @@ class PretrainConfig:
             problems.append(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        problems += bound_problems(
+            self, weight_decay=">=0", min_lr=">=0", momentum="[0,1)", projector_dim=">=1",
+            img_size=">=1", patch_size=">=1",
+        )  # fmt: skip
+        if self.min_lr > self.lr:
+            problems.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if len(set(self.classes)) < 2 or len(set(self.classes)) != len(self.classes):
+            problems.append(f"classes must name at least 2 distinct classes, got {self.classes}")
         problems += seed_problems(self.seed)
         problems += output_problems("output_dir", self.output_dir)
         return problems
