@@ -499,6 +499,10 @@ class DownstreamConfig:
     image_column: str | None = None  # null = detected
     label_column: str | None = None  # null = detected
     classes: list[int] | None = None  # keep these classes, renumbered 0..K-1 (null = all)
+    # .csv/.parquet: allow image paths outside the table's folder (absolute, ../, symlinks out)
+    allow_outside_paths: bool = False
+    # check every image at load time and leave out unreadable ones (counted in the data line)
+    skip_unreadable: bool = False
     per_class: int | None = None  # class-balanced, seeded, nested training subset (null = all)
     test_fraction: float = 0.2  # test share held out when the source has no test split
     image_size: int | None = None  # input size in pixels (null = the backbone's)
@@ -532,6 +536,8 @@ class DownstreamConfig:
             data_dir=self.data_dir,
             test_fraction=self.test_fraction,
             seed=self.seed,
+            allow_outside_paths=self.allow_outside_paths,
+            skip_unreadable=self.skip_unreadable,
         )
         return nd.select_classes(data, self.classes) if self.classes else data
 

@@ -29,6 +29,11 @@ model afterwards. It is chosen automatically when the transform does not augment
 takes at most PREDECODE_MAX_BYTES (2 GiB of uint8: e.g. 14,000 RGB images at 224x224, or all
 70,000 Fashion-MNIST images at 96x96 RGB; grayscale images for an RGB model are stored as
 three equal channels); pass `predecode=False` to turn it off.
+
+Images are decoded here, by datasets' own `Image.decode_example` called row by row, so that an
+image that cannot be decoded (e.g. a truncated JPEG, which the load-time header check of
+`load_image_dataset` lets through) raises a `DataError` naming its row and file, whether while
+pre-decoding or in a training epoch.
 """
 
 from __future__ import annotations
@@ -218,6 +223,47 @@ def build_transforms(
     )
 
 
+class _ImageReader:
+    """Reads the images of some rows of an image column, naming the row and file of a failure.
+
+    A `datasets.Image` column is gathered as raw {"bytes", "path"} structs (one Arrow gather)
+    and each image is decoded by the column's own `decode_example`, as datasets' formatting
+    would; any other column (e.g. uint8 arrays) is returned as datasets formats it.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, column: str) -> None:
+        feature = dataset.features[column]
+        self.column = column
+        self.decoder = None
+        if isinstance(feature, datasets.Image):
+            self.decoder = feature if feature.decode else datasets.Image(mode=feature.mode)
+            self.source = dataset.with_format("arrow", columns=[column])
+        else:
+            self.source = dataset.select_columns([column])
+
+    def __call__(self, rows: np.ndarray) -> list:
+        """The images of `rows` (positions in the dataset), in order."""
+        if self.decoder is None:
+            return self.source[rows.tolist()][self.column]
+        values = self.source[rows.tolist()][self.column].to_pylist()
+        return [self._decode(value, int(row)) for value, row in zip(values, rows, strict=True)]
+
+    def _decode(self, value: dict | None, row: int) -> PIL.Image.Image:
+        path = (value or {}).get("path")
+        try:
+            if value is None or (value["bytes"] is None and path is None):
+                raise ValueError("the cell holds no image")
+            return self.decoder.decode_example(value)
+        except Exception as exc:
+            where = f"file {path!r}" if path else "image stored as bytes in the dataset"
+            raise DataError(
+                f"cannot read the image of row {row} of this split ({where}): "
+                f"{type(exc).__name__}: {exc}. Replace or delete the file, or load the dataset "
+                "with skip_unreadable=True, which checks every image once at load time and "
+                "leaves out those that cannot be read."
+            ) from exc
+
+
 class TensorCache(Dataset):
     """Images decoded once by a deterministic transform, kept as uint8 in memory.
 
@@ -249,10 +295,9 @@ class TensorCache(Dataset):
             )
         rows = np.arange(len(dataset)) if indices is None else np.asarray(indices)
         images = torch.empty((rows.size, *transform.input_size), dtype=torch.uint8)
-        source = dataset.select_columns([image_column])
+        read = _ImageReader(dataset, image_column)
         for start in range(0, rows.size, chunk_size):
-            chunk = source[rows[start : start + chunk_size].tolist()][image_column]
-            batch = [transform.to_uint8(image) for image in chunk]
+            batch = [transform.to_uint8(image) for image in read(rows[start : start + chunk_size])]
             images[start : start + len(batch)] = torch.stack(batch)
         labels = torch.from_numpy(labels_of(dataset, label_column)[rows])
         return cls(images, labels, transform)
@@ -279,9 +324,9 @@ class _DecodingDataset(Dataset):
     """Reads and transforms images on every access; returns whole batches like TensorCache."""
 
     def __init__(self, dataset, transform, image_column, label_column, rows):
-        self.dataset = dataset.select_columns([image_column, label_column])
+        self.read = _ImageReader(dataset, image_column)
+        self.labels = torch.from_numpy(labels_of(dataset, label_column))
         self.transform = transform
-        self.image_column, self.label_column = image_column, label_column
         self.rows = rows
 
     def __len__(self) -> int:
@@ -292,9 +337,9 @@ class _DecodingDataset(Dataset):
 
     def __getitem__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         # One Arrow gather per batch; the transform itself still runs image by image.
-        batch = self.dataset[self.rows[positions].tolist()]
-        images = torch.stack([self.transform(image) for image in batch[self.image_column]])
-        return images, torch.as_tensor(batch[self.label_column], dtype=torch.long)
+        rows = self.rows[positions]
+        images = torch.stack([self.transform(image) for image in self.read(rows)])
+        return images, self.labels[torch.as_tensor(rows, dtype=torch.long)]
 
 
 def build_loader(

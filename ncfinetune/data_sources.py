@@ -11,20 +11,41 @@ encodes take about 6 s), it decodes losslessly to a PIL "L" image through the sa
 hub or imagefolder dataset, and per-item decoding is a little faster than PNG. A uint8 array
 column (`datasets.Array2D`) was slower to transform: timm's transforms need PIL images anyway,
 and reading one row as NumPy took 0.56 ms against 0.12 ms to decode one PGM/PNG image.
+
+Bad inputs are caught at load time, before any training, with the rows and files they concern:
+table paths outside the table's folder, empty path or label cells, missing, empty or
+unidentifiable image files, one-class data. Images are not decoded at load time unless
+`skip_unreadable=True` asks for it (see `load_image_dataset`); a file that only fails when
+decoded (e.g. a truncated JPEG) raises a `DataError` naming its row and path in the loader.
 """
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import hashlib
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
 import pyarrow as pa
 
+from ncfinetune.data_checks import (
+    SHOWN,
+    SKIP_HINT,
+    check_class_folders,
+    check_inside,
+    check_label_cells,
+    check_repeats,
+    drop_unreadable,
+    image_extensions,
+    no_images_problem,
+    plural,
+    row_namer,
+    some,
+)
 from ncfinetune.errors import DataError
 from ncfinetune.subsets import stratified_rows
 
@@ -59,6 +80,8 @@ class ImageData:
         image_column: name of the image column in both splits.
         label_column: name of the integer label column in both splits.
         class_names: readable name of class id i at position i.
+        skipped: images left out at load time by `skip_unreadable=True`: their file path (or
+            "<split> row <i>" for an image stored as bytes) -> why it cannot be read.
     """
 
     name: str
@@ -67,6 +90,7 @@ class ImageData:
     image_column: str
     label_column: str
     class_names: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -94,6 +118,8 @@ def load_image_dataset(
     data_dir: str | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
+    allow_outside_paths: bool = False,
+    skip_unreadable: bool = False,
 ) -> ImageData:
     """Load an image classification dataset from a spec string.
 
@@ -102,6 +128,24 @@ def load_image_dataset(
     else the hub); a folder written by `save_to_disk`; a folder of class subfolders
     (imagefolder); a .csv/.parquet file of image paths relative to its folder and labels;
     anything else is a Hugging Face hub name.
+
+    Checks before any training (each failure is one `DataError` quoting the first few rows or
+    files and counting all of them; table rows are counted from 0 after the header, and a CSV
+    row r is line r + 2): table paths are non-empty and, after resolving symlinks, inside the
+    table's folder; no image is listed twice with two labels (listed twice with one label warns);
+    label cells are not empty (blank, null or NaN); at least two classes have rows.
+
+    Unreadable images: by default every image stored as a local file (folders, tables, saved
+    datasets that reference files) is opened once at load time, which reads only its header:
+    missing, empty and unidentifiable files (e.g. garbage bytes) are reported with their rows.
+    That costs about 0.07 ms a file on the 2-core dev machine (140 ms for 2,000 JPEGs). Images
+    are not decoded then, because decoding every image once costs as much as a training epoch
+    on big datasets; a file that only fails when decoded (a truncated JPEG or PNG) raises a
+    `DataError` naming its row and path when the loader reaches it. `skip_unreadable=True`
+    instead checks every image thoroughly at load time (PNG chunk checksums, JPEG decoded at
+    1/8 size, other formats fully: about 0.2 ms a 64x64 JPEG, 0.5 ms a 500x375 one; images
+    stored as bytes too, so a hub dataset pays one pass over its bytes) and leaves out those
+    that fail: `skipped` records them and `describe` counts them.
 
     Args:
         spec: which dataset (see above).
@@ -114,12 +158,18 @@ def load_image_dataset(
         test_fraction: share of the data held out as test when the source has neither a
             "test" nor a "validation" split (ignored otherwise).
         seed: seed of that stratified split.
+        allow_outside_paths: let a .csv/.parquet table name images outside its own folder
+            (absolute paths, "../", symlinks leading out). Off by default so that a table from
+            elsewhere cannot make the loader read arbitrary files.
+        skip_unreadable: check every image at load time and leave out those that cannot be
+            read (missing, empty, corrupt or truncated files), instead of raising.
 
     Returns:
         The two splits, their column names and the class names.
 
     Raises:
-        DataError: the source cannot be found or read, or its columns cannot be told apart.
+        DataError: the source cannot be found or read, its columns cannot be told apart, or
+            it fails one of the checks above.
     """
     if not 0.0 < test_fraction < 1.0:
         raise DataError(
@@ -127,7 +177,7 @@ def load_image_dataset(
             "hold out for testing, e.g. 0.2."
         )
     path = os.path.expanduser(spec)
-    paths_allowed = False
+    table = None
     if spec == "digits":
         loaded = _load_digits()
     elif spec == "fashion_mnist":
@@ -135,7 +185,10 @@ def load_image_dataset(
     elif os.path.isdir(path):
         loaded = _load_local_dir(path)
     elif os.path.isfile(path):
-        loaded, paths_allowed = _load_table_file(path, image_column), True
+        table = path
+        loaded = _load_table_file(
+            path, image_column, label_column, allow_outside_paths, skip_unreadable
+        )
     elif spec.startswith(("/", "./", "../", "~")) or path.endswith(tuple(_TABLE_FORMATS)):
         raise DataError(
             f"dataset path {spec!r} does not exist (resolved to {os.path.abspath(path)!r}). "
@@ -143,8 +196,18 @@ def load_image_dataset(
         )
     else:
         loaded = _load_hub(spec, data_dir)
+    # The bundled datasets are built here from known-good pixels: nothing to check.
+    checked = spec not in ("digits", "fashion_mnist")
     return _to_image_data(
-        spec, loaded, image_column, label_column, test_fraction, seed, paths_allowed
+        spec,
+        loaded,
+        image_column,
+        label_column,
+        test_fraction,
+        seed,
+        table=table,
+        check_images=checked,
+        skip_unreadable=skip_unreadable,
     )
 
 
@@ -238,37 +301,121 @@ def _load_local_dir(path: str) -> datasets.Dataset | datasets.DatasetDict:
     try:
         if saved:
             return datasets.load_from_disk(path)
-        return datasets.load_dataset("imagefolder", data_dir=path)
+        loaded = datasets.load_dataset("imagefolder", data_dir=path)
     except Exception as exc:
+        if not saved and (problem := no_images_problem(path)):
+            raise DataError(problem) from exc
         kind = "a saved dataset" if saved else "an imagefolder (one subfolder of images per class)"
         raise DataError(
             f"could not read {path!r} as {kind}: {type(exc).__name__}: {exc}. Check the folder, "
             "or pass a .csv/.parquet file of image paths and labels."
         ) from exc
+    check_class_folders(path, loaded)
+    return loaded
 
 
-def _load_table_file(path: str, image_column: str | None) -> datasets.DatasetDict:
+def _read_table(path: str, fmt: str) -> datasets.Dataset:
+    try:
+        train = datasets.load_dataset(fmt, data_files=path)["train"]
+    except Exception as exc:
+        if os.path.getsize(path) == 0:
+            problem = "is empty (0 bytes)"
+        elif fmt == "csv" and _csv_data_lines(path) == 0:
+            problem = "has a header line but no rows"
+        else:
+            cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+            problem = f"cannot be read as {fmt}: {type(exc).__name__}: {exc}{cause}"
+        raise DataError(
+            f"dataset file {path!r} {problem}. Write one row per image: its path (relative to "
+            "the file's folder) and its label, under a header such as 'image_path,label'."
+        ) from exc
+    if len(train) == 0:
+        raise DataError(
+            f"dataset file {path!r} has no rows; write one row per image: its path and its label."
+        )
+    if fmt == "csv" and "__index_level_0__" in train.features:
+        # pandas makes the surplus leading fields of longer rows an index.
+        raise DataError(
+            f"rows of {path!r} have more fields than its header line "
+            f"({list(train.features)[:-1]} plus an unnamed one); quote fields that contain "
+            "commas (paths, class names), or name every column in the header."
+        )
+    return train
+
+
+def _csv_data_lines(path: str) -> int:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return max(0, sum(1 for line in f if line.strip()) - 1)
+
+
+def _load_table_file(
+    path: str,
+    image_column: str | None,
+    label_column: str | None,
+    allow_outside_paths: bool,
+    skip_unreadable: bool,
+) -> datasets.DatasetDict:
     ext = os.path.splitext(path)[1].lower()
     if ext not in _TABLE_FORMATS:
         raise DataError(
             f"cannot read dataset file {path!r}: extension {ext!r} is not one of "
             f"{sorted(_TABLE_FORMATS)}. Pass a .csv/.parquet file, or a folder."
         )
-    dd = datasets.load_dataset(_TABLE_FORMATS[ext], data_files=path)
-    train = dd["train"]
-    column, _ = find_columns(train.features, image_column=image_column, paths_allowed=True)
-    if isinstance(train.features[column], datasets.Image):
-        return dd  # parquet written by datasets already holds the image bytes
-    folder = os.path.dirname(os.path.abspath(path))
-    paths = [p if os.path.isabs(p) else os.path.join(folder, p) for p in train[column]]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise DataError(
-            f"{len(missing)} of {len(paths)} image paths in column {column!r} of {path!r} do "
-            f"not exist, e.g. {missing[:3]}. Paths are read relative to the file's folder "
-            f"{folder!r}; fix the paths or move the file."
+    train = _read_table(path, _TABLE_FORMATS[ext])
+    try:
+        column, label = find_columns(
+            train.features,
+            image_column=image_column,
+            label_column=label_column,
+            paths_allowed=True,
         )
-    train = train.remove_columns(column).add_column(column, paths)
+    except DataError as exc:
+        looks_like_row = any(
+            os.path.splitext(c)[1].lower() in image_extensions() for c in train.features
+        )
+        if ext == ".csv" and looks_like_row:
+            raise DataError(
+                f"{exc} The first line of {path!r} looks like a row ({list(train.features)}), "
+                "not a header: add a header line such as 'image_path,label'."
+            ) from None
+        raise
+    if isinstance(train.features[column], datasets.Image):
+        return datasets.DatasetDict({"train": train})  # parquet written by datasets: bytes
+    feature = train.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise DataError(
+            f"image column {column!r} of {path!r} holds {_type_name(feature)} values, not "
+            "image paths; pass image_column=<name> of the column of paths (relative to the "
+            "file's folder)."
+        )
+    row = row_namer(path)
+    cells = train.with_format("arrow", columns=[column])[:][column].to_pylist()
+    n = len(cells)
+    empty = [i for i, p in enumerate(cells) if p is None or not p.strip()]
+    if empty:
+        raise DataError(
+            f"column {column!r} of {path!r} has no image path in {len(empty)} of {n} rows: "
+            f"{some(row(i) for i in empty)}. Fill in each image's path (relative to the "
+            "file's folder) or delete those rows."
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    paths = [p if os.path.isabs(p) else os.path.join(folder, p) for p in cells]
+    real = [os.path.realpath(p) for p in paths]
+    if not allow_outside_paths:
+        check_inside(path, column, folder, cells, real, row)
+    labels = train.with_format("arrow", columns=[label])[:][label].to_pylist()
+    check_repeats(path, column, cells, real, labels, row)
+    missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
+    if missing and not skip_unreadable:
+        shown = some(f"{row(i)} {cells[i]!r}" for i in missing)
+        raise DataError(
+            f"{len(missing)} of {n} image paths in column {column!r} of {path!r} do not "
+            f"exist: {shown}. Paths are read relative to the file's folder {folder!r}; fix the "
+            f"paths or move the file, or {SKIP_HINT}."
+        )
+    # Missing files left in (skip_unreadable) are counted and dropped with the unreadable ones.
+    order = list(train.features)
+    train = train.remove_columns(column).add_column(column, paths).select_columns(order)
     return datasets.DatasetDict({"train": train.cast_column(column, datasets.Image())})
 
 
@@ -307,9 +454,11 @@ def find_columns(
     found = ", ".join(f"{k} ({_type_name(v)})" for k, v in features.items())
     for role, given in (("image", image_column), ("label", label_column)):
         if given is not None and given not in features:
+            close = difflib.get_close_matches(given, list(features), n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
             raise DataError(
-                f"{role}_column {given!r} is not a column; the columns are: {found}. Pass one "
-                f"of them as {role}_column."
+                f"{role}_column {given!r} is not a column{guess}; the columns are: {found}. "
+                f"Pass one of them as {role}_column."
             )
     names = IMAGE_NAMES + (PATH_NAMES if paths_allowed else ())
     if image_column is None:
@@ -347,7 +496,10 @@ def _to_image_data(
     label_column: str | None,
     test_fraction: float,
     seed: int,
-    paths_allowed: bool,
+    *,
+    table: str | None = None,
+    check_images: bool = True,
+    skip_unreadable: bool = False,
 ) -> ImageData:
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
@@ -367,7 +519,7 @@ def _to_image_data(
         train.features,
         image_column=image_column,
         label_column=label_column,
-        paths_allowed=paths_allowed,
+        paths_allowed=table is not None,
     )
     test = loaded[test_name] if test_name else None
     if test is not None:
@@ -377,14 +529,65 @@ def _to_image_data(
                 f"the {test_name!r} split of {spec!r} lacks columns {absent} (it has "
                 f"{list(test.features)}); give both splits the same columns."
             )
-    train, test, class_names = _encode_labels(spec, train, test, label_col)
+    row = row_namer(table)
+    splits = {train_name: train, **({test_name: test} if test is not None else {})}
+
+    def where(split: str) -> str:  # a table is one split, named after its file
+        return repr(table) if table is not None else f"the {split!r} split of {spec!r}"
+
+    # Row-numbered checks run before rows are dropped, so the numbers are the source's.
+    for name, split in splits.items():
+        check_label_cells(split, label_col, where(name), row)
+    skipped: dict[str, str] = {}
+    if check_images:
+        for name, split in splits.items():
+            splits[name] = drop_unreadable(
+                split, image_col, where(name), name, row, skip_unreadable, skipped
+            )
+    train, test = splits[train_name], splits.get(test_name)
+    train, test, class_names = _encode_labels(spec, train, test, label_col, row)
+    _check_classes(repr(table or spec), train, test, label_col, class_names, skipped)
     if test is None:
         train, test = _stratified_split(spec, train, label_col, test_fraction, seed)
-    return ImageData(spec, train, test, image_col, label_col, class_names)
+    return ImageData(spec, train, test, image_col, label_col, class_names, skipped)
+
+
+def _check_classes(
+    where: str,
+    train: datasets.Dataset,
+    test: datasets.Dataset | None,
+    column: str,
+    class_names: list[str],
+    skipped: dict[str, str],
+) -> None:
+    """Raise unless at least two classes have rows (after any skipped images)."""
+    ids = np.concatenate([labels_of(s, column) for s in (train, test) if s is not None])
+    counts = np.bincount(ids, minlength=len(class_names))
+    present = [(name, int(n)) for name, n in zip(class_names, counts, strict=False) if n]
+    after = f" after leaving out {plural(len(skipped), 'unreadable image')}" if skipped else ""
+    if len(present) < 2:
+        found = (
+            f"1 class: {present[0][0]!r} ({present[0][1]} rows)" if present else "no labelled rows"
+        )
+        raise DataError(
+            f"found {found} in label column {column!r} of {where}{after}; a classifier needs "
+            ">= 2 classes. Add images of at least one more class, or pass label_column=<name> "
+            f"of the column that holds the classes (the columns are: {list(train.features)})."
+        )
+    emptied = [name for name, n in zip(class_names, counts, strict=False) if not n]
+    if skipped and emptied:
+        raise DataError(
+            f"classes {emptied} of {where} have no readable images left{after} (e.g. "
+            f"{some(repr(p) for p in skipped)}); replace those files, or remove those classes."
+        )
 
 
 def _encode_labels(
-    spec: str, train: datasets.Dataset, test: datasets.Dataset | None, column: str
+    spec: str,
+    train: datasets.Dataset,
+    test: datasets.Dataset | None,
+    column: str,
+    row: Callable[[int], str] = "row {}".format,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
     """Make `column` a ClassLabel of ids 0..K-1 with one mapping shared by both splits."""
     splits = [s for s in (train, test) if s is not None]
@@ -408,31 +611,67 @@ def _encode_labels(
         if test is not None and not isinstance(other, datasets.ClassLabel):
             test = test.cast_column(column, datasets.ClassLabel(names=names))
         return train, test, names
-    dtype = feature.dtype if isinstance(feature, datasets.Value) else _type_name(feature)
+    dtype = _label_dtype(feature)
+    if test is not None and _label_kind(dtype) != _label_kind(_label_dtype(test.features[column])):
+        raise DataError(
+            f"label column {column!r} of {spec!r} holds {dtype} in the train split but "
+            f"{_label_dtype(test.features[column])} in the test split; give both splits one "
+            "type: all class names, or all integer class ids."
+        )
     if dtype in ("string", "large_string"):
         names = sorted(set().union(*(set(s.unique(column)) for s in splits)))
         new = datasets.ClassLabel(names=names)
         out = [s.cast_column(column, new) if s is not None else None for s in (train, test)]
         return out[0], out[1], names
-    if not dtype.startswith(("int", "uint")):
+    if dtype.startswith("float"):
+        per_split = [_whole_numbers(spec, s, column, row) for s in splits]
+    elif dtype.startswith(("int", "uint")):
+        per_split = [labels_of(s, column) for s in splits]
+    else:
         raise DataError(
             f"label column {column!r} of {spec!r} has type {dtype}; expected integer class ids "
             "or class-name strings. Pass label_column=<name> of such a column."
         )
-    per_split = [labels_of(s, column) for s in splits]
     values = np.unique(np.concatenate(per_split))
     names = [str(v) for v in values]
     new = datasets.ClassLabel(names=names)
     out = []
-    for split in (train, test):
-        if split is None:
-            out.append(None)
-        elif np.array_equal(values, np.arange(values.size)):
+    for split, ids in zip(splits, per_split, strict=True):
+        if np.array_equal(values, np.arange(values.size)) and not dtype.startswith("float"):
             out.append(split.cast_column(column, new))
         else:  # ids such as {1, 5, 7}: renumber to positions in the sorted distinct values
-            ids = np.searchsorted(values, labels_of(split, column))
-            out.append(replace_labels(split, column, ids, names))
-    return out[0], out[1], names
+            out.append(replace_labels(split, column, np.searchsorted(values, ids), names))
+    return out[0], (out[1] if test is not None else None), names
+
+
+def _label_dtype(feature: object) -> str:
+    if isinstance(feature, datasets.ClassLabel):
+        return "ClassLabel"
+    return feature.dtype if isinstance(feature, datasets.Value) else _type_name(feature)
+
+
+def _label_kind(dtype: str) -> str:
+    if dtype in ("string", "large_string"):
+        return "names"
+    if dtype == "ClassLabel" or dtype.startswith(("int", "uint", "float")):
+        return "numbers"
+    return dtype
+
+
+def _whole_numbers(
+    spec: str, split: datasets.Dataset, column: str, row: Callable[[int], str]
+) -> np.ndarray:
+    """A float label column (pandas reads integers so when a cell is blank) as int64 ids."""
+    values = split.with_format("arrow", columns=[column])[:][column].to_numpy()
+    fractional = np.flatnonzero(values != np.round(values))
+    if fractional.size:
+        shown = some(f"{row(int(i))}: {float(values[i]):g}" for i in fractional)
+        raise DataError(
+            f"label column {column!r} of {spec!r} holds numbers that are not whole ({shown}); "
+            "expected integer class ids or class-name strings. Write whole ids or class names, "
+            "or pass label_column=<name> of the column that holds the classes."
+        )
+    return values.astype(np.int64)
 
 
 def replace_labels(
@@ -479,7 +718,7 @@ def _stratified_split(
     return dataset.select(train_idx), dataset.select(test_idx)
 
 
-def select_classes(data: ImageData, classes: Sequence[int]) -> ImageData:
+def select_classes(data: ImageData, classes: Sequence[int | str]) -> ImageData:
     """Keep only some classes, renumbered in the given order, in both splits.
 
     Used for class-disjoint transfer, e.g. pretrain on Fashion-MNIST classes [0..4] and
@@ -487,35 +726,87 @@ def select_classes(data: ImageData, classes: Sequence[int]) -> ImageData:
 
     Args:
         data: the dataset to subset.
-        classes: class ids to keep; `classes[i]` becomes class id i (its name moves with it).
+        classes: class ids to keep, or class names (strings); `classes[i]` becomes class id i
+            (its name moves with it).
 
     Returns:
         A new `ImageData` whose labels lie in [0, len(classes)).
 
     Raises:
-        DataError: `classes` is empty, repeats an id, or names an id outside [0, num_classes).
+        DataError: `classes` names fewer than two classes, repeats one, names an id outside
+            [0, num_classes) or an unknown name, or leaves fewer than two classes with
+            training rows.
     """
-    classes = [int(c) for c in classes]
+    given = list(classes)
     valid = f"0..{data.num_classes - 1} ({_short_names(data.class_names)})"
-    unknown = [c for c in classes if not 0 <= c < data.num_classes]
-    if not classes or unknown or len(set(classes)) != len(classes):
-        problem = f"unknown ids {unknown}" if unknown else "an empty or repeated list"
+    fix = f"Valid class ids of {data.name!r} are {valid}; pass distinct ids from that range"
+    ids, unknown, unknown_names = [], [], []
+    for c in given:
+        if isinstance(c, str):
+            if c in data.class_names:
+                ids.append(data.class_names.index(c))
+            else:
+                unknown_names.append(c)
+            continue
+        try:
+            c = int(c)
+        except (TypeError, ValueError):
+            unknown_names.append(c)
+            continue
+        (ids if 0 <= c < data.num_classes else unknown).append(c)
+    if unknown_names:
+        close = [
+            m for n in unknown_names for m in difflib.get_close_matches(str(n), data.class_names, 1)
+        ]
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
         raise DataError(
-            f"select_classes got {classes}: {problem}. Valid class ids of {data.name!r} are "
-            f"{valid}; pass distinct ids from that range."
+            f"select_classes got {given}: unknown class names {unknown_names}{guess}. {fix}, "
+            "or names from that list."
+        )
+    if unknown:
+        # Renumbered integer labels ("3", "7", "9" -> ids 0, 1, 2) invite passing the label.
+        named = [
+            f"{c} is the name of class id {data.class_names.index(str(c))}"
+            for c in unknown
+            if str(c) in data.class_names
+        ]
+        hint = f" ({'; '.join(named)}: pass ids, or names as strings)" if named else ""
+        raise DataError(f"select_classes got {given}: unknown ids {unknown}{hint}. {fix}.")
+    repeated = sorted({c for c in ids if ids.count(c) > 1})
+    if repeated:
+        raise DataError(f"select_classes got {given}: repeated ids {repeated}. {fix}.")
+    if len(ids) < 2:
+        found = "no class" if not ids else f"1 class ({data.class_names[ids[0]]!r})"
+        raise DataError(
+            f"select_classes got {given}: {found}, but a classifier needs >= 2 classes. {fix}, "
+            "at least two of them (or pass no selection to keep all classes)."
         )
     lookup = np.full(data.num_classes, -1, dtype=np.int64)
-    lookup[classes] = np.arange(len(classes))
-    names = [data.class_names[c] for c in classes]
+    lookup[ids] = np.arange(len(ids))
+    names = [data.class_names[c] for c in ids]
     splits = {}
     for split in ("train", "test"):
         labels = data.labels(split)
         keep = np.flatnonzero(lookup[labels] >= 0)
         subset = getattr(data, split).select(keep)
         splits[split] = replace_labels(subset, data.label_column, lookup[labels[keep]], names)
-    name = f"{data.name}[classes {','.join(map(str, classes))}]"
+    counts = np.bincount(labels_of(splits["train"], data.label_column), minlength=len(ids))
+    if np.count_nonzero(counts) < 2:
+        shown = ", ".join(f"{n!r}: {k}" for n, k in zip(names, counts.tolist(), strict=True))
+        raise DataError(
+            f"select_classes got {given}, which leaves training rows of fewer than 2 classes "
+            f"(rows per class: {shown}); a classifier needs >= 2. Select classes that have "
+            "training rows."
+        )
+    name = f"{data.name}[classes {','.join(map(str, ids))}]"
     return ImageData(
-        name, splits["train"], splits["test"], data.image_column, data.label_column, names
+        name,
+        splits["train"],
+        splits["test"],
+        data.image_column,
+        data.label_column,
+        names,
+        dict(data.skipped),
     )
 
 
@@ -526,9 +817,17 @@ def _short_names(names: Sequence[str], limit: int = 6) -> str:
 
 
 def describe(data: ImageData) -> str:
-    """One line for logs, e.g. "digits: train 1437, test 360, 10 classes (0, 1, ..., 9)"."""
-    return (
+    """One line for logs, e.g. "digits: train 1437, test 360, 10 classes (0, 1, ..., 9)".
+
+    Images left out by `skip_unreadable` are counted at the end, with the first few paths.
+    """
+    line = (
         f"{data.name}: train {len(data.train)}, test {len(data.test)}, {data.num_classes} "
         f"classes ({_short_names(data.class_names)}); columns {data.image_column!r}, "
         f"{data.label_column!r}"
     )
+    if data.skipped:
+        shown = ", ".join(repr(p) for p in list(data.skipped)[:SHOWN])
+        more = ", ..." if len(data.skipped) > SHOWN else ""
+        line += f"; skipped {plural(len(data.skipped), 'unreadable image')} ({shown}{more})"
+    return line

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ncfinetune.backbones import get_adapter
-from ncfinetune.errors import ConfigError
+from ncfinetune.errors import ConfigError, MetricInputError
 from ncfinetune.metrics import (
     cdnv,
     class_separation_r2,
@@ -135,7 +135,12 @@ def collect_block_features(
                     store[name].append(value)
     finally:
         model.train(was_training)
-    labels = torch.cat(labels_all) if labels_all else torch.empty(0, dtype=torch.long)
+    if not labels_all:
+        raise MetricInputError(
+            "the loader yielded no batches: there are no features to measure. Pass a loader "
+            "(or list) of (images, labels) batches holding examples of at least 2 classes."
+        )
+    labels = torch.cat(labels_all)
     feats = {} if stream else {n: torch.cat(v) for n, v in store.items()}
     return BlockFeatures(names, channels, labels, feats, accs, len(labels))
 

@@ -50,6 +50,12 @@ def create_backbone(
         checkpoint: a local weights file (.safetensors, or a timm/torch checkpoint) for ``name``.
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``img_size``).
     """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(
+            f"num_classes must be an int >= 1 (the new classifier's classes), got "
+            f"{type(num_classes).__name__} {num_classes!r}. For features alone use a wrapper's "
+            "forward_with_features or timm's forward_features."
+        )
     model = _create(name, num_classes, pretrained, checkpoint, dict(model_kwargs or {}))
     setattr(
         model, BASE_ATTRIBUTE, {"name": name, "pretrained": pretrained, "checkpoint": checkpoint}

@@ -153,7 +153,10 @@ class _Images(Dataset):
                     im.load()
                     item = im.copy()
             except (OSError, PIL.UnidentifiedImageError) as e:
-                raise DataError(f"cannot read image {item}: {e}") from e
+                raise DataError(
+                    f"cannot read image {item} (image {i} of {len(self.items)}): "
+                    f"{type(e).__name__}: {e}. Replace or delete the file, or leave it out."
+                ) from e
         return self.transform(item), 0
 
 
@@ -387,6 +390,8 @@ def recorded_data(meta: dict, **changes: Any) -> ImageData:
         data_dir=spec.get("data_dir"),
         test_fraction=spec.get("test_fraction") or 0.2,
         seed=spec.get("seed") or 0,
+        allow_outside_paths=bool(spec.get("allow_outside_paths")),
+        skip_unreadable=bool(spec.get("skip_unreadable")),
     )
     if spec.get("classes"):
         loaded = select_classes(loaded, spec["classes"])

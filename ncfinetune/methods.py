@@ -171,6 +171,15 @@ class SkipConfig(BlockConfig):
 
     skip_norm: bool | None = field(default=None, metadata={"help": "ViT: norm the SCL skip"})
 
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
+        if self.skip_norm is not None and not isinstance(self.skip_norm, bool):
+            problems.append(
+                f"skip_norm must be True, False or None (auto), got "
+                f"{type(self.skip_norm).__name__} {self.skip_norm!r}"
+            )
+        return problems
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.skip_norm is not None and not self.uses_skip:

@@ -54,6 +54,12 @@ class TunedModel(nn.Module):
         super().__init__()
         if isinstance(model, TunedModel):
             raise ConfigError("model is already a TunedModel; wrap its .model or a fresh model.")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"model must be a timm model (torch nn.Module), got {type(model).__name__} "
+                f"{str(model)[:60]!r}. Create one first: ncfinetune.create_backbone(name, "
+                "num_classes) or timm.create_model(name, num_classes=...)."
+            )
         if not isinstance(config, MethodConfig):
             raise ConfigError(
                 f"config must be a method config such as SCLConfig(block=4), got "

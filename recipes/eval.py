@@ -24,7 +24,7 @@ from ncfinetune.files import write_json
 from ncfinetune.inference import Evaluation, evaluate, recorded_data
 
 DATA_KEYS = ("dataset", "data_dir", "image_column", "label_column", "classes", "test_fraction",
-             "seed")  # fmt: skip
+             "seed", "allow_outside_paths", "skip_unreadable")  # fmt: skip
 
 
 @dataclass
@@ -41,6 +41,9 @@ class EvaluateConfig(TunedConfig):
     classes: list[int] | None = None  # keep these classes, renumbered (null = as recorded)
     test_fraction: float | None = None  # test share without a test split (null = as recorded)
     seed: int | None = None  # seed of that split (null = as recorded)
+    # .csv/.parquet: allow image paths outside the table's folder (null = as recorded)
+    allow_outside_paths: bool | None = None
+    skip_unreadable: bool | None = None  # leave out unreadable images (null = as recorded)
     split: str = "test"  # test | train
     output_dir: str = "runs/evaluate"  # evaluation.json and confusion_matrix.png go here
 

@@ -352,7 +352,7 @@ def tuned_metadata(cfg: FinetuneConfig, data) -> dict:
         "data": {
             k: getattr(cfg, k)
             for k in ("dataset", "data_dir", "image_column", "label_column", "classes")
-            + ("test_fraction", "seed")
+            + ("test_fraction", "seed", "allow_outside_paths", "skip_unreadable")
         },
     }
 

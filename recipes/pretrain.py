@@ -58,6 +58,10 @@ class PretrainConfig:
     dataset: str = "fashion_mnist"  # the source data: any spec the recipes accept
     data_dir: str | None = None  # fashion_mnist: folder of the IDX files; hub: its data_dir
     classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # source classes kept
+    # .csv/.parquet: allow image paths outside the table's folder (absolute, ../, symlinks out)
+    allow_outside_paths: bool = False
+    # check every image at load time and leave out unreadable ones (counted in the data line)
+    skip_unreadable: bool = False
     image_size: int = 32  # input size in pixels (recorded in the backbone's data config)
     augment: bool = True  # batch-level random flip + 2-pixel translation (cheap, tensor ops)
     epochs: int = 12  # passes over the source training split
@@ -190,7 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(cfg.seed)
     set_cpu_threads(acc, cfg.cpu_threads)
     out = Path(cfg.output_dir)
-    data = nd.select_classes(nd.load_image_dataset(cfg.dataset, data_dir=cfg.data_dir), cfg.classes)
+    loaded = nd.load_image_dataset(
+        cfg.dataset,
+        data_dir=cfg.data_dir,
+        allow_outside_paths=cfg.allow_outside_paths,
+        skip_unreadable=cfg.skip_unreadable,
+    )
+    data = nd.select_classes(loaded, cfg.classes)
     data_cfg = {
         "input_size": (3, cfg.image_size, cfg.image_size),
         "mean": (0.0,) * 3,

@@ -531,3 +531,56 @@ def test_a_method_setting_with_no_effect_warns_once_and_is_recorded_as_unset():
 def test_tracker_none_is_accepted():
     cfg = FINETUNE["load_config"](["--tracker", "none"])
     assert cfg.tracker is None  # "none" on the command line is null
+
+
+# -- the Python API: wrong types and values --------------------------------------------------------
+@pytest.mark.parametrize(
+    "call,error,words",
+    [
+        (
+            lambda: scl_wrap("resnet18", 1),
+            ConfigError,
+            r"must be a timm model \(torch nn.Module\), got str 'resnet18'.*create_backbone",
+        ),
+        (
+            lambda: scl_wrap(make_model("test_resnet"), 1, skip_norm="yes"),
+            ConfigError,
+            r"skip_norm must be True, False or None \(auto\), got str 'yes'",
+        ),
+        (
+            lambda: scl_wrap(make_model("test_resnet"), 1.5),
+            ConfigError,
+            r"block must be an int index or a module name, got float 1.5",
+        ),
+        (
+            lambda: scl_wrap(make_model("test_resnet"), "layer9"),
+            NcFinetuneError,
+            r"'layer9' is not a block of test_resnet.*0 layer1.0",
+        ),
+        (
+            lambda: scl_wrap(make_model("test_resnet"), 1, bn="x"),
+            ConfigError,
+            r"bn='x' is not one of update, frozen",
+        ),
+    ],
+)
+def test_wrappers_reject_wrong_arguments_with_what_is_valid(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+@pytest.mark.parametrize("num_classes", [0, -1, 2.0, True])
+def test_create_backbone_needs_a_positive_class_count(num_classes):
+    from ncfinetune.hub import create_backbone
+
+    with pytest.raises(
+        ConfigError, match=rf"num_classes must be an int >= 1.*got \w+ {num_classes!r}"
+    ):
+        create_backbone("test_resnet", num_classes)
+
+
+def test_layerwise_nc1_of_an_empty_loader_says_so():
+    from ncfinetune import layerwise_nc1
+
+    with pytest.raises(NcFinetuneError, match=r"loader yielded no batches.*at least 2 classes"):
+        layerwise_nc1(make_model("test_resnet"), [])
