@@ -442,6 +442,27 @@ def bound_problems(config: Any, **bounds: str) -> list[str]:
     return problems
 
 
+def model_problems(model: str, checkpoint: str | None = None) -> list[str]:
+    """A problem when ``model`` names no backbone ``create_backbone`` can build, or the
+    ``checkpoint`` file is missing (checked before anything loads)."""
+    import timm
+
+    from ncfinetune.hub import bundled_backbones
+
+    problems = []
+    bundled = bundled_backbones()
+    if not (model in bundled or (Path(model) / "backbone.json").is_file() or timm.is_model(model)):
+        close = difflib.get_close_matches(model, [*bundled, *timm.list_models()], n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        problems.append(
+            f"model {model!r} is not a bundled backbone ({', '.join(bundled)}), a folder with "
+            f"backbone.json from recipes/pretrain.py, or a timm architecture{hint}"
+        )
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        problems.append(f"checkpoint {checkpoint} is not a file: pass a local weights file")
+    return problems
+
+
 SEED_MAX = 2**32 - 1
 """Largest seed every generator a run seeds accepts (numpy's legacy seeding is 32-bit)."""
 
@@ -514,6 +535,7 @@ class DownstreamConfig:
             p.append("give pretrained or checkpoint, not both")
         if not 0 < self.test_fraction < 1:
             p.append(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        p += model_problems(self.model, self.checkpoint)
         p += seed_problems(self.seed)
         p += bound_problems(self, per_class=">=1", image_size=">=1")
         if self.classes is not None:
