@@ -134,17 +134,40 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, str], list[s
     return config_file, values, problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last silently, so ``epochs: 3`` followed by ``epochs: 30`` would train 30)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The ``key: value`` mapping of a YAML config file (raises :class:`ConfigError`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 (safe)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must be a mapping of key: value.")
+        raise ConfigError(
+            f"config file {path} must be a mapping of key: value, got a YAML "
+            f"{type(loaded).__name__}. Write one 'key: value' per line (see --help)."
+        )
     return loaded
 
 

@@ -584,3 +584,17 @@ def test_layerwise_nc1_of_an_empty_loader_says_so():
 
     with pytest.raises(NcFinetuneError, match=r"loader yielded no batches.*at least 2 classes"):
         layerwise_nc1(make_model("test_resnet"), [])
+
+
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("epochs: 3\nlr: 0.1\nepochs: 30\n", r"key 'epochs' is given twice \(lines 1 and 3\); keep one"),
+        ("- 1\n- 2\n", r"must be a mapping of key: value, got a YAML list"),
+        ("method: [scl\n", r"is not valid YAML"),
+    ],
+)
+def test_a_config_file_with_a_repeated_key_or_another_shape_is_refused(tmp_path, text, words):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        FINETUNE["load_config"](["--config", str(tmp_path / "c.yaml")])

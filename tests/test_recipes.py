@@ -348,7 +348,7 @@ def test_bad_block_and_dataset_errors(tmp_path, monkeypatch):
 
 def test_every_config_file_loads():
     files = sorted((ROOT / "recipes" / "configs").rglob("*.yaml"))
-    assert len(files) == 9, [f.name for f in files]
+    assert len(files) == 10, [f.name for f in files]
     for f in files:
         cls = PRETRAIN["PretrainConfig"] if "pretrain" in f.parts else FINETUNE["FinetuneConfig"]
         cfg = parse_config(cls, ["--config", str(f)])
