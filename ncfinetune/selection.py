@@ -54,12 +54,12 @@ from ncfinetune.errors import ConfigError
 from ncfinetune.features import collect_block_features
 from ncfinetune.files import write_json
 from ncfinetune.messages import warn_once
-from ncfinetune.methods import method_class
+from ncfinetune.methods import method_class, method_config
 from ncfinetune.metrics import nc1_or_none
 from ncfinetune.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
 from ncfinetune.subsets import balanced_subset, validation_split
 from ncfinetune.training import PRECISIONS, evaluate_rows, train_steps
-from ncfinetune.tuning import wrap
+from ncfinetune.tuning import TunedModel, wrap
 
 RULES = ("middle", "curve", "linear", "probe", "probe_accuracy")
 PROBE_RULES = ("probe", "probe_accuracy")
@@ -672,7 +672,9 @@ class _Prober:
         """A filled prefix cache for probes at ``block``, or None where not legal."""
         if self.frozen is None:
             self.frozen = copy.deepcopy(self.model)
-        tuned = wrap(self.frozen, self.method, block, bn=self.bn)
+        # one frozen copy serves every block's cache: these wrappers only run its prefix
+        config = method_config(self.method, block=block, bn=self.bn)
+        tuned = TunedModel(self.frozen, config, owns_model=False)
         if prefix_blocker(tuned) is not None:
             return None
         cache = PrefixCache(tuned, self.fetch)

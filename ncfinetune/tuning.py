@@ -50,7 +50,10 @@ class TunedModel(nn.Module):
     :class:`ConfigError` (wrap ``copy.deepcopy(model)`` instead, or drop the first wrapper).
     """
 
-    def __init__(self, model: nn.Module, config: MethodConfig) -> None:
+    def __init__(self, model: nn.Module, config: MethodConfig, *, owns_model: bool = True) -> None:
+        """``owns_model=False`` is for wrappers that only run the frozen prefix of a model that
+        is never trained (block selection's prefix caches share one frozen copy among the
+        candidate blocks): such a wrapper neither checks nor records ownership."""
         super().__init__()
         if isinstance(model, TunedModel):
             raise ConfigError("model is already a TunedModel; wrap its .model or a fresh model.")
@@ -65,7 +68,8 @@ class TunedModel(nn.Module):
                 f"config must be a method config such as SCLConfig(block=4), got "
                 f"{type(config).__name__} {config!r}."
             )
-        _check_unowned(model)
+        if owns_model:
+            _check_unowned(model)
         adapter = get_adapter(model)
         self.model = model
         self.adapter: BackboneAdapter = adapter
@@ -87,7 +91,8 @@ class TunedModel(nn.Module):
         self.frozen_batchnorms: list[nn.Module] = []
         """BatchNorms outside the trained modules (kept in eval mode under ``bn="frozen"``)."""
         self._freeze()
-        model.__dict__[_OWNER] = weakref.ref(self)  # last: only a complete wrapper owns it
+        if owns_model:  # last: only a complete wrapper owns it
+            model.__dict__[_OWNER] = weakref.ref(self)
 
     # -- construction helpers -------------------------------------------------------------
     def _check_skip_fits(self, index: int) -> None:

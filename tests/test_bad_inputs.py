@@ -598,3 +598,13 @@ def test_a_config_file_with_a_repeated_key_or_another_shape_is_refused(tmp_path,
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ConfigError, match=words):
         FINETUNE["load_config"](["--config", str(tmp_path / "c.yaml")])
+
+
+def test_a_prefix_only_wrapper_neither_checks_nor_claims_ownership():
+    from ncfinetune.methods import method_config
+    from ncfinetune.tuning import TunedModel
+
+    model = make_model("test_resnet")
+    shared = [TunedModel(model, method_config("scl", block=b), owns_model=False) for b in (1, 2)]
+    owner = layer_wrap(model, 3)  # the read-only wrappers do not own it
+    assert [t.block_index for t in shared] == [1, 2] and owner.block_index == 3
