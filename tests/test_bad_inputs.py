@@ -605,6 +605,6 @@ def test_a_prefix_only_wrapper_neither_checks_nor_claims_ownership():
     from ncfinetune.tuning import TunedModel
 
     model = make_model("test_resnet")
-    shared = [TunedModel(model, method_config("scl", block=b), owns_model=False) for b in (1, 2)]
+    shared = [TunedModel(model, method_config("layer", block=b), owns_model=False) for b in (1, 2)]
     owner = layer_wrap(model, 3)  # the read-only wrappers do not own it
     assert [t.block_index for t in shared] == [1, 2] and owner.block_index == 3
