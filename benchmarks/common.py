@@ -36,6 +36,7 @@ import torch
 
 import ncfinetune
 from ncfinetune import data as nd
+from ncfinetune.files import atomic_write
 from ncfinetune.hub import create_backbone
 from ncfinetune.loop import is_conv_net
 from ncfinetune.methods import method_class
@@ -183,10 +184,7 @@ def load_data(backbone: str, target: str) -> dict:
             )
             saved[split] = (apply_shift(cache.images, shift), cache.labels)
         saved["num_classes"] = data.num_classes
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(saved, tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: torch.save(saved, tmp))
     out = {
         "train": nd.TensorCache(*saved["train"], tf),
         "test": nd.TensorCache(*saved["test"], tf),
