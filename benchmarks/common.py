@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ import torch
 
 import ncfinetune
 from ncfinetune import data as nd
-from ncfinetune.files import atomic_write
+from ncfinetune.files import atomic_write, write_json
 from ncfinetune.hub import create_backbone
 from ncfinetune.loop import is_conv_net
 from ncfinetune.methods import method_class
@@ -325,10 +324,7 @@ def ensure(run: Run, *, force: bool = False, log=print) -> dict:
     if run.path.is_file() and not force:
         return json.loads(run.path.read_text())
     rec = execute(run)
-    run.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run.path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1) + "\n")
-    os.replace(tmp, run.path)
+    write_json(run.path, rec, indent=1)
     m = rec["metrics"]
     if m.get("diverged"):
         log(f"{run.backbone}/{run.target}/{run.key}: diverged ({m['diverged']})")
