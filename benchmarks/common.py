@@ -91,6 +91,10 @@ def apply_shift(images: torch.Tensor, shift: str | None) -> torch.Tensor:
     raise ValueError(f"unknown shift {shift!r}")
 
 
+# the backbones and targets of the method benchmarks (small_data, method_block, lr_grid, the
+# summary); the others serve block selection (selection_loto.py)
+MAIN_BACKBONES = ["resnet18", "vit_tiny"]
+MAIN_TARGETS = ["fmnist59", "digits"]
 SIZES = {"fmnist59": [2, 5, 10, 20, 50, 100, 500], "digits": [2, 5, 10, 20, 50, 100]}
 METHODS = ["linear", "layer", "scl", "full"]
 SEEDS = [0, 1, 2]
@@ -377,12 +381,8 @@ def chosen_lr(backbone: str, target: str, method: str) -> float | None:
 def parse_common(parser):
     # the method benchmarks run on the bundled backbones and the two original targets; the
     # other backbones and targets serve block selection (selection_loto.py)
-    parser.add_argument(
-        "--backbones", nargs="+", default=["resnet18", "vit_tiny"], choices=list(BACKBONES)
-    )
-    parser.add_argument(
-        "--targets", nargs="+", default=["fmnist59", "digits"], choices=list(TARGETS)
-    )
+    parser.add_argument("--backbones", nargs="+", default=MAIN_BACKBONES, choices=list(BACKBONES))
+    parser.add_argument("--targets", nargs="+", default=MAIN_TARGETS, choices=list(TARGETS))
     parser.add_argument("--force", action="store_true", help="redo runs whose record exists")
     parser.add_argument("--quick", action="store_true", help="a few short runs, a smoke check")
     return parser

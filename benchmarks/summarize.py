@@ -14,6 +14,8 @@ import json
 import numpy as np
 from common import (
     BACKBONES,
+    MAIN_BACKBONES,
+    MAIN_TARGETS,
     METHODS,
     PAPER_LR,
     PAPER_LR_SIZES,
@@ -22,7 +24,6 @@ from common import (
     SIZES,
     STEPS,
     TABLE_SIZES,
-    TARGETS,
     chosen_lr,
 )
 from scipy.stats import spearmanr
@@ -180,15 +181,15 @@ def main() -> None:
         "",
         "## 1. Small-data curve (test accuracy %, mean ± sd over seeds; lr chosen per method)",
     ]
-    for b in BACKBONES:
-        for t in TARGETS:
+    for b in MAIN_BACKBONES:
+        for t in MAIN_TARGETS:
             tab = small_data(recs, b, t, lambda m, b=b, t=t: chosen_lr(b, t, m), out)
             summary["small_data"][f"{b}/{t}"] = {
                 m: {str(n): s for n, s in v.items()} for m, v in tab.items()
             }
     out += ["", f"## 1b. The paper's fixed setting: SGD lr {PAPER_LR:g} for every method"]
-    for b in BACKBONES:
-        for t in TARGETS:
+    for b in MAIN_BACKBONES:
+        for t in MAIN_TARGETS:
             table = {
                 m: {n: stats(group(recs, b, t, m, n, PAPER_LR)) for n in PAPER_LR_SIZES}
                 for m in METHODS
@@ -197,8 +198,8 @@ def main() -> None:
             for n in PAPER_LR_SIZES:
                 summary["paper_lr"][f"{b}/{t}/{n}"] = {m: table[m][n] for m in METHODS}
     out += ["", "## 2. Method x block (lr chosen per method at the middle block)"]
-    for b in BACKBONES:
-        for t in TARGETS:
+    for b in MAIN_BACKBONES:
+        for t in MAIN_TARGETS:
             for n in TABLE_SIZES:
                 summary["method_block"][f"{b}/{t}/{n}"] = method_block(
                     recs, b, t, n, lambda m, b=b, t=t: chosen_lr(b, t, m), out
@@ -226,8 +227,8 @@ def main() -> None:
             )
         return {"nc1_train": s, "nc1_test": st}
 
-    for b in BACKBONES:
-        for t in TARGETS:
+    for b in MAIN_BACKBONES:
+        for t in MAIN_TARGETS:
             summary["spearman"][f"{b}/{t}"] = rho_row(
                 b, t, [r for r in runs12 if (r["run"]["backbone"], r["run"]["target"]) == (b, t)]
             )
@@ -242,8 +243,8 @@ def main() -> None:
         "|---|---|---:|---:|---:|---:|",
     ]
     summary["spearman_fixed_size"] = {}
-    for b in BACKBONES:
-        for t in TARGETS:
+    for b in MAIN_BACKBONES:
+        for t in MAIN_TARGETS:
             for n in TABLE_SIZES:
                 rs = [
                     r
