@@ -126,6 +126,9 @@ class Run:
     skip_norm: bool | None = None  # ViT SCL: None = the library default (skip through the norm)
     precision: str = "no"  # "bf16": autocast (+ channels_last for conv nets), as the recipe's auto
     test_max: int | None = None  # evaluate on a fixed class-balanced sample of the test split
+    # budget.py: the wall-clock budget (a multiple of full FT's 150 steps) that set ``steps``;
+    # such a run fills its own prefix cache, so its training time includes the prefix outputs
+    budget: float | None = None
 
     @property
     def key(self) -> str:
@@ -136,6 +139,7 @@ class Run:
             + ("" if self.skip_norm is None else f"-skipnorm{int(self.skip_norm)}")
             + ("" if self.precision == "no" else f"-{self.precision}")
             + ("" if self.test_max is None else f"-test{self.test_max}")
+            + ("" if self.budget is None else f"-budget{self.budget:g}")
         )
         return (
             f"{self.method}{block}-n{self.per_class}-s{self.seed}-lr{self.lr:g}"
@@ -145,7 +149,7 @@ class Run:
     @property
     def path(self) -> Path:
         # --quick runs (shorter budget) live apart from the committed records
-        root = RUNS if self.steps == STEPS else RESULTS / "quick"
+        root = RUNS if self.steps == STEPS or self.budget is not None else RESULTS / "quick"
         return root / self.backbone / self.target / f"{self.key}.json"
 
 
@@ -250,7 +254,10 @@ def execute(run: Run) -> dict:
     tuned = ncfinetune.tuning.wrap(model, run.method, run.block, bn=run.bn, skip_norm=run.skip_norm)
     if run.precision == "bf16" and is_conv_net(model):
         tuned.to(memory_format=torch.channels_last)
-    pre_train = shared_prefix(run, tuned, "train", train.__getitems__)
+    if run.budget is None:
+        pre_train = shared_prefix(run, tuned, "train", train.__getitems__)
+    else:  # a budget run pays for its own prefix outputs: a private cache, filled while training
+        pre_train = None if prefix_blocker(tuned) else PrefixCache(tuned, train.__getitems__)
     pre_test = shared_prefix(run, tuned, "test", data["test"].__getitems__)
     computed = 0 if pre_train is None else pre_train.computed
     trainable, total = tuned.parameter_counts()

@@ -36,8 +36,14 @@ def load_records() -> list[dict]:
     for p in sorted(RUNS.rglob("*.json")):
         rec = json.loads(p.read_text())
         run = rec["run"]
-        # the main tables: full budget, not lr-grid, default BN policy and skip (no ablations)
-        if run["steps"] == STEPS and not run["validate"] and not run.get("bn"):
+        # the main tables: full budget, not lr-grid, default BN policy and skip (no ablations),
+        # not a wall-clock budget run (budget.py)
+        if (
+            run["steps"] == STEPS
+            and not run["validate"]
+            and not run.get("bn")
+            and run.get("budget") is None
+        ):
             if run.get("skip_norm") is None:
                 recs.append(rec)
     return recs

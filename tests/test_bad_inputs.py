@@ -589,7 +589,10 @@ def test_layerwise_nc1_of_an_empty_loader_says_so():
 @pytest.mark.parametrize(
     "text,words",
     [
-        ("epochs: 3\nlr: 0.1\nepochs: 30\n", r"key 'epochs' is given twice \(lines 1 and 3\); keep one"),
+        (
+            "epochs: 3\nlr: 0.1\nepochs: 30\n",
+            r"key 'epochs' is given twice \(lines 1 and 3\); keep one",
+        ),
         ("- 1\n- 2\n", r"must be a mapping of key: value, got a YAML list"),
         ("method: [scl\n", r"is not valid YAML"),
     ],

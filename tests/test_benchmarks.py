@@ -186,3 +186,37 @@ def test_selection_report_regenerates_from_the_committed_records(tmp_path, monke
     assert (tmp_path / "selection_loto.md").read_text() == committed.read_text()
     out = json.loads((tmp_path / "selection_loto.json").read_text())
     assert out["subsets"] == len(L.PAIRS) * len(L.SIZES) * len(L.SEEDS)
+
+
+def test_budget_steps_follow_the_calibration_and_runs_are_recorded(harness, monkeypatch):
+    import budget
+
+    monkeypatch.setattr(budget, "OUT", harness / "budget")
+    monkeypatch.setattr(budget, "RESULTS", harness)
+    monkeypatch.setattr(budget, "TIMED_STEPS", 2)
+    monkeypatch.setattr(budget, "lr_for", lambda b, t, m: 0.05)
+    monkeypatch.setattr(budget, "BUDGETS", [0.05, 0.1])
+    monkeypatch.setattr(common, "STEPS", 150)
+    cal = budget.calibrate("tiny", "digits", 5)
+    names = [v.name for v in budget.variants("tiny")]
+    assert set(cal["variants"]) == set(names) and "SCL FT mid, bn frozen" not in names
+    assert cal["selected"]["block"] in (0, 1, 2, 3)
+    assert budget.calibration_path("tiny", "digits", 5).is_file()  # reused, not re-measured
+    full_s = 0.1 * 150 * cal["variants"]["full FT"]["tau"]
+    for name, v in cal["variants"].items():  # the budget's seconds, less the fill, in steps
+        assert budget.steps_for(cal, name, 0.1) == max(1, round((full_s - v["fill"]) / v["tau"]))
+    assert budget.steps_for(cal, "full FT", 0.1) == 15
+    _, runs = budget.plan(["tiny"], ["digits"], [5], [0])
+    assert {r.budget for r in runs} == {0.05, 0.1} and all(
+        r.path.parent.name == "digits" for r in runs
+    )
+    assert all("budget" in r.key for r in runs) and len({r.key for r in runs}) == len(runs)
+    full = [r for r in runs if r.method == "full"]
+    common.run_all(full)
+    recs = budget.load_budget_records()
+    assert len(recs) == 2 and all(r["run"]["steps"] in (7, 8, 15) for r in recs)
+    out = budget.report()
+    assert set(out["tiny/digits/5"]["full FT"]) == {"0.05", "0.1"}
+    assert (harness / "budget" / "budget_tiny_digits_n5.png").is_file()
+    assert "| full FT |" in (harness / "budget" / "budget.md").read_text()
+    assert summarize.load_records() == []  # budget runs stay out of the main tables
