@@ -41,6 +41,7 @@ from ncfinetune.data import (
     load_image_dataset,
     select_classes,
 )
+from ncfinetune.data_checks import image_problem
 from ncfinetune.errors import CheckpointError, DataError
 from ncfinetune.hub import bundled_backbones, create_backbone
 from ncfinetune.metrics import nc1_or_none
@@ -155,7 +156,8 @@ class _Images(Dataset):
             except (OSError, PIL.UnidentifiedImageError) as e:
                 raise DataError(
                     f"cannot read image {item} (image {i} of {len(self.items)}): "
-                    f"{type(e).__name__}: {e}. Replace or delete the file, or leave it out."
+                    f"{type(e).__name__}: {e}. Replace or delete the file, or pass "
+                    "skip_unreadable=True (recipes/predict.py --skip_unreadable true)."
                 ) from e
         return self.transform(item), 0
 
@@ -180,6 +182,8 @@ def predict(
     batch_size: int = 64,
     precision: str = "no",
     device: str | torch.device | None = None,
+    skip_unreadable: bool = False,
+    skipped: list[tuple[str, str]] | None = None,
     **load: Any,
 ) -> list[ImagePrediction]:
     """Predict the class of each image.
@@ -194,9 +198,13 @@ def predict(
             backbone's.
         precision: ``no`` (fp32) or ``bf16`` autocast.
         device: default CUDA when available, else CPU.
+        skip_unreadable: decode every image file first and leave out those that cannot be
+            read (default: the first one raises a ``DataError`` naming it).
+        skipped: a list that receives ``(file, why)`` of every image left out.
 
     Returns:
-        One row per image, in the order given (a folder: sorted paths).
+        One row per image, in the order given (a folder: sorted paths); without the
+        unreadable ones when ``skip_unreadable``.
     """
     model, meta = _as_tuned(tuned, **load)
     if isinstance(images, (str, os.PathLike)):
@@ -215,6 +223,18 @@ def predict(
         names = [
             str(p) if isinstance(p, (str, os.PathLike)) else str(i) for i, p in enumerate(items)
         ]
+    if skip_unreadable:
+        problems = [
+            image_problem(str(p), deep=True) if isinstance(p, (str, os.PathLike)) else None
+            for p in items
+        ]
+        for name, why in zip(names, problems, strict=True):
+            if why is not None and skipped is not None:
+                skipped.append((name, why))
+        keep = [i for i, why in enumerate(problems) if why is None]
+        if not keep:
+            raise DataError(f"none of the {len(items)} images can be read (e.g. {names[0]}).")
+        items, names = [items[i] for i in keep], [names[i] for i in keep]
     transform = build_transforms(model.model, image_size=image_size or meta.get("image_size"))
     loader = DataLoader(_Images(items, transform), batch_size=batch_size, shuffle=False)
     model.to(_device(device))

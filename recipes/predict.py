@@ -28,6 +28,8 @@ class PredictConfig(TunedConfig):
 
     images: str | None = None  # a folder of images (searched recursively) or one image file
     output: str = "predictions.csv"  # the CSV written: file, class, probability, class_id
+    # decode every image first and leave out unreadable ones (listed in the output's summary)
+    skip_unreadable: bool = False
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -54,9 +56,16 @@ def write_csv(rows: list[ImagePrediction], path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> list[ImagePrediction]:
     cfg = parse_config(PredictConfig, sys.argv[1:] if argv is None else argv)
-    rows = predict(cfg.tuned, cfg.images, **cfg.run_kwargs(), **cfg.load_kwargs())
+    skipped: list[tuple[str, str]] = []
+    rows = predict(
+        cfg.tuned, cfg.images, **cfg.run_kwargs(), **cfg.load_kwargs(),
+        skip_unreadable=cfg.skip_unreadable, skipped=skipped,
+    )  # fmt: skip
     path = write_csv(rows, cfg.output)
-    print(f"{len(rows)} images predicted; wrote {path}")
+    left = f", {len(skipped)} unreadable left out" if skipped else ""
+    print(f"{len(rows)} images predicted{left}; wrote {path}")
+    for name, why in skipped[:5]:
+        print(f"  left out {name}: {why}")
     return rows
 
 

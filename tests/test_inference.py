@@ -109,6 +109,28 @@ def test_predict_recipe_writes_a_properly_quoted_csv(tuned_run, tmp_path):
         predict(tuned_dir, tmp_path / "missing")
 
 
+def test_predict_names_an_unreadable_image_or_leaves_it_out_when_asked(tuned_run, tmp_path):
+    tuned_dir, _, _ = tuned_run
+    data = nd.load_image_dataset("digits")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        data.test[i]["image"].save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(
+        DataError, match=r"cannot read image .*broken.png \(image 2 of 3\).*skip_unreadable"
+    ):
+        predict(tuned_dir, folder)
+    skipped = []
+    rows = predict(tuned_dir, folder, skip_unreadable=True, skipped=skipped)
+    assert [r.file for r in rows] == ["0.png", "1.png"]
+    assert [name for name, _ in skipped] == ["broken.png"]
+    out = tmp_path / "p.csv"
+    PREDICT["main"](["--tuned", str(tuned_dir), "--images", str(folder), "--output", str(out),
+                     "--skip_unreadable", "true"])  # fmt: skip
+    assert out.read_text().count("\n") == 3  # header + 2 rows
+
+
 def test_a_folder_without_a_recorded_base_asks_for_one(tuned_run, tmp_path):
     _, backbone, _ = tuned_run
     torch.manual_seed(1)
