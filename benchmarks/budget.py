@@ -259,8 +259,9 @@ def report() -> dict:
         cal = json.loads(
             calibration_path(run["backbone"], run["target"], run["per_class"]).read_text()
         )
+        key = (run["backbone"], run["target"], run["per_class"])
+        cals[key] = cal
         for name in variant_of(rec, cal):
-            key = (run["backbone"], run["target"], run["per_class"])
             groups.setdefault(key, {}).setdefault(name, {}).setdefault(run["budget"], []).append(
                 rec
             )
