@@ -68,3 +68,26 @@ def test_a_pretrain_folder_loads_as_a_backbone(tmp_path):
     (tmp_path / "backbone.safetensors").unlink()
     with pytest.raises(ConfigError, match="has backbone.json but no backbone.safetensors"):
         create_backbone(str(tmp_path), 7)
+
+
+def test_bundling_a_pretrain_folder_is_a_separate_maintainer_step(tmp_path, monkeypatch):
+    import runpy
+
+    from ncfinetune.hub import ASSETS as REAL
+
+    tool = runpy.run_path(str(REAL.parents[1] / "tools" / "bundle_backbone.py"), run_name="tool")
+    assets = tmp_path / "assets"
+    monkeypatch.setitem(tool["main"].__globals__, "ASSETS", assets)
+    run = tmp_path / "run"
+    run.mkdir()
+    for ext in ("safetensors", "json", "md"):
+        (run / f"backbone.{ext}").write_text(ext)
+    assert tool["main"]([str(run), "mine"]) == 0
+    assert sorted(p.name for p in assets.iterdir()) == ["mine.json", "mine.md", "mine.safetensors"]
+    with pytest.raises(SystemExit):  # already bundled: --replace needed
+        tool["main"]([str(run), "mine"])
+    assert tool["main"]([str(run), "mine", "--replace"]) == 0
+    for bad in (["Bad Name"], ["ok"]):
+        (run / "backbone.md").unlink(missing_ok=bad == ["ok"])
+        with pytest.raises(SystemExit):
+            tool["main"]([str(run), *bad])
