@@ -220,3 +220,28 @@ def test_budget_steps_follow_the_calibration_and_runs_are_recorded(harness, monk
     assert (harness / "budget" / "budget_tiny_digits_n5.png").is_file()
     assert "| full FT |" in (harness / "budget" / "budget.md").read_text()
     assert summarize.load_records() == []  # budget runs stay out of the main tables
+
+
+def test_summarize_regenerates_its_tables_byte_for_byte_from_the_records(harness, monkeypatch):
+    """The committed tables are a pure function of the committed records: summarizing the same
+    records in a fresh folder gives identical markdown, JSON and PNG bytes."""
+    import shutil
+
+    for key, value in (("MAIN_BACKBONES", ["tiny"]), ("MAIN_TARGETS", ["digits"]),
+                       ("STEPS", 3), ("chosen_lr", lambda b, t, m: 0.05)):  # fmt: skip
+        monkeypatch.setattr(summarize, key, value)
+    monkeypatch.setattr(common, "STEPS", 3)  # records of 3-step runs count as full-budget ones
+    runs = [common.run_for("tiny", "digits", m, n, s, 0.05, steps=3, batch=16)
+            for m in ("linear", "full") for n in (2, 5) for s in (0, 1)]  # fmt: skip
+    common.run_all(runs)
+    summarize.main()
+    made = {p.name: p.read_bytes() for p in harness.iterdir() if p.is_file()}
+    assert {"summary.md", "summary.json", "small_data_tiny_digits.png"} <= set(made)
+    assert "| 2 | " in made["summary.md"].decode()
+    fresh = harness / "fresh"
+    shutil.copytree(harness / "runs", fresh / "runs")  # a clone: the records alone
+    monkeypatch.setattr(summarize, "RESULTS", fresh)
+    monkeypatch.setattr(summarize, "RUNS", fresh / "runs")
+    summarize.main()
+    again = {p.name: p.read_bytes() for p in fresh.iterdir() if p.is_file()}
+    assert again == made
