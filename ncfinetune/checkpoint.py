@@ -115,6 +115,8 @@ def write_checkpoint(
             NaN or infinite values (nothing is written).
     """
     out = Path(path)
+    if out.is_symlink():  # replace the folder it points to, not the link
+        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise CheckpointError(
             f"cannot save to {out}: it exists and is not a directory. Pass a folder path."

@@ -611,3 +611,15 @@ def test_a_prefix_only_wrapper_neither_checks_nor_claims_ownership():
     shared = [TunedModel(model, method_config("layer", block=b), owns_model=False) for b in (1, 2)]
     owner = layer_wrap(model, 3)  # the read-only wrappers do not own it
     assert [t.block_index for t in shared] == [1, 2] and owner.block_index == 3
+
+
+def test_saving_through_a_symlinked_folder_replaces_the_folder_and_keeps_the_link(tmp_path):
+    _, real = saved(tmp_path, folder="real")
+    (tmp_path / "link").symlink_to(real)
+    tuned, _ = saved(tmp_path, method="layer", folder="link")
+    assert (tmp_path / "link").is_symlink() and json.loads((real / CONFIG_NAME).read_text())[
+        "method"
+    ] == "layer"
+    assert torch.equal(
+        logits(load_tuned(tmp_path / "link", make_model("test_resnet", seed=0))), logits(tuned)
+    )
