@@ -390,6 +390,34 @@ def test_pretrain_smoke_then_finetune_from_its_checkpoint(tmp_path):
     assert model.get_classifier().out_features == 4
 
 
+def test_pretrain_distils_from_a_teacher_whose_head_is_a_linear_probe(tmp_path, monkeypatch):
+    fresh_accelerate()
+    seen = []
+    original = PRETRAIN["_Targets"].__iter__
+
+    def spy(self):  # the targets the student trains on
+        for x, y in original(self):
+            seen.append(y)
+            yield x, y
+
+    monkeypatch.setattr(PRETRAIN["_Targets"], "__iter__", spy)
+    args = ["--model", "test_vit", "--img_size", "32", "--model_kwargs", "{depth: 2}",
+            "--dataset", "digits", "--classes", "0,1,2", "--epochs", "1", "--max_steps", "2",
+            "--batch_size", "16", "--nc1_samples", "60", "--teacher", "resnet18_fmnist04",
+            "--distill_alpha", "0.25", "--output_dir", str(tmp_path / "pt")]  # fmt: skip
+    PRETRAIN["main"](args)
+    card = json.loads((tmp_path / "pt" / "backbone.json").read_text())
+    assert card["model_kwargs"] == {"img_size": 32, "depth": 2}
+    teacher = card["teacher"]
+    assert teacher["backbone"] == "resnet18_fmnist04" and teacher["distill_alpha"] == 0.25
+    assert teacher["source_test_accuracy"] > 0.9  # a probe on its features separates digits 0-2
+    y = seen[0]
+    assert y.shape == (16, 3) and torch.allclose(y.sum(1), torch.ones(16))
+    assert bool((y.max(1).values >= 0.75).all())  # (1 - alpha) of the label plus the teacher's
+    assert "distilled from `resnet18_fmnist04`" in (tmp_path / "pt" / "backbone.md").read_text()
+    assert create_backbone(str(tmp_path / "pt"), 3).blocks.__len__() == 2
+
+
 def test_unknown_model_and_offline_hub_errors(monkeypatch):
     with pytest.raises(ConfigError, match="unknown model 'resnet_nope'"):
         create_backbone("resnet_nope", 3)
