@@ -428,7 +428,7 @@ def model_card(card: dict) -> str:
     )
     return f"""# {card["architecture"]} pretrained on {src["dataset"]} classes {src["classes"]}
 
-Offline default backbone of ncfinetune, trained from scratch on this project's machine.
+Trained from scratch with `recipes/pretrain.py` on this project's machine (2 CPU cores).
 
 - architecture: `{card["architecture"]}` {card["model_kwargs"] or ""}, input {card["pretrained_cfg"]["input_size"]}
 - data: {src["dataset"]} classes {src["classes"]} ({", ".join(src["class_names"])}), {src["train_size"]} train / {src["test_size"]} test images, grayscale replicated to RGB, mean {[round(m, 4) for m in card["pretrained_cfg"]["mean"]]}, std {[round(s, 4) for s in card["pretrained_cfg"]["std"]]}
