@@ -298,7 +298,8 @@ def report() -> dict:
 
 
 def verdict(block: dict) -> str:
-    """Where a one-block method is ahead of full FT by more than one sd, per budget."""
+    """Where a one-block method is ahead of full FT by more than one sd (the larger of the two),
+    per budget; cells with fewer than 2 seeds give no verdict."""
     full = block.get("full FT", {})
     ahead = []
     for x, f in full.items():
@@ -306,7 +307,9 @@ def verdict(block: dict) -> str:
             if name in ("full FT",) or name.startswith("linear"):
                 continue
             c = cells.get(x)
-            if c and c["mean"] - f["mean"] > max(c["sd"], f["sd"]):
+            if not c or min(c["n"], f["n"]) < 2:  # an sd needs at least 2 seeds
+                continue
+            if c["mean"] - f["mean"] > max(c["sd"], f["sd"]):
                 ahead.append(f"{name} at {float(x):g}x ({c['mean']:.1f} vs {f['mean']:.1f})")
     if not ahead:
         return "No one-block method is ahead of full FT by more than one sd at any budget."
