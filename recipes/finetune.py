@@ -244,9 +244,10 @@ def load_config(argv: list[str]) -> FinetuneConfig:
     return without_unused_method_keys(cfg)
 
 
-METHOD_KEYS = {"block": None, "bn": None, "skip_norm": None, "lora_rank": 8, "lora_alpha": None,
-               "lora_skip": False}  # fmt: skip
-"""The method settings of the flat config, with the value that means "not set"."""
+METHOD_KEYS = {"block": None, "bn": None, "skip_norm": None, "lora_alpha": None, "lora_skip": False,
+               "lora_rank": FinetuneConfig.lora_rank}  # fmt: skip
+"""The method settings of the flat config, with the value that means "not set" (the rank has
+no unset value: its default)."""
 
 
 def without_unused_method_keys(cfg: FinetuneConfig) -> FinetuneConfig:
