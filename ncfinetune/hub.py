@@ -31,6 +31,21 @@ def bundled_backbones() -> dict[str, dict]:
     return out
 
 
+def backbone_files(name: str) -> tuple[dict, Path] | None:
+    """``(card, weights file)`` of a bundled backbone or of a ``recipes/pretrain.py`` folder
+    (``backbone.json`` + ``backbone.safetensors``); None when ``name`` is neither."""
+    bundled = bundled_backbones()
+    if name in bundled:
+        return bundled[name], ASSETS / f"{name}.safetensors"
+    folder = Path(name)
+    if not (folder / "backbone.json").is_file():
+        return None
+    weights = folder / "backbone.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{folder} has backbone.json but no backbone.safetensors.")
+    return json.loads((folder / "backbone.json").read_text()), weights
+
+
 def create_backbone(
     name: str,
     num_classes: int,
@@ -66,24 +81,19 @@ def create_backbone(
 def _create(
     name: str, num_classes: int, pretrained: bool, checkpoint: str | None, kwargs: dict
 ) -> nn.Module:
-    bundled = bundled_backbones()
-    folder = Path(name)
-    if name in bundled or (folder / "backbone.json").is_file():
+    found = backbone_files(name)
+    if found is not None:
         if pretrained or checkpoint:
-            kind = "a bundled backbone" if name in bundled else "a recipes/pretrain.py folder"
+            kind = (
+                "a bundled backbone"
+                if name in bundled_backbones()
+                else "a recipes/pretrain.py folder"
+            )
             raise ConfigError(
                 f"{name!r} is {kind} with its own weights; do not combine it with "
                 "pretrained=True or a checkpoint (pass a timm architecture name for those)."
             )
-        if name in bundled:
-            card, weights = bundled[name], ASSETS / f"{name}.safetensors"
-        else:
-            card, weights = (
-                json.loads((folder / "backbone.json").read_text()),
-                folder / "backbone.safetensors",
-            )
-            if not weights.is_file():
-                raise ConfigError(f"{folder} has backbone.json but no backbone.safetensors.")
+        card, weights = found
         overlay = {**card["pretrained_cfg"], "file": str(weights)}
         return timm.create_model(
             card["architecture"],
@@ -93,6 +103,7 @@ def _create(
             **{**card.get("model_kwargs", {}), **kwargs},
         )
     if not timm.is_model(name):
+        bundled = bundled_backbones()
         raise ConfigError(
             f"unknown model {name!r}: not a bundled backbone ({', '.join(bundled) or 'none'}), "
             "not a folder with backbone.json from recipes/pretrain.py, and not a timm "

@@ -72,6 +72,9 @@ class PretrainConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # on every parameter
     label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
+    # start from this backbone's weights (bundled name or pretrain folder) of the same
+    # architecture and model_kwargs, and keep its normalisation; null = random init
+    init_from: str | None = None
     teacher: str | None = None  # distil from this backbone (bundled name or pretrain folder)
     distill_alpha: float = 0.5  # weight of the teacher's probabilities in the target, in (0, 1]
     projector: bool = False  # train through an MLP projector (FC-BN-ReLU-FC), then drop it
@@ -128,9 +131,18 @@ class PretrainConfig:
             problems.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
         if len(set(self.classes)) < 2 or len(set(self.classes)) != len(self.classes):
             problems.append(f"classes must name at least 2 distinct classes, got {self.classes}")
+        if self.init_from and timm.is_model(self.model):
+            problems += init_problems(self.init_from, self.model, self.timm_kwargs())
         problems += seed_problems(self.seed)
         problems += output_problems("output_dir", self.output_dir)
         return problems
+
+    def timm_kwargs(self) -> dict:
+        """The ``timm.create_model`` arguments of the backbone: img_size, patch_size, model_kwargs."""
+        kwargs = {
+            k: v for k, v in (("img_size", self.img_size), ("patch_size", self.patch_size)) if v
+        }
+        return {**kwargs, **self.model_kwargs}
 
 
 class PretrainNet(nn.Module):
@@ -209,13 +221,15 @@ def main(argv: list[str] | None = None) -> dict:
         "interpolation": "bilinear",
         "num_classes": 0,
     }
-    kwargs = {k: v for k, v in (("img_size", cfg.img_size), ("patch_size", cfg.patch_size)) if v}
-    kwargs.update(cfg.model_kwargs)
+    kwargs = cfg.timm_kwargs()
     backbone = timm.create_model(
         cfg.model, num_classes=0, pretrained_cfg_overlay=data_cfg, **kwargs
     )
-    # normalise with the source data's own statistics (recorded in the card for fine-tuning)
-    data_cfg["mean"], data_cfg["std"] = channel_stats(backbone, data.train)
+    if cfg.init_from:
+        data_cfg["mean"], data_cfg["std"] = load_init(cfg.init_from, backbone, cfg.model, kwargs)
+    else:
+        # normalise with the source data's own statistics (recorded in the card for fine-tuning)
+        data_cfg["mean"], data_cfg["std"] = channel_stats(backbone, data.train)
     backbone.pretrained_cfg.update(mean=data_cfg["mean"], std=data_cfg["std"])
     net = PretrainNet(backbone, data.num_classes, cfg.projector, cfg.projector_dim)
     tf = nd.build_transforms(backbone, augment=False)
@@ -370,6 +384,37 @@ class _Renormalized(nn.Module):
     def forward(self, x):
         raw = x * self.s_std + self.s_mean
         return self.model((raw - self.t_mean) / self.t_std)
+
+
+def init_problems(name: str, model: str, kwargs: dict) -> list[str]:
+    """Why backbone ``name`` cannot start a run that builds ``model`` with ``kwargs``."""
+    found = ncfinetune.hub.backbone_files(name)
+    if found is None:
+        return [
+            f"init_from {name!r} is neither a bundled backbone "
+            f"({', '.join(ncfinetune.hub.bundled_backbones())}) nor a folder with backbone.json "
+            "from recipes/pretrain.py; pass one of those, or null to start from random weights."
+        ]
+    card = found[0]
+    theirs = (card["architecture"], card.get("model_kwargs", {}))
+    if theirs != (model, kwargs):
+        return [
+            f"init_from {name!r} is {theirs[0]} with {theirs[1]}, this run builds {model} with "
+            f"{kwargs}; set model, img_size, patch_size and model_kwargs to match it."
+        ]
+    return []
+
+
+def load_init(name: str, backbone: nn.Module, model: str, kwargs: dict) -> tuple[tuple, tuple]:
+    """Copy the weights of backbone ``name`` (bundled or a pretrain folder) into ``backbone``,
+    which must have the same architecture and timm arguments; returns its (mean, std)."""
+    problems = init_problems(name, model, kwargs)
+    if problems:
+        raise ConfigError(problems[0])
+    card, weights = ncfinetune.hub.backbone_files(name)
+    backbone.load_state_dict(safetensors.torch.load_file(weights), strict=True)
+    cfg = card["pretrained_cfg"]
+    return tuple(cfg["mean"]), tuple(cfg["std"])
 
 
 def fit_teacher(cfg, acc, data, student: nn.Module) -> tuple[nn.Module, dict]:

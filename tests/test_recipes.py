@@ -348,7 +348,7 @@ def test_bad_block_and_dataset_errors(tmp_path, monkeypatch):
 
 def test_every_config_file_loads():
     files = sorted((ROOT / "recipes" / "configs").rglob("*.yaml"))
-    assert len(files) == 10, [f.name for f in files]
+    assert len(files) == 11, [f.name for f in files]
     for f in files:
         cls = PRETRAIN["PretrainConfig"] if "pretrain" in f.parts else FINETUNE["FinetuneConfig"]
         cfg = parse_config(cls, ["--config", str(f)])
@@ -388,6 +388,64 @@ def test_pretrain_smoke_then_finetune_from_its_checkpoint(tmp_path):
     state = model.state_dict()
     assert all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in weights.items())
     assert model.get_classifier().out_features == 4
+
+
+def test_pretrain_starts_from_a_pretrained_backbone_of_the_same_architecture(tmp_path):
+    fresh_accelerate()
+    base = ["--model", "test_resnet", "--dataset", "digits", "--classes", "0,1,2", "--epochs", "1",
+            "--max_steps", "2", "--batch_size", "32", "--nc1_samples", "100"]  # fmt: skip
+    PRETRAIN["main"](base + ["--output_dir", str(tmp_path / "first")])
+    first = json.loads((tmp_path / "first" / "backbone.json").read_text())
+    fresh_accelerate()
+    # lr 1e-12: the second run's weights are the first's (fp16) unless it started elsewhere
+    PRETRAIN["main"](
+        base
+        + [
+            "--init_from",
+            str(tmp_path / "first"),
+            "--lr",
+            "1e-12",
+            "--optimizer",
+            "adamw",
+            "--weight_decay",
+            "0",
+            "--output_dir",
+            str(tmp_path / "second"),
+        ]  # fmt: skip
+    )
+    second = json.loads((tmp_path / "second" / "backbone.json").read_text())
+    assert second["pretrained_cfg"]["mean"] == first["pretrained_cfg"]["mean"]
+    assert second["training"]["init_from"] == str(tmp_path / "first")
+    a = safetensors.torch.load_file(tmp_path / "first" / "backbone.safetensors")
+    b = safetensors.torch.load_file(tmp_path / "second" / "backbone.safetensors")
+    convs = [k for k in a if k.endswith("conv1.weight")]
+    assert convs and all(torch.equal(a[k], b[k]) for k in convs)
+    with pytest.raises(
+        ConfigError, match=r"init_from .* is test_resnet with \{\}, this run builds test_vit"
+    ):
+        PRETRAIN["main"](
+            [
+                "--model",
+                "test_vit",
+                "--init_from",
+                str(tmp_path / "first"),
+                "--dataset",
+                "no_such_dataset",
+                "--output_dir",
+                str(tmp_path / "x"),
+            ]  # fmt: skip
+        )
+    with pytest.raises(ConfigError, match="init_from 'nowhere' is neither a bundled backbone"):
+        PRETRAIN["main"](
+            [
+                "--init_from",
+                "nowhere",
+                "--dataset",
+                "no_such_dataset",
+                "--output_dir",
+                str(tmp_path / "x"),
+            ]  # fmt: skip
+        )
 
 
 def test_pretrain_distils_from_a_teacher_whose_head_is_a_linear_probe(tmp_path, monkeypatch):
