@@ -5,8 +5,8 @@
 At 10 and 100 per class, 3 seeds, the chosen learning rates of ``lr_grid.py``:
 - resnet18, Layer FT and SCL FT at block 4 with ``bn="frozen"`` (pretrained BatchNorm
   statistics outside the block) against the default ``bn="update"``;
-- vit_tiny, SCL FT at block 6 with the skip added raw (``skip_norm=False``) against the
-  default skip through the final norm.
+- vit_p4 (the 6-block patch-4 ViT), SCL FT at block 3 with the skip added raw
+  (``skip_norm=False``) against the default skip through the final norm.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SIZES = [10, 100]
 VARIANTS = [  # (backbone, method, label, Run overrides)
     ("resnet18", "layer", 'bn="frozen"', {"bn": "frozen"}),
     ("resnet18", "scl", 'bn="frozen"', {"bn": "frozen"}),
-    ("vit_tiny", "scl", "skip_norm=False", {"skip_norm": False}),
+    ("vit_p4", "scl", "skip_norm=False", {"skip_norm": False}),
 ]
 
 

@@ -240,7 +240,10 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def report() -> dict:
+def report(out=None) -> dict:
+    """Tables, verdicts and plots from the budget records into ``out`` (default ``OUT``; the
+    calibrations are always read from ``OUT``)."""
+    out = OUT if out is None else out
     recs = load_budget_records()
     summary, lines = {}, ["# Accuracy at equal wall-clock (issue 17)", ""]
     lines += [
@@ -291,10 +294,41 @@ def report() -> dict:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         summary[f"{b}/{t}/{n}"] = block
         lines += ["", verdict(block), ""]
-        plot(b, t, n, block)
-    write_json(OUT / "budget.json", summary)
-    write_text(OUT / "budget.md", "\n".join(lines) + "\n")
+        plot(b, t, n, block, out)
+    lines += memory_table()
+    write_json(out / "budget.json", summary)
+    write_text(out / "budget.md", "\n".join(lines) + "\n")
     return summary
+
+
+def memory_table() -> list[str]:
+    """Markdown lines of ``memory.json`` (``budget.py memory``): peak resident memory per variant."""
+    path = OUT / "memory.json"
+    if not path.is_file():
+        return []
+    lines = [
+        "## Peak memory",
+        "",
+        f"Each variant trains {TIMED_STEPS} steps (batch {BATCH}, 10 per class, fmnist59) in a "
+        "fresh process (`python benchmarks/budget.py memory`): its peak resident memory, and "
+        "the part of it reached while training (above what the process held after loading "
+        "the data and the model; a prefix cache fills while training, so it is in this part). "
+        "SCL FT selected is measured at the middle block.",
+        "",
+        "| backbone | method | peak (MiB) | in training (MiB) |",
+        "|---|---|---:|---:|",
+    ]
+    for key, m in table_rows(json.loads(path.read_text())):
+        b, name = key.split("/", 1)
+        lines.append(f"| {b} | {name} | {m['peak_mib']:.0f} | {m['training_mib']:.0f} |")
+    return lines + [""]
+
+
+def table_rows(table: dict) -> list[tuple[str, dict]]:
+    """memory.json's rows in the order of :func:`variants` per backbone."""
+    order = {f"{b}/{v.name}": (i, j) for i, b in enumerate(BACKBONES) for j, v in
+             enumerate(variants(b))}  # fmt: skip
+    return sorted(table.items(), key=lambda kv: order.get(kv[0], (len(order), 0)))
 
 
 def verdict(block: dict) -> str:
@@ -316,7 +350,7 @@ def verdict(block: dict) -> str:
     return "Ahead of full FT by more than one sd: " + "; ".join(ahead) + "."
 
 
-def plot(b: str, t: str, n: int, block: dict) -> None:
+def plot(b: str, t: str, n: int, block: dict, out) -> None:
     fig, ax = new_figure(figsize=(7, 4.5))
     for name, cells in block.items():
         xs = [c["budget_seconds"] for c in cells.values()]
@@ -330,7 +364,7 @@ def plot(b: str, t: str, n: int, block: dict) -> None:
     ax.set_title(f"{b} -> {t}, {n} per class: accuracy at equal wall-clock")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    save_figure(fig, OUT / f"budget_{b}_{t}_n{n}.png")
+    save_figure(fig, out / f"budget_{b}_{t}_n{n}.png")
 
 
 def main(argv=None) -> None:
@@ -344,13 +378,14 @@ def main(argv=None) -> None:
     if args.command == "report":
         report()
         return
-    if args.command == "memory":
-        table = {}
+    if args.command == "memory":  # adds to (replaces the given backbones' rows of) memory.json
+        path = OUT / "memory.json"
+        table = json.loads(path.read_text()) if path.is_file() else {}
         for b in args.backbones:
             for v in variants(b):
                 table[f"{b}/{v.name}"] = peak_memory(b, args.targets[0], v.name)
                 print(v.name, table[f"{b}/{v.name}"], flush=True)
-        write_json(OUT / "memory.json", table)
+        write_json(path, table)
         return
     grid, runs = plan(args.backbones, args.targets, args.sizes, args.seeds)
     if grid:

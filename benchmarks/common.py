@@ -54,6 +54,9 @@ BACKBONES = {
     "resnet18": {"model": "resnet18_fmnist04", "middle": 4, "blocks": [0, 2, 4, 6]},
     # ViT-Tiny, 12 blocks: the same depth fractions 0, 1/4, 1/2, 3/4 as resnet18's 0, 2, 4, 6
     "vit_tiny": {"model": "vit_tiny_fmnist04", "middle": 6, "blocks": [0, 3, 6, 9]},
+    # issue 17: ViT-Tiny width 192, 6 blocks, 4x4 patches, distilled from resnet18 (bundled
+    # vit_tiny_p4_fmnist04); blocks at depth fractions 0, 1/4, 1/2, 3/4 (floor of 6 x fraction)
+    "vit_p4": {"model": "vit_tiny_p4_fmnist04", "middle": 3, "blocks": [0, 1, 3, 4]},
     # a second source split (issue 13): resnet18 pretrained here on Fashion-MNIST classes 5-9
     # (recipes/configs/pretrain/resnet18_fmnist59.yaml; not shipped, built by the benchmark)
     "resnet18_src59": {
@@ -335,7 +338,7 @@ def ensure(run: Run, *, force: bool = False, log=print) -> dict:
     if run.path.is_file() and not force:
         return json.loads(run.path.read_text())
     rec = execute(run)
-    write_json(run.path, rec, indent=1)
+    write_json(run.path, rec, indent=None)  # compact: one line per record
     m = rec["metrics"]
     if m.get("diverged"):
         log(f"{run.backbone}/{run.target}/{run.key}: diverged ({m['diverged']})")

@@ -1,6 +1,6 @@
 """Claim 4's fair hyperparameters: each method's learning rate, chosen on validation data.
 
-    python benchmarks/lr_grid.py [--backbones resnet18 vit_tiny] [--targets fmnist59 digits]
+    python benchmarks/lr_grid.py [--backbones resnet18 vit_p4] [--targets fmnist59 digits]
 
 For every backbone, target and method: SGD at each learning rate of ``LR_GRID`` on the
 ``LR_SELECT_SIZE``-per-class subset (seed 0, the usual step budget), scored by accuracy on up to
