@@ -471,9 +471,14 @@ def model_card(card: dict) -> str:
         if t
         else ""
     )
+    start = (
+        f"Trained from the weights of `{tr['init_from']}` (its own card describes that stage)"
+        if tr.get("init_from")
+        else "Trained from scratch"
+    )
     return f"""# {card["architecture"]} pretrained on {src["dataset"]} classes {src["classes"]}
 
-Trained from scratch with `recipes/pretrain.py` on this project's machine (2 CPU cores).
+{start} with `recipes/pretrain.py` on this project's machine (2 CPU cores).
 
 - architecture: `{card["architecture"]}` {card["model_kwargs"] or ""}, input {card["pretrained_cfg"]["input_size"]}
 - data: {src["dataset"]} classes {src["classes"]} ({", ".join(src["class_names"])}), {src["train_size"]} train / {src["test_size"]} test images, grayscale replicated to RGB, mean {[round(m, 4) for m in card["pretrained_cfg"]["mean"]]}, std {[round(s, 4) for s in card["pretrained_cfg"]["std"]]}

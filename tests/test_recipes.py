@@ -416,6 +416,8 @@ def test_pretrain_starts_from_a_pretrained_backbone_of_the_same_architecture(tmp
     second = json.loads((tmp_path / "second" / "backbone.json").read_text())
     assert second["pretrained_cfg"]["mean"] == first["pretrained_cfg"]["mean"]
     assert second["training"]["init_from"] == str(tmp_path / "first")
+    card_md = (tmp_path / "second" / "backbone.md").read_text()
+    assert f"Trained from the weights of `{tmp_path / 'first'}`" in card_md
     a = safetensors.torch.load_file(tmp_path / "first" / "backbone.safetensors")
     b = safetensors.torch.load_file(tmp_path / "second" / "backbone.safetensors")
     convs = [k for k in a if k.endswith("conv1.weight")]
