@@ -125,8 +125,13 @@ def calibrate(backbone: str, target: str, n: int) -> dict:
     rows = subset(data, n, 0)
     model = create_backbone(BACKBONES[backbone]["model"], data["num_classes"])
     t0 = time.perf_counter()
-    selection = ncfinetune.select_block(model, fetch(list(rows)), seed=0, precision="no")
-    selected = {"block": selection.chosen, "rule": selection.rule,
+    limit = BACKBONES[backbone].get(
+        "select_max_percent", ncfinetune.selection.MAX_TRAINABLE_PERCENT
+    )
+    selection = ncfinetune.select_block(
+        model, fetch(list(rows)), seed=0, precision="no", max_trainable_percent=limit
+    )
+    selected = {"block": selection.chosen, "rule": selection.rule, "max_trainable_percent": limit,
                 "seconds": time.perf_counter() - t0}  # fmt: skip
     out = {"backbone": backbone, "target": target, "per_class": n, "rows": len(rows),
            "selected": selected, "timed_steps": TIMED_STEPS, "variants": {}}  # fmt: skip
