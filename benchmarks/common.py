@@ -102,7 +102,7 @@ def apply_shift(images: torch.Tensor, shift: str | None) -> torch.Tensor:
 
 # the backbones and targets of the method benchmarks (small_data, method_block, lr_grid, the
 # summary); the others serve block selection (selection_loto.py)
-MAIN_BACKBONES = ["resnet18", "vit_tiny"]
+MAIN_BACKBONES = ["resnet18", "vit_p4"]
 MAIN_TARGETS = ["fmnist59", "digits"]
 SIZES = {"fmnist59": [2, 5, 10, 20, 50, 100, 500], "digits": [2, 5, 10, 20, 50, 100]}
 METHODS = ["linear", "layer", "scl", "full"]

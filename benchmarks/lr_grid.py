@@ -29,11 +29,14 @@ def plan(backbones, targets) -> list:
     return [r for b in backbones for t in targets for m in METHODS for r in lr_runs(b, t, m)]
 
 
-def report(backbones, targets) -> dict:
+def report(backbones, targets, out=None) -> dict:
+    """``lr_grid.{md,json}`` into ``out`` (default ``RESULTS``) from the grid records; also the
+    LoRA-in-block grid that ``budget.py`` runs."""
+    out = RESULTS if out is None else out
     rows = []
     for b in backbones:
         for t in targets:
-            for m in METHODS:
+            for m in METHODS + ["lora-block"]:
                 val = {}
                 for r in lr_runs(b, t, m):
                     if r.path.is_file():
@@ -59,8 +62,9 @@ def report(backbones, targets) -> dict:
         "|---|---|---|" + "---:|" * (len(LR_GRID) + 1),
     ]
     for row in rows:
+        val = row["val_accuracy"]
         cells = [
-            f"{100 * row['val_accuracy'][lr]:.1f}" if lr in row["val_accuracy"] else "-"
+            "-" if lr not in val else "diverged" if val[lr] is None else f"{100 * val[lr]:.1f}"
             for lr in LR_GRID
         ]
         chosen = "-" if row["chosen_lr"] is None else f"{row['chosen_lr']:g}"
@@ -69,15 +73,18 @@ def report(backbones, targets) -> dict:
             + " | ".join(cells)
             + f" | {chosen} |"
         )
-    (RESULTS / "lr_grid.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "lr_grid.md").write_text("\n".join(lines) + "\n")
+    (out / "lr_grid.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "lr_grid.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return {(r["backbone"], r["target"], r["method"]): r["chosen_lr"] for r in rows}
 
 
 def main(argv=None) -> None:
-    args = parse_common(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
-    run_all(plan(args.backbones, args.targets), force=args.force)
+    parser = parse_common(argparse.ArgumentParser(description=__doc__))
+    parser.add_argument("--report", action="store_true", help="only the tables, from the records")
+    args = parser.parse_args(argv)
+    if not args.report:
+        run_all(plan(args.backbones, args.targets), force=args.force)
     report(args.backbones, args.targets)
 
 

@@ -45,6 +45,15 @@ def test_summary_tables_are_regenerated_byte_for_byte(tmp_path, monkeypatch):
         assert all(common.chosen_lr(b, t, m) for t in common.MAIN_TARGETS for m in common.METHODS)
 
 
+def test_learning_rate_tables_are_regenerated_byte_for_byte(tmp_path):
+    import lr_grid
+
+    lr_grid.report(common.MAIN_BACKBONES, common.MAIN_TARGETS, tmp_path)
+    for name in ("lr_grid.md", "lr_grid.json"):
+        assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name
+    assert "| chosen |" in (tmp_path / "lr_grid.md").read_text()
+
+
 def test_budget_tables_are_regenerated_byte_for_byte(tmp_path):
     summary = budget.report(tmp_path)
     for name in ("budget.md", "budget.json"):
@@ -56,7 +65,7 @@ def test_budget_tables_are_regenerated_byte_for_byte(tmp_path):
     assert summary, "no budget records"
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+@pytest.mark.parametrize("name", common.MAIN_BACKBONES)
 def test_a_few_records_reproduce_their_summary_cells(name):
     """A cell of the committed summary is the mean of its records' test accuracies."""
     data = json.loads((RESULTS / "summary.json").read_text())
@@ -65,11 +74,12 @@ def test_a_few_records_reproduce_their_summary_cells(name):
         pytest.skip(f"{name} is not a main backbone of the committed summary")
     key, table = sorted(cells.items())[0]
     b, t = key.split("/")
-    recs = summarize.load_records()
+    recs, checked = summarize.load_records(), 0
     for m, by_size in table.items():
-        for n, cell in list(by_size.items())[:2]:
-            if cell is None:
-                continue
+        for n, cell in [kv for kv in by_size.items() if kv[1] is not None][:2]:
             rs = summarize.group(recs, b, t, m, int(n), common.chosen_lr(b, t, m))
             accs = [r["metrics"]["test_accuracy"] for r in rs]
             assert len(accs) == cell["n"] and sum(accs) / len(accs) == pytest.approx(cell["mean"])
+            checked += 1
+    if not checked:
+        pytest.skip(f"{key}: no cell of the committed summary has records yet")
