@@ -43,6 +43,7 @@ def load_records() -> list[dict]:
             and not run["validate"]
             and not run.get("bn")
             and run.get("budget") is None
+            and run.get("test_max") is None  # the main tables score the whole test split
         ):
             if run.get("skip_norm") is None:
                 recs.append(rec)
@@ -99,7 +100,8 @@ def size_table(out, title, table, sizes):
 
 def plot_curve(b, t, table):
     if not any(s is not None for v in table.values() for s in v.values()):
-        return  # no records yet: no empty plot
+        (RESULTS / f"small_data_{b}_{t}.png").unlink(missing_ok=True)  # no records: no plot
+        return
     from ncfinetune.plotting import new_figure, save_figure
 
     fig, ax = new_figure(figsize=(6, 4))
