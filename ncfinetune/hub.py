@@ -102,8 +102,8 @@ def _create(
             pretrained_cfg_overlay=overlay,
             **{**card.get("model_kwargs", {}), **kwargs},
         )
+    bundled = bundled_backbones()
     if not timm.is_model(name):
-        bundled = bundled_backbones()
         raise ConfigError(
             f"unknown model {name!r}: not a bundled backbone ({', '.join(bundled) or 'none'}), "
             "not a folder with backbone.json from recipes/pretrain.py, and not a timm "
