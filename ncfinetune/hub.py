@@ -86,7 +86,7 @@ def _create(
         if pretrained or checkpoint:
             kind = (
                 "a bundled backbone"
-                if name in bundled_backbones()
+                if found[1].parent == ASSETS
                 else "a recipes/pretrain.py folder"
             )
             raise ConfigError(

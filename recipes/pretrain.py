@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.model, num_classes=0, pretrained_cfg_overlay=data_cfg, **kwargs
     )
     if cfg.init_from:
-        data_cfg["mean"], data_cfg["std"] = load_init(cfg.init_from, backbone, cfg.model, kwargs)
+        data_cfg["mean"], data_cfg["std"] = load_init(cfg.init_from, backbone)
     else:
         # normalise with the source data's own statistics (recorded in the card for fine-tuning)
         data_cfg["mean"], data_cfg["std"] = channel_stats(backbone, data.train)
@@ -405,12 +405,10 @@ def init_problems(name: str, model: str, kwargs: dict) -> list[str]:
     return []
 
 
-def load_init(name: str, backbone: nn.Module, model: str, kwargs: dict) -> tuple[tuple, tuple]:
+def load_init(name: str, backbone: nn.Module) -> tuple[tuple, tuple]:
     """Copy the weights of backbone ``name`` (bundled or a pretrain folder) into ``backbone``,
-    which must have the same architecture and timm arguments; returns its (mean, std)."""
-    problems = init_problems(name, model, kwargs)
-    if problems:
-        raise ConfigError(problems[0])
+    whose architecture and timm arguments ``PretrainConfig.validate`` checked against it;
+    returns its (mean, std)."""
     card, weights = ncfinetune.hub.backbone_files(name)
     backbone.load_state_dict(safetensors.torch.load_file(weights), strict=True)
     cfg = card["pretrained_cfg"]
