@@ -245,3 +245,40 @@ def test_summarize_regenerates_its_tables_byte_for_byte_from_the_records(harness
     summarize.main()
     again = {p.name: p.read_bytes() for p in fresh.iterdir() if p.is_file()}
     assert again == made
+
+
+def _state(pid: int, want: str) -> str:
+    """The process's state letter, once it is one of ``want`` (signals arrive asynchronously)."""
+    import time
+
+    for _ in range(100):
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        if state in want:
+            break
+        time.sleep(0.05)
+    return state
+
+
+def test_calibration_pauses_matching_processes_and_always_resumes_them():
+    import subprocess
+
+    import budget
+
+    tag = "ncfinetune-pause-probe-17"  # a command line nothing else has
+    child = subprocess.Popen(["sleep", "60"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", tag])
+    try:
+        assert other.pid in budget.matching_processes(tag)
+        assert child.pid not in budget.matching_processes(tag)  # its command line lacks the tag
+        with pytest.raises(RuntimeError, match="inside"):
+            with budget.paused(tag) as stopped:
+                assert stopped == [other.pid] and _state(other.pid, "T") == "T"
+                raise RuntimeError("inside")
+        assert _state(other.pid, "SR") in "SR"  # resumed although the block raised
+        with budget.paused(None) as stopped:
+            assert stopped == []
+        with pytest.raises(SystemExit, match=r"--pause '\(' is not a regular expression"):
+            budget.matching_processes("(")
+    finally:
+        child.kill()
+        other.kill()
