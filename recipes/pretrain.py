@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
             "history": history,
             "wall_time_s": round(time.time() - start, 1),
             "command": "accelerate launch recipes/pretrain.py "
-            + " ".join(sys.argv[1:] if argv is None else argv),
+            + shlex.join(sys.argv[1:] if argv is None else argv),  # pasteable: quoted
             "versions": {
                 "ncfinetune": ncfinetune.__version__,
                 "timm": timm.__version__,

@@ -1,6 +1,7 @@
 """End-to-end recipe runs on tiny models and bundled data (CPU, offline)."""
 
 import json
+import shlex
 import os
 import runpy
 import subprocess
@@ -468,6 +469,9 @@ def test_pretrain_distils_from_a_teacher_whose_head_is_a_linear_probe(tmp_path, 
     PRETRAIN["main"](args)
     card = json.loads((tmp_path / "pt" / "backbone.json").read_text())
     assert card["model_kwargs"] == {"img_size": 32, "depth": 2}
+    # the card's command is quoted so that it pastes back into a shell: the same arguments
+    assert card["command"].startswith("accelerate launch recipes/pretrain.py ")
+    assert shlex.split(card["command"])[3:] == args and "'{depth: 2}'" in card["command"]
     teacher = card["teacher"]
     assert teacher["backbone"] == "resnet18_fmnist04" and teacher["distill_alpha"] == 0.25
     assert teacher["source_test_accuracy"] > 0.9  # a probe on its features separates digits 0-2
