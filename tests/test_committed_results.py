@@ -84,3 +84,65 @@ def test_a_few_records_reproduce_their_summary_cells(name):
                 checked += 1
     if not checked:
         pytest.skip(f"{name}: no cell of the committed summary has records yet")
+
+
+# -- the READMEs quote the committed tables ------------------------------------------------------
+NUM = r"\**([\d.]+) ± ([\d.]+)\**"  # a "mean ± sd" cell, bold or not
+
+
+def _cell(summary: dict, key: str, method: str, size: int):
+    cell = summary["small_data"][key][method][str(size)]
+    assert cell is not None, f"{key}/{method}/{size}: no records for a number the README quotes"
+    return round(100 * cell["mean"], 1), round(100 * cell["std"], 1)
+
+
+def test_the_readmes_quote_the_small_data_table():
+    """README.md's "SCL FT vs full FT" rows and benchmarks/README.md's table of the same are
+    the committed summary's means (and sds), rounded to one decimal."""
+    import re
+
+    summary = json.loads((RESULTS / "summary.json").read_text())
+    rows = re.findall(
+        r"^\| (\w+) -> (\w+) \| ([\d.]+) vs ([\d.]+) \| ([\d.]+) vs ([\d.]+) \|$",
+        (ROOT / "README.md").read_text(),
+        flags=re.M,
+    )
+    assert len(rows) >= 4, rows
+    for b, t, *quoted in rows:
+        cells = [_cell(summary, f"{b}/{t}", m, n)[0] for n in (10, 100) for m in ("scl", "full")]
+        assert [float(q) for q in quoted] == cells, (b, t)
+    rows = re.findall(
+        rf"^\| (\w+) \| (\w+) \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|$",
+        (ROOT / "benchmarks" / "README.md").read_text(),
+        flags=re.M,
+    )
+    assert len(rows) >= 4, rows
+    for b, t, *quoted in rows:
+        cells = [x for n in (10, 100) for m in ("scl", "full") for x in _cell(summary, f"{b}/{t}", m, n)]
+        assert [float(q) for q in quoted] == cells, (b, t)
+
+
+def test_the_benchmark_readme_quotes_the_budget_tables():
+    """Every "backbone -> target" budget table in benchmarks/README.md: each cell is budget.json's
+    (method names as in budget.md, less a parenthesis or "+ cache" note)."""
+    import re
+
+    table = json.loads((RESULTS / "budget" / "budget.json").read_text())
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    pattern = r"^\| (\w+) -> (\w+) \|((?: [\d.]+x \|)+)\n\|[-|:]+\|\n((?:\|.*\|\n)+)"
+    blocks = re.findall(pattern, text, re.M)
+    assert len(blocks) >= 4, [b[:2] for b in blocks]
+    for b, t, header, body in blocks:
+        budgets = [h.strip()[:-1] for h in header.split("|") if h.strip()]
+        rec = table[f"{b}/{t}/10"]
+        for line in body.strip().splitlines():
+            name, *cells = [c.strip() for c in line.strip("|").split("|")]
+            name = re.sub(r" \(.*?\)| \+ cache", "", name)
+            assert name in rec, f"{b}/{t}: {name!r} is not a method of budget.json"
+            for budget_, cell in zip(budgets, cells, strict=True):
+                got = rec[name].get(str(float(budget_)))
+                m = re.fullmatch(NUM, cell)
+                assert m and got, f"{b}/{t}/{name}/{budget_}x: {cell!r} vs {got}"
+                assert (float(m[1]), float(m[2])) == (round(got["mean"], 1), round(got["sd"], 1)), (
+                    b, t, name, budget_
+                )
