@@ -34,9 +34,12 @@ def bundled_backbones() -> dict[str, dict]:
 def backbone_files(name: str) -> tuple[dict, Path] | None:
     """``(card, weights file)`` of a bundled backbone or of a ``recipes/pretrain.py`` folder
     (``backbone.json`` + ``backbone.safetensors``); None when ``name`` is neither."""
-    bundled = bundled_backbones()
-    if name in bundled:
-        return bundled[name], ASSETS / f"{name}.safetensors"
+    weights = ASSETS / f"{name}.safetensors"  # bundled: read this one card, not all of them
+    if (
+        name in {p.stem for p in ASSETS.glob("*.safetensors")}
+        and weights.with_suffix(".json").is_file()
+    ):
+        return json.loads(weights.with_suffix(".json").read_text()), weights
     folder = Path(name)
     if not (folder / "backbone.json").is_file():
         return None

@@ -118,7 +118,9 @@ def test_the_readmes_quote_the_small_data_table():
     )
     assert len(rows) >= 4, rows
     for b, t, *quoted in rows:
-        cells = [x for n in (10, 100) for m in ("scl", "full") for x in _cell(summary, f"{b}/{t}", m, n)]
+        cells = [
+            x for n in (10, 100) for m in ("scl", "full") for x in _cell(summary, f"{b}/{t}", m, n)
+        ]
         assert [float(q) for q in quoted] == cells, (b, t)
 
 
@@ -144,5 +146,8 @@ def test_the_benchmark_readme_quotes_the_budget_tables():
                 m = re.fullmatch(NUM, cell)
                 assert m and got, f"{b}/{t}/{name}/{budget_}x: {cell!r} vs {got}"
                 assert (float(m[1]), float(m[2])) == (round(got["mean"], 1), round(got["sd"], 1)), (
-                    b, t, name, budget_
+                    b,
+                    t,
+                    name,
+                    budget_,
                 )

@@ -1,9 +1,9 @@
 """End-to-end recipe runs on tiny models and bundled data (CPU, offline)."""
 
 import json
-import shlex
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 from pathlib import Path
