@@ -1,6 +1,7 @@
 """What was tried where a claim did not hold: the BN policy (resnet18) and the ViT skip's norm.
 
-    python benchmarks/ablations.py       # results/ablations.{md,json}; needs lr_grid.py first
+    python benchmarks/ablations.py            # runs, then results/ablations.{md,json}; needs lr_grid.py
+    python benchmarks/ablations.py --report   # the tables from the records only
 
 At 10 and 100 per class, 3 seeds, the chosen learning rates of ``lr_grid.py``:
 - resnet18, Layer FT and SCL FT at block 4 with ``bn="frozen"`` (pretrained BatchNorm
@@ -14,8 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
-from common import RESULTS, SEEDS, TARGETS, chosen_lr, parse_common, run_all, run_for
+from common import (
+    MAIN_TARGETS,
+    RESULTS,
+    SEEDS,
+    chosen_lr,
+    mean_sd,
+    parse_common,
+    run_all,
+    run_for,
+)
+
+from ncfinetune.files import write_json, write_text
 
 SIZES = [10, 100]
 VARIANTS = [  # (backbone, method, label, Run overrides)
@@ -42,47 +53,60 @@ def plan(backbones, targets):
     return runs
 
 
-def main(argv=None) -> None:
-    args = parse_common(argparse.ArgumentParser(description=__doc__)).parse_args(argv)
-    recs = run_all(plan(args.backbones, args.targets))
-    by_key = {(r["run"]["backbone"], r["run"]["target"], r["key"]): r for r in recs}
+def load(run) -> dict | None:
+    return json.loads(run.path.read_text()) if run.path.is_file() else None
+
+
+def report(out=RESULTS) -> list[dict]:
+    """``ablations.{md,json}`` in ``out`` from the records alone (every backbone and target; a
+    row whose records are not all there yet is left out)."""
     lines = [
         "# Ablations: BN policy (resnet18) and the ViT skip's norm",
         "",
-        "`python benchmarks/ablations.py`; test accuracy %, mean ± sd over seeds "
+        "`python benchmarks/ablations.py`; test accuracy %, mean ± sd (ddof 1) over seeds "
         f"{SEEDS}, chosen learning rates, 150 steps.",
         "",
         "| backbone | target | method | per class | default | variant | variant acc |",
         "|---|---|---|---:|---:|---|---:|",
     ]
-    out = []
+    rows = []
     for b, m, label, kw in VARIANTS:
-        for t in TARGETS:
+        for t in MAIN_TARGETS:
             lr = chosen_lr(b, t, m)
-            if b not in args.backbones or t not in args.targets or lr is None:
+            if lr is None:
                 continue
             for n in SIZES:
-                base, var = [], []
-                for s in SEEDS:
-                    base.append(by_key[(b, t, run_for(b, t, m, n, s, lr).key)])
-                    var.append(by_key[(b, t, run_for(b, t, m, n, s, lr, **kw).key)])
+                base = [load(run_for(b, t, m, n, s, lr)) for s in SEEDS]
+                var = [load(run_for(b, t, m, n, s, lr, **kw)) for s in SEEDS]
+                if None in base + var:
+                    continue
                 acc0 = [100 * r["metrics"]["test_accuracy"] for r in base]
                 acc1 = [100 * r["metrics"]["test_accuracy"] for r in var if not diverged(r)]
                 bad = sum(map(diverged, var))
-                out.append(
+                rows.append(
                     {"backbone": b, "target": t, "method": m, "per_class": n, "variant": label,
                      "default": acc0, "variant_acc": acc1}
                 )  # fmt: skip
                 lines.append(
-                    f"| {b} | {t} | {m} | {n} | {np.mean(acc0):.1f} ± {np.std(acc0):.1f} | "
+                    f"| {b} | {t} | {m} | {n} | {'{:.1f} ± {:.1f}'.format(*mean_sd(acc0))} | "
                     f"{label} | "
-                    + (f"{np.mean(acc1):.1f} ± {np.std(acc1):.1f}" if acc1 else "-")
+                    + ("{:.1f} ± {:.1f}".format(*mean_sd(acc1)) if acc1 else "-")
                     + (f" ({bad} of {len(var)} diverged)" if bad else "")
                     + " |"
                 )
-    (RESULTS / "ablations.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / "ablations.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_json(out / "ablations.json", rows, indent=1)
+    write_text(out / "ablations.md", "\n".join(lines) + "\n")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = parse_common(argparse.ArgumentParser(description=__doc__))
+    parser.add_argument("--report", action="store_true", help="only the tables, from the records")
+    args = parser.parse_args(argv)
+    if not args.report:
+        run_all(plan(args.backbones, args.targets))
+    report()
+    print((RESULTS / "ablations.md").read_text())
 
 
 if __name__ == "__main__":

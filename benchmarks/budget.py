@@ -62,6 +62,7 @@ from common import (
     chosen_lr,
     load_data,
     lr_runs,
+    mean_sd,
     run_all,
     run_for,
     subset,
@@ -295,11 +296,6 @@ def variant_of(rec: dict, cal: dict) -> list[str]:
         if (v.method, block, v.bn) == (run["method"], run["block"], run["bn"]):
             names.append(v.name)
     return names
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
 def report(out=None) -> dict:

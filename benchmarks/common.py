@@ -394,6 +394,15 @@ def chosen_lr(backbone: str, target: str, method: str) -> float | None:
     return best["run"]["lr"]
 
 
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and *sample* standard deviation (ddof 1; 0.0 for one value): the "mean ± sd" of every
+    table here."""
+    a = np.asarray(list(values), dtype=float)
+    if a.size == 0:
+        raise ValueError("mean_sd of no values")
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
 def parse_common(parser):
     # the method benchmarks run on the bundled backbones and the two original targets; the
     # other backbones and targets serve block selection (selection_loto.py)

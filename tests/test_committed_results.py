@@ -65,6 +65,22 @@ def test_budget_tables_are_regenerated_byte_for_byte(tmp_path):
     assert summary, "no budget records"
 
 
+def test_ablation_tables_are_regenerated_byte_for_byte(tmp_path):
+    import ablations
+
+    rows = ablations.report(tmp_path)
+    for name in ("ablations.md", "ablations.json"):
+        assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name
+    assert {r["backbone"] for r in rows} == {"resnet18", "vit_p4"}, rows
+
+
+def test_mean_sd_is_the_sample_standard_deviation():
+    assert common.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)  # ddof 1 (population sd: 0.816)
+    assert common.mean_sd([5.0]) == (5.0, 0.0)
+    with pytest.raises(ValueError, match="no values"):
+        common.mean_sd([])
+
+
 @pytest.mark.parametrize("name", common.MAIN_BACKBONES)
 def test_a_few_records_reproduce_their_summary_cells(name):
     """A cell of the committed summary is the mean of its records' test accuracies."""
