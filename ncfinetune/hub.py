@@ -24,22 +24,19 @@ pretrained, checkpoint), which ``TunedModel.save_pretrained`` records as the bas
 def bundled_backbones() -> dict[str, dict]:
     """The backbones shipped inside the package: name -> its JSON card (architecture, kwargs,
     data config, provenance)."""
-    out = {}
-    for card in sorted(ASSETS.glob("*.json")):
-        if (ASSETS / f"{card.stem}.safetensors").is_file():
-            out[card.stem] = json.loads(card.read_text())
-    return out
+    return {n: json.loads((ASSETS / f"{n}.json").read_text()) for n in bundled_names()}
+
+
+def bundled_names() -> list[str]:
+    """Names of the bundled backbones (weights and card both present), without reading a card."""
+    return sorted(p.stem for p in ASSETS.glob("*.safetensors") if p.with_suffix(".json").is_file())
 
 
 def backbone_files(name: str) -> tuple[dict, Path] | None:
     """``(card, weights file)`` of a bundled backbone or of a ``recipes/pretrain.py`` folder
     (``backbone.json`` + ``backbone.safetensors``); None when ``name`` is neither."""
-    weights = ASSETS / f"{name}.safetensors"  # bundled: read this one card, not all of them
-    if (
-        name in {p.stem for p in ASSETS.glob("*.safetensors")}
-        and weights.with_suffix(".json").is_file()
-    ):
-        return json.loads(weights.with_suffix(".json").read_text()), weights
+    if name in bundled_names():  # read this one card, not all of them
+        return json.loads((ASSETS / f"{name}.json").read_text()), ASSETS / f"{name}.safetensors"
     folder = Path(name)
     if not (folder / "backbone.json").is_file():
         return None
@@ -105,10 +102,9 @@ def _create(
             pretrained_cfg_overlay=overlay,
             **{**card.get("model_kwargs", {}), **kwargs},
         )
-    bundled = bundled_backbones()
     if not timm.is_model(name):
         raise ConfigError(
-            f"unknown model {name!r}: not a bundled backbone ({', '.join(bundled) or 'none'}), "
+            f"unknown model {name!r}: not a bundled backbone ({', '.join(bundled_names()) or 'none'}), "
             "not a folder with backbone.json from recipes/pretrain.py, and not a timm "
             "architecture (see timm.list_models())."
         )
@@ -129,6 +125,6 @@ def _create(
             raise ConfigError(
                 f"could not load pretrained weights for {name!r} from the Hugging Face hub "
                 f"({type(e).__name__}: {str(e)[:160]}). Offline, use a bundled backbone "
-                f"({', '.join(bundled) or 'none'}) or --checkpoint PATH to a local weights file."
+                f"({', '.join(bundled_names()) or 'none'}) or --checkpoint PATH to a local weights file."
             ) from e
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
