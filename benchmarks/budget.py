@@ -334,13 +334,13 @@ def report(out=None) -> dict:
         for name in [v.name for v in variants(b) if v.name in table]:
             cells, block[name] = [], {}
             for x in BUDGETS:
-                rs = [
-                    r
-                    for r in table[name].get(x, [])
-                    if r["metrics"].get("test_accuracy") is not None
-                ]
+                done = table[name].get(x, [])
+                rs = [r for r in done if r["metrics"].get("test_accuracy") is not None]
+                diverged = sum(bool(r["metrics"].get("diverged")) for r in done)
                 if not rs:
-                    cells.append("–")
+                    if diverged:  # a result too: say so rather than leave the cell empty
+                        block[name][str(x)] = {"n": 0, "diverged": diverged}
+                    cells.append(f"diverged ({diverged} of {diverged})" if diverged else "–")
                     continue
                 m, sd = mean_sd([100 * r["metrics"]["test_accuracy"] for r in rs])
                 secs = float(np.mean([r["train_seconds"] for r in rs]))
@@ -348,7 +348,10 @@ def report(out=None) -> dict:
                 budget_s = x * STEPS * cals[(b, t, n)]["variants"]["full FT"]["tau"]
                 block[name][str(x)] = {"mean": m, "sd": sd, "n": len(rs), "seconds": secs,
                                        "budget_seconds": budget_s, "steps": steps}  # fmt: skip
-                cells.append(f"{m:.1f} ± {sd:.1f} ({secs:.0f}s, {steps} steps)")
+                note = f", {diverged} of {len(done)} diverged" if diverged else ""
+                if diverged:
+                    block[name][str(x)]["diverged"] = diverged
+                cells.append(f"{m:.1f} ± {sd:.1f} ({secs:.0f}s, {steps} steps{note})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         summary[f"{b}/{t}/{n}"] = block
         lines += ["", verdict(block), ""]
@@ -391,7 +394,7 @@ def table_rows(table: dict) -> list[tuple[str, dict]]:
 
 def verdict(block: dict) -> str:
     """Where a one-block method is ahead of full FT by more than one sd (the larger of the two),
-    per budget; cells with fewer than 2 seeds give no verdict."""
+    per budget; cells with fewer than 2 seeds, or with a diverged run, give no verdict."""
     full = block.get("full FT", {})
     ahead = []
     for x, f in full.items():
@@ -400,6 +403,8 @@ def verdict(block: dict) -> str:
                 continue
             c = cells.get(x)
             if not c or min(c["n"], f["n"]) < 2:  # an sd needs at least 2 seeds
+                continue
+            if c.get("diverged"):  # the mean of the runs that survived would flatter it
                 continue
             if c["mean"] - f["mean"] > max(c["sd"], f["sd"]):
                 ahead.append(f"{name} at {float(x):g}x ({c['mean']:.1f} vs {f['mean']:.1f})")
@@ -411,6 +416,7 @@ def verdict(block: dict) -> str:
 def plot(b: str, t: str, n: int, block: dict, out) -> None:
     fig, ax = new_figure(figsize=(7, 4.5))
     for name, cells in block.items():
+        cells = {x: c for x, c in cells.items() if c["n"]}  # a cell of diverged runs has no point
         xs = [c["budget_seconds"] for c in cells.values()]
         ys = [c["mean"] for c in cells.values()]
         es = [c["sd"] for c in cells.values()]

@@ -220,6 +220,24 @@ def test_budget_steps_follow_the_calibration_and_runs_are_recorded(harness, monk
     assert (harness / "budget" / "budget_tiny_digits_n5.png").is_file()
     assert "| full FT |" in (harness / "budget" / "budget.md").read_text()
     assert summarize.load_records() == []  # budget runs stay out of the main tables
+    # a diverged run is reported as such: alone in its cell, or next to the runs that finished
+    (short,) = [r for r in full if r.budget == 0.05]
+    (long,) = [r for r in full if r.budget == 0.1]
+    for run, seed in ((short, 0), (long, 1)):  # 0.05: the record replaced; 0.1: a second seed
+        rec = json.loads(run.path.read_text())
+        rec["run"]["seed"] = seed
+        rec["metrics"] = {"test_accuracy": None, "diverged": "the loss became nan at step 3"}
+        run.path.with_name(run.path.name.replace("-s0-", f"-s{seed}-")).write_text(json.dumps(rec))
+    out = budget.report()["tiny/digits/5"]["full FT"]
+    assert out["0.05"] == {"n": 0, "diverged": 1}
+    assert (out["0.1"]["n"], out["0.1"]["diverged"]) == (1, 1)
+    md = (harness / "budget" / "budget.md").read_text()
+    assert "| full FT | diverged (1 of 1) | " in md and "steps, 1 of 2 diverged) |" in md
+    full_ft, layer = {"1.0": {"mean": 80.0, "sd": 1.0, "n": 3}}, {"mean": 90.0, "sd": 2.0, "n": 3}
+    ahead = budget.verdict({"full FT": full_ft, "Layer FT mid": {"1.0": layer}})
+    assert ahead == "Ahead of full FT by more than one sd: Layer FT mid at 1x (90.0 vs 80.0)."
+    layer["diverged"] = 1  # the mean of the survivors is no verdict
+    assert budget.verdict({"full FT": full_ft, "Layer FT mid": {"1.0": layer}}).startswith("No ")
 
 
 def test_summarize_regenerates_its_tables_byte_for_byte_from_the_records(harness, monkeypatch):

@@ -141,18 +141,21 @@ def test_the_readmes_quote_the_small_data_table():
 
 
 def test_the_benchmark_readme_quotes_the_budget_tables():
-    """Every "backbone -> target" budget table in benchmarks/README.md: each cell is budget.json's
-    (method names as in budget.md, less a parenthesis or "+ cache" note)."""
+    """Every "backbone -> target[, N/class]" budget table in benchmarks/README.md (10 per class
+    unless the header says otherwise): each cell is budget.json's (method names as in budget.md,
+    less a parenthesis or "+ cache" note)."""
     import re
 
     table = json.loads((RESULTS / "budget" / "budget.json").read_text())
     text = (ROOT / "benchmarks" / "README.md").read_text()
-    pattern = r"^\| (\w+) -> (\w+) \|((?: [\d.]+x \|)+)\n\|[-|:]+\|\n((?:\|.*\|\n)+)"
+    pattern = (
+        r"^\| (\w+) -> (\w+)(?:, (\d+)/class)? \|((?: [\d.]+x \|)+)\n\|[-|:]+\|\n((?:\|.*\|\n)+)"
+    )
     blocks = re.findall(pattern, text, re.M)
     assert len(blocks) >= 4, [b[:2] for b in blocks]
-    for b, t, header, body in blocks:
+    for b, t, n, header, body in blocks:
         budgets = [h.strip()[:-1] for h in header.split("|") if h.strip()]
-        rec = table[f"{b}/{t}/10"]
+        rec = table[f"{b}/{t}/{n or 10}"]
         for line in body.strip().splitlines():
             name, *cells = [c.strip() for c in line.strip("|").split("|")]
             name = re.sub(r" \(.*?\)| \+ cache", "", name)
