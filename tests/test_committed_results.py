@@ -152,7 +152,7 @@ def test_the_benchmark_readme_quotes_the_budget_tables():
         r"^\| (\w+) -> (\w+)(?:, (\d+)/class)? \|((?: [\d.]+x \|)+)\n\|[-|:]+\|\n((?:\|.*\|\n)+)"
     )
     blocks = re.findall(pattern, text, re.M)
-    assert len(blocks) >= 4, [b[:2] for b in blocks]
+    assert len(blocks) >= 8, [b[:3] for b in blocks]  # 10 and 100 per class, 4 pairs each
     for b, t, n, header, body in blocks:
         budgets = [h.strip()[:-1] for h in header.split("|") if h.strip()]
         rec = table[f"{b}/{t}/{n or 10}"]
