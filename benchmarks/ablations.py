@@ -13,17 +13,18 @@ At 10 and 100 per class, 3 seeds, the chosen learning rates of ``lr_grid.py``:
 from __future__ import annotations
 
 import argparse
-import json
 
 from common import (
     MAIN_TARGETS,
     RESULTS,
     SEEDS,
     chosen_lr,
+    diverged,
     mean_sd,
     parse_common,
     run_all,
     run_for,
+    saved,
 )
 
 from ncfinetune.files import write_json, write_text
@@ -34,10 +35,6 @@ VARIANTS = [  # (backbone, method, label, Run overrides)
     ("resnet18", "scl", 'bn="frozen"', {"bn": "frozen"}),
     ("vit_p4", "scl", "skip_norm=False", {"skip_norm": False}),
 ]
-
-
-def diverged(rec: dict) -> bool:
-    return bool(rec["metrics"].get("diverged"))
 
 
 def plan(backbones, targets):
@@ -51,10 +48,6 @@ def plan(backbones, targets):
                 for s in SEEDS:
                     runs += [run_for(b, t, m, n, s, lr), run_for(b, t, m, n, s, lr, **kw)]
     return runs
-
-
-def load(run) -> dict | None:
-    return json.loads(run.path.read_text()) if run.path.is_file() else None
 
 
 def report(out=RESULTS) -> list[dict]:
@@ -76,8 +69,8 @@ def report(out=RESULTS) -> list[dict]:
             if lr is None:
                 continue
             for n in SIZES:
-                base = [load(run_for(b, t, m, n, s, lr)) for s in SEEDS]
-                var = [load(run_for(b, t, m, n, s, lr, **kw)) for s in SEEDS]
+                base = [saved(run_for(b, t, m, n, s, lr)) for s in SEEDS]
+                var = [saved(run_for(b, t, m, n, s, lr, **kw)) for s in SEEDS]
                 if None in base + var:
                     continue
                 acc0 = [100 * r["metrics"]["test_accuracy"] for r in base]

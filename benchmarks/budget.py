@@ -60,6 +60,7 @@ from common import (
     SEEDS,
     STEPS,
     chosen_lr,
+    diverged,
     load_data,
     lr_runs,
     mean_sd,
@@ -336,11 +337,11 @@ def report(out=None) -> dict:
             for x in BUDGETS:
                 done = table[name].get(x, [])
                 rs = [r for r in done if r["metrics"].get("test_accuracy") is not None]
-                diverged = sum(bool(r["metrics"].get("diverged")) for r in done)
+                bad = sum(map(diverged, done))
                 if not rs:
-                    if diverged:  # a result too: say so rather than leave the cell empty
-                        block[name][str(x)] = {"n": 0, "diverged": diverged}
-                    cells.append(f"diverged ({diverged} of {diverged})" if diverged else "–")
+                    if bad:  # a result too: say so rather than leave the cell empty
+                        block[name][str(x)] = {"n": 0, "diverged": bad}
+                    cells.append(f"diverged ({bad} of {bad})" if bad else "–")
                     continue
                 m, sd = mean_sd([100 * r["metrics"]["test_accuracy"] for r in rs])
                 secs = float(np.mean([r["train_seconds"] for r in rs]))
@@ -348,9 +349,10 @@ def report(out=None) -> dict:
                 budget_s = x * STEPS * cals[(b, t, n)]["variants"]["full FT"]["tau"]
                 block[name][str(x)] = {"mean": m, "sd": sd, "n": len(rs), "seconds": secs,
                                        "budget_seconds": budget_s, "steps": steps}  # fmt: skip
-                note = f", {diverged} of {len(done)} diverged" if diverged else ""
-                if diverged:
-                    block[name][str(x)]["diverged"] = diverged
+                note = ""
+                if bad:
+                    block[name][str(x)]["diverged"] = bad
+                    note = f", {bad} of {len(done)} diverged"
                 cells.append(f"{m:.1f} ± {sd:.1f} ({secs:.0f}s, {steps} steps{note})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         summary[f"{b}/{t}/{n}"] = block

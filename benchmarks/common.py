@@ -339,14 +339,24 @@ def execute(run: Run) -> dict:
     }
 
 
+def saved(run: Run) -> dict | None:
+    """The saved record of ``run``, or None when it has not been run."""
+    return json.loads(run.path.read_text()) if run.path.is_file() else None
+
+
+def diverged(rec: dict) -> bool:
+    """Whether the record's training diverged (a result: it has no accuracy)."""
+    return bool(rec["metrics"].get("diverged"))
+
+
 def ensure(run: Run, *, force: bool = False, log=print) -> dict:
     """The record of ``run``: read it if it exists (unless ``force``), else execute and save it."""
-    if run.path.is_file() and not force:
-        return json.loads(run.path.read_text())
+    if not force and (rec := saved(run)) is not None:
+        return rec
     rec = execute(run)
     write_json(run.path, rec, indent=None)  # compact: one line per record
     m = rec["metrics"]
-    if m.get("diverged"):
+    if diverged(rec):
         log(f"{run.backbone}/{run.target}/{run.key}: diverged ({m['diverged']})")
         return rec
     log(
@@ -382,11 +392,7 @@ def lr_runs(backbone: str, target: str, method: str) -> list[Run]:
 def chosen_lr(backbone: str, target: str, method: str) -> float | None:
     """The grid learning rate with the best validation accuracy (ties: the larger), or None if
     the grid has not been run yet (run benchmarks/lr_grid.py)."""
-    recs = [
-        json.loads(r.path.read_text())
-        for r in lr_runs(backbone, target, method)
-        if r.path.is_file()
-    ]
+    recs = [rec for r in lr_runs(backbone, target, method) if (rec := saved(r)) is not None]
     if len(recs) < len(LR_GRID):
         return None
     # a diverged run has no validation accuracy: it ranks last
