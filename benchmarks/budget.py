@@ -71,9 +71,9 @@ from common import (
 
 import ncfinetune.tuning
 from ncfinetune.files import write_json, write_text
-from ncfinetune.hub import create_backbone
+from ncfinetune.backbones.hub import create_backbone
 from ncfinetune.plotting import new_figure, save_figure
-from ncfinetune.prefix_cache import PrefixCache, fill_shared, prefix_blocker
+from ncfinetune.tuning.prefix_cache import PrefixCache, fill_shared, prefix_blocker
 from ncfinetune.training import train_steps
 
 OUT = RESULTS / "budget"

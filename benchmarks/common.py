@@ -14,7 +14,7 @@ are compared at equal compute. Images are decoded once per backbone and target a
 uint8 tensors under ``benchmarks/.cache`` (not committed); no augmentation.
 
 Where the frozen prefix is a pure function of the input (the ViT: no BatchNorm, no dropout;
-``ncfinetune.prefix_cache.prefix_blocker``), runs train and evaluate from a
+``ncfinetune.tuning.prefix_cache.prefix_blocker``), runs train and evaluate from a
 ``PrefixCache`` shared by every run of the same backbone, target and block in the process:
 each image's prefix is computed once. Results equal the uncached path up to float rounding
 (``tests/test_prefix_cache.py``); the record says whether the cache was used. The resnet18 runs
@@ -36,11 +36,11 @@ import torch
 import ncfinetune
 from ncfinetune import data as nd
 from ncfinetune.files import atomic_write, write_json
-from ncfinetune.hub import create_backbone
-from ncfinetune.loop import is_conv_net
-from ncfinetune.methods import method_class
+from ncfinetune.backbones.hub import create_backbone
+from ncfinetune.recipes.engine import is_conv_net
+from ncfinetune.tuning.methods import method_class
 from ncfinetune.metrics import nc1_or_none
-from ncfinetune.prefix_cache import PrefixCache, prefix_blocker, prefix_stop
+from ncfinetune.tuning.prefix_cache import PrefixCache, prefix_blocker, prefix_stop
 from ncfinetune.training import evaluate_rows, train_steps
 
 ROOT = Path(__file__).resolve().parent

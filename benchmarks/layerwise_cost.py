@@ -21,7 +21,7 @@ from pathlib import Path
 import timm
 import torch
 
-from ncfinetune.features import layerwise_nc1
+from ncfinetune.tuning.features import layerwise_nc1
 
 OUT = Path(__file__).parent / "results"
 MODELS = {"resnet18": {}, "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8}}

@@ -23,8 +23,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ncfinetune.features import collect_block_features, plot_layerwise_nc1
-from ncfinetune.hub import create_backbone
+from ncfinetune.tuning.features import collect_block_features, plot_layerwise_nc1
+from ncfinetune.backbones.hub import create_backbone
 from ncfinetune.metrics import nc1
 
 

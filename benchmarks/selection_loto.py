@@ -53,7 +53,7 @@ from common import (
 )
 
 import ncfinetune
-from ncfinetune.hub import create_backbone
+from ncfinetune.backbones.hub import create_backbone
 from ncfinetune.selection import CandidateRow, choose, choose_lr, default_candidates
 
 PAIRS = [

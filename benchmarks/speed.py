@@ -46,7 +46,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ncfinetune
-from ncfinetune.prefix_cache import PrefixCache, prefix_blocker
+from ncfinetune.tuning.prefix_cache import PrefixCache, prefix_blocker
 from ncfinetune.training import build_cosine_schedule, build_optimizer, fit_batches
 
 OUT = Path(__file__).resolve().parent / "results"

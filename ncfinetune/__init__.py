@@ -1,9 +1,9 @@
 """ncfinetune: parameter-efficient fine-tuning of timm vision models guided by neural collapse.
 
 The public API is what ``__all__`` lists (25 names at most). Everything else is importable from
-the module that defines it: method configs' registry from ``ncfinetune.methods``, the training
-loop from ``ncfinetune.training``, per-block features from ``ncfinetune.features``, the
-prefix cache from ``ncfinetune.prefix_cache``, errors from ``ncfinetune.errors``.
+the module that defines it: method configs' registry from ``ncfinetune.tuning.methods``, the training
+loop from ``ncfinetune.training.loop``, per-block features from ``ncfinetune.tuning.features``, the
+prefix cache from ``ncfinetune.tuning.prefix_cache``, errors from ``ncfinetune.errors``.
 
 Example::
 
@@ -18,9 +18,9 @@ Example::
 from ncfinetune._version import __version__
 from ncfinetune.backbones import list_blocks
 from ncfinetune.errors import NcFinetuneError
-from ncfinetune.features import layerwise_nc1
-from ncfinetune.hub import create_backbone
-from ncfinetune.methods import (
+from ncfinetune.tuning.features import layerwise_nc1
+from ncfinetune.backbones.hub import create_backbone
+from ncfinetune.tuning.methods import (
     FullConfig,
     LayerConfig,
     LinearConfig,
@@ -28,10 +28,10 @@ from ncfinetune.methods import (
     LoRAConfig,
     SCLConfig,
 )
-from ncfinetune.metrics import cdnv, class_separation_r2, linear_cka, nc1, numerical_rank
-from ncfinetune.selection import select_block
-from ncfinetune.training import fit_batches
-from ncfinetune.tuning import (
+from ncfinetune.metrics.collapse import cdnv, class_separation_r2, linear_cka, nc1, numerical_rank
+from ncfinetune.selection.block import select_block
+from ncfinetune.training.loop import fit_batches
+from ncfinetune.tuning.model import (
     TunedModel,
     full_wrap,
     get_tuned_model,

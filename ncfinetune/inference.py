@@ -1,6 +1,6 @@
 """Using a tuned model: rebuild it from its folder, predict images, evaluate on a dataset.
 
-A folder written by :meth:`~ncfinetune.tuning.TunedModel.save_pretrained` (``<output_dir>/tuned``
+A folder written by :meth:`~ncfinetune.tuning.model.TunedModel.save_pretrained` (``<output_dir>/tuned``
 of ``recipes/finetune.py``) records the base backbone as it was named (``base_model``: a bundled
 backbone, a ``recipes/pretrain.py`` folder or a timm name) and, when the recipe wrote it, the
 class names, the image size and the dataset it was tuned on. :func:`load_tuned_folder` rebuilds
@@ -9,7 +9,7 @@ the base weights come from where they came when tuning (``pretrained`` from the 
 ``checkpoint`` file), and the recorded fingerprint checks them.
 
 Both :func:`predict` and :func:`evaluate` run the one evaluation loop,
-:func:`ncfinetune.training.predict_batches`::
+:func:`ncfinetune.training.loop.predict_batches`::
 
     from ncfinetune.inference import evaluate, predict
 
@@ -33,21 +33,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ncfinetune.checkpoint import read_tuned_config
-from ncfinetune.data import (
+from ncfinetune.tuning.checkpoint import read_tuned_config
+from ncfinetune.data.loaders import (
     ImageData,
     build_loader,
     build_transforms,
     load_image_dataset,
     select_classes,
 )
-from ncfinetune.data_checks import image_problem
+from ncfinetune.data.checks import image_problem
 from ncfinetune.errors import CheckpointError, DataError
-from ncfinetune.hub import bundled_backbones, create_backbone
-from ncfinetune.metrics import nc1_or_none
+from ncfinetune.backbones.hub import bundled_backbones, create_backbone
+from ncfinetune.metrics.collapse import nc1_or_none
 from ncfinetune.plotting import new_figure, save_figure
-from ncfinetune.training import predict_batches
-from ncfinetune.tuning import TunedModel
+from ncfinetune.training.loop import predict_batches
+from ncfinetune.tuning.model import TunedModel
 
 TunedLike = TunedModel | str | os.PathLike
 
@@ -64,7 +64,7 @@ def load_tuned_folder(
 
     Args:
         path: a folder written by ``TunedModel.save_pretrained``.
-        base_model: the base to load into: a name for :func:`ncfinetune.hub.create_backbone`,
+        base_model: the base to load into: a name for :func:`ncfinetune.backbones.hub.create_backbone`,
             or a ready timm model; default: the ``base_model`` recorded in the folder, made
             with the recorded ``pretrained``/``checkpoint`` arguments.
         pretrained: override: download the timm name's hub weights.
@@ -348,7 +348,7 @@ def evaluate(
     Args:
         tuned: a tuned model, or a folder written by ``save_pretrained`` (``**load`` goes to
             :func:`load_tuned_folder`).
-        data: the dataset (``ncfinetune.data.load_image_dataset``, with ``select_classes``);
+        data: the dataset (``ncfinetune.data.loaders.load_image_dataset``, with ``select_classes``);
             default: the one recorded in the folder by ``recipes/finetune.py``.
         split: ``test`` or ``train``.
         rows: evaluate only these rows of the split.

@@ -1,73 +1,10 @@
-"""Predict the class of every image in a folder with a tuned folder, into a CSV.
+"""`accelerate launch recipes/predict.py [--key value ...]`: the same as `ncfinetune predict`.
 
-    python recipes/predict.py --tuned runs/finetune/tuned --images my_images/ --output preds.csv
-
-Reads every image under ``images`` (recursively; the extensions PIL reads) or one image file,
-and writes one CSV row per image: ``file`` (relative to the folder), ``class`` (its name, as
-recorded when tuning), ``probability`` (softmax) and ``class_id``, quoted by Python's csv module.
-The model is rebuilt from the folder alone when its base is a bundled backbone or a
-recipes/pretrain.py folder (``ncfinetune.inference``).
+The recipe lives in the package (:mod:`ncfinetune.recipes.predict`); this file keeps the documented
+script path of a source checkout working. `--help` lists every key.
 """
 
-from __future__ import annotations
-
-import csv
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-
-from ncfinetune.config import TunedConfig, output_problems, parse_config, run_cli
-from ncfinetune.files import atomic_write
-from ncfinetune.inference import ImagePrediction, predict
-
-
-@dataclass
-class PredictConfig(TunedConfig):
-    # tuned folder, base backbone and run keys: TunedConfig (tuned, model, pretrained,
-    # checkpoint, verify_base, image_size, batch_size, mixed_precision, device)
-
-    images: str | None = None  # a folder of images (searched recursively) or one image file
-    output: str = "predictions.csv"  # the CSV written: file, class, probability, class_id
-    # decode every image first and leave out unreadable ones (listed in the output's summary)
-    skip_unreadable: bool = False
-
-    def validate(self) -> list[str]:
-        p = super().validate()
-        if not self.images:
-            p.append("images is required: --images FOLDER (or one image file)")
-        elif not Path(self.images).exists():
-            p.append(f"images {self.images} does not exist: pass a folder of images or one file")
-        p += output_problems("output", self.output, folder=False)
-        return p
-
-
-def write_csv(rows: list[ImagePrediction], path: str | Path) -> Path:
-    """Write the predictions as CSV (header file, class, probability, class_id), atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file", "class", "probability", "class_id"])
-            for r in rows:
-                writer.writerow([r.file, r.class_name, f"{r.probability:.6f}", r.class_id])
-
-    return atomic_write(path, write)
-
-
-def main(argv: list[str] | None = None) -> list[ImagePrediction]:
-    cfg = parse_config(PredictConfig, sys.argv[1:] if argv is None else argv)
-    skipped: list[tuple[str, str]] = []
-    rows = predict(
-        cfg.tuned, cfg.images, **cfg.run_kwargs(), **cfg.load_kwargs(),
-        skip_unreadable=cfg.skip_unreadable, skipped=skipped,
-    )  # fmt: skip
-    path = write_csv(rows, cfg.output)
-    left = f", {len(skipped)} unreadable left out" if skipped else ""
-    print(f"{len(rows)} images predicted{left}; wrote {path}")
-    for name, why in skipped[:5]:
-        print(f"  left out {name}: {why}")
-    return rows
-
+from ncfinetune.cli import run_recipe
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_recipe("predict")

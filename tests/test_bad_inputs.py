@@ -29,7 +29,7 @@ from conftest import images, make_model
 from test_tuning import train_steps
 
 from ncfinetune import layer_wrap, load_tuned, scl_wrap
-from ncfinetune.checkpoint import CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME
+from ncfinetune.tuning.checkpoint import CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME
 from ncfinetune.errors import CheckpointError, ConfigError, NcFinetuneError
 from ncfinetune.files import install_folder, staging_folder
 from ncfinetune.tuning import lora_block_wrap
@@ -399,7 +399,7 @@ def test_every_torch_load_in_the_repository_passes_weights_only_true():
 
 
 def test_a_pickled_backbone_checkpoint_is_refused_without_running_it(tmp_path):
-    from ncfinetune.hub import create_backbone
+    from ncfinetune.backbones.hub import create_backbone
 
     path, marker = evil_file(tmp_path)
     with pytest.raises(Exception, match="(?i)weights.only|unpickl"):
@@ -411,7 +411,7 @@ def test_a_training_state_with_a_pickle_is_refused_and_custom_pickles_are_ignore
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from ncfinetune.loop import build_schedule, load_training_state, save_training_state
+    from ncfinetune.recipes.engine import build_schedule, load_training_state, save_training_state
 
     AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=True, mixed_precision="no")
@@ -571,7 +571,7 @@ def test_wrappers_reject_wrong_arguments_with_what_is_valid(call, error, words):
 
 @pytest.mark.parametrize("num_classes", [0, -1, 2.0, True])
 def test_create_backbone_needs_a_positive_class_count(num_classes):
-    from ncfinetune.hub import create_backbone
+    from ncfinetune.backbones.hub import create_backbone
 
     with pytest.raises(
         ConfigError, match=rf"num_classes must be an int >= 1.*got \w+ {num_classes!r}"
@@ -604,7 +604,7 @@ def test_a_config_file_with_a_repeated_key_or_another_shape_is_refused(tmp_path,
 
 
 def test_a_prefix_only_wrapper_neither_checks_nor_claims_ownership():
-    from ncfinetune.methods import method_config
+    from ncfinetune.tuning.methods import method_config
     from ncfinetune.tuning import TunedModel
 
     model = make_model("test_resnet")

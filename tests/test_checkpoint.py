@@ -8,7 +8,7 @@ from test_tuning import train_steps
 
 import ncfinetune
 from ncfinetune import load_tuned
-from ncfinetune.checkpoint import (
+from ncfinetune.tuning.checkpoint import (
     CONFIG_NAME,
     PEFT_CONFIG_NAME,
     PEFT_WEIGHTS_NAME,

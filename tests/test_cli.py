@@ -11,7 +11,7 @@ import sys
 import pytest
 from test_recipes import ROOT, TINY_RUN
 
-from ncfinetune.config import field_help
+from ncfinetune.recipes.config import field_help
 
 RECIPES = ("finetune", "pretrain", "select_block", "eval", "predict")
 CONFIGS = {"finetune": "FinetuneConfig", "pretrain": "PretrainConfig",

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ncfinetune.config import parse_config, parse_overrides
+from ncfinetune.recipes.config import parse_config, parse_overrides
 from ncfinetune.errors import ConfigError
 
 
@@ -82,7 +82,7 @@ class Documented:
 
 
 def test_field_help_comes_from_metadata_then_comments():
-    from ncfinetune.config import field_help
+    from ncfinetune.recipes.config import field_help
 
     assert field_help(Documented) == {
         "plain": "the comment on the field's line",
@@ -117,7 +117,7 @@ def test_help_prints_on_rank_zero_only(monkeypatch, capsys):
 
 
 def test_config_differences_lists_key_saved_now():
-    from ncfinetune.config import config_differences
+    from ncfinetune.recipes.config import config_differences
 
     saved = {"plain": 1, "above": 0.5, "helped": [1, 2], "bare": "x"}
     now = Documented(plain=2, above=0.5, helped=[1, 3], bare="x")
@@ -128,7 +128,7 @@ def test_config_differences_lists_key_saved_now():
 
 
 def test_run_cli_prints_the_message_and_exits_2(capsys, monkeypatch):
-    from ncfinetune.config import run_cli
+    from ncfinetune.recipes.config import run_cli
     from ncfinetune.errors import DataError
 
     def main(argv):

@@ -1,4 +1,4 @@
-"""Tests of ncfinetune.data and ncfinetune.data_sources: offline, CPU, a few seconds."""
+"""Tests of ncfinetune.data and ncfinetune.data.sources: offline, CPU, a few seconds."""
 
 from __future__ import annotations
 

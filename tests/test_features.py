@@ -4,7 +4,7 @@ from conftest import make_model
 
 from ncfinetune import scl_wrap
 from ncfinetune.errors import ConfigError
-from ncfinetune.features import (
+from ncfinetune.tuning.features import (
     collect_block_features,
     format_layerwise,
     layerwise_nc1,

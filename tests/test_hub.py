@@ -6,7 +6,7 @@ import torch
 
 import ncfinetune
 from ncfinetune.errors import ConfigError
-from ncfinetune.hub import ASSETS, bundled_backbones, create_backbone
+from ncfinetune.backbones.hub import ASSETS, bundled_backbones, create_backbone
 
 BUNDLED = ["resnet18_fmnist04", "vit_tiny_fmnist04", "vit_tiny_p4_fmnist04"]
 
@@ -87,7 +87,7 @@ def test_a_pretrain_folder_loads_as_a_backbone(tmp_path):
 def test_bundling_a_pretrain_folder_is_a_separate_maintainer_step(tmp_path, monkeypatch):
     import runpy
 
-    from ncfinetune.hub import ASSETS as REAL
+    from ncfinetune.backbones.hub import ASSETS as REAL
 
     tool = runpy.run_path(str(REAL.parents[1] / "tools" / "bundle_backbone.py"), run_name="tool")
     assets = tmp_path / "assets"

@@ -14,9 +14,9 @@ from test_recipes import ROOT, finetune
 
 from ncfinetune import data as nd
 from ncfinetune import scl_wrap
-from ncfinetune.checkpoint import read_tuned_config
+from ncfinetune.tuning.checkpoint import read_tuned_config
 from ncfinetune.errors import CheckpointError, DataError
-from ncfinetune.hub import create_backbone
+from ncfinetune.backbones.hub import create_backbone
 from ncfinetune.inference import evaluate, load_tuned_folder, predict
 
 EVAL = runpy.run_path(str(ROOT / "recipes" / "eval.py"), run_name="eval_recipe")

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from ncfinetune.errors import ConfigError
-from ncfinetune.launch import (
+from ncfinetune.recipes.launch import (
     choose_mixed_precision,
     given_mixed_precision,
     launch_arguments,
@@ -59,7 +59,7 @@ def test_launcher_mixed_precision_without_a_launcher():
 def run_under_fake_launcher(launcher_args: list[str]) -> str:
     """A child of a process whose command line is `python -m accelerate.commands.launch ...`
     (without accelerate's start-up cost), with the variable accelerate launch exports."""
-    child = "from ncfinetune.launch import launcher_mixed_precision as f; print(f())"
+    child = "from ncfinetune.recipes.launch import launcher_mixed_precision as f; print(f())"
     parent = textwrap.dedent(f"""
         import subprocess, sys
         subprocess.run([sys.executable, "-c", {child!r}], check=True)

@@ -36,7 +36,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 ALLOWED_PRIVATE_MODULES = frozenset(
     {
         ("ncfinetune._version", "ncfinetune"),
-        ("ncfinetune._version", "ncfinetune.checkpoint"),
+        ("ncfinetune._version", "ncfinetune.tuning.checkpoint"),
     }
 )
 MAX_PUBLIC_NAMES = 25

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ncfinetune.errors import ConfigError, TrainingDiverged
 from ncfinetune.files import finite_json, write_json
-from ncfinetune.loop import (
+from ncfinetune.recipes.engine import (
     accumulate_nc1,
     build_schedule,
     collect_nc1,

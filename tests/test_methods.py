@@ -20,8 +20,8 @@ from ncfinetune import (
     scl_wrap,
 )
 from ncfinetune.errors import ConfigError
-from ncfinetune.features import collect_block_features
-from ncfinetune.methods import METHODS, MethodConfig, method_config, register
+from ncfinetune.tuning.features import collect_block_features
+from ncfinetune.tuning.methods import METHODS, MethodConfig, method_config, register
 from ncfinetune.training import train_steps
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ncfinetune.errors import ConfigError
-from ncfinetune.metric_modules import SHIPPED_METRICS, load_metric, metric_path
+from ncfinetune.metrics.modules import SHIPPED_METRICS, load_metric, metric_path
 from ncfinetune.metrics import nc1
 
 

@@ -16,7 +16,7 @@ from ncfinetune.metrics import (
     nc1,
     numerical_rank,
 )
-from ncfinetune.metrics_stream import NC1Accumulator
+from ncfinetune.metrics.stream import NC1Accumulator
 
 # ------------------------------------------------------------------ independent references
 

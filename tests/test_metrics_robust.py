@@ -16,7 +16,7 @@ import torch
 
 from ncfinetune.errors import MetricInputError, NcFinetuneError
 from ncfinetune.metrics import cdnv, class_separation_r2, linear_cka, nc1, numerical_rank
-from ncfinetune.metrics_stream import NC1Accumulator
+from ncfinetune.metrics.stream import NC1Accumulator
 
 N, D, K = 120, 8, 4
 
@@ -116,7 +116,7 @@ def test_accumulator_matches_one_shot_across_extreme_batches():
 
 
 def test_accumulator_state_round_trip_keeps_natural_units():
-    # ncfinetune.loop copies counts/means/sq_dev/scatter into a fresh accumulator: those
+    # ncfinetune.recipes.engine copies counts/means/sq_dev/scatter into a fresh accumulator: those
     # attributes must stay in natural units although they are stored rescaled.
     h, y = make(seed=3)
     acc = streamed(h * 1e20, y)

@@ -7,7 +7,7 @@ from conftest import images, labels, make_model
 
 import ncfinetune
 from ncfinetune.errors import ConfigError
-from ncfinetune.prefix_cache import CacheTooLarge, PrefixCache, prefix_blocker
+from ncfinetune.tuning.prefix_cache import CacheTooLarge, PrefixCache, prefix_blocker
 from ncfinetune.training import evaluate_rows, train_steps
 
 N = 24

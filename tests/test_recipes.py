@@ -15,9 +15,9 @@ import torch
 from conftest import make_model
 
 from ncfinetune import load_tuned
-from ncfinetune.config import parse_config
+from ncfinetune.recipes.config import parse_config
 from ncfinetune.errors import BlockError, ConfigError, DataError, TrainingDiverged
-from ncfinetune.hub import create_backbone
+from ncfinetune.backbones.hub import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = runpy.run_path(str(ROOT / "recipes" / "finetune.py"), run_name="finetune_recipe")
@@ -149,7 +149,7 @@ def test_prefix_cache_true_where_illegal_says_why(tmp_path):
 
 
 def test_fast_defaults_are_recorded_and_can_be_turned_off(tmp_path):
-    from ncfinetune.loop import native_bf16
+    from ncfinetune.recipes.engine import native_bf16
 
     args = ["--epochs", 1, "--max_steps", 2, "--per_class", 10]
     fast = finetune(*args, "--output_dir", tmp_path / "a")
@@ -500,7 +500,6 @@ def test_block_auto_chooses_the_same_everywhere_and_tunes_the_choice(tmp_path):
     the same defaults, the same choice on the same data and seed; with lr auto as well."""
     import ncfinetune
     from ncfinetune import data as nd
-
     data_args = ["--model", "test_resnet", "--image_size", "32", "--per_class", "6",
                  "--seed", "1"]  # fmt: skip
     recipe = runpy.run_path(str(ROOT / "recipes" / "select_block.py"), run_name="select_recipe")

@@ -9,7 +9,7 @@ import torch
 from test_recipes import FINETUNE, finetune, fresh_accelerate
 
 from ncfinetune.errors import ConfigError
-from ncfinetune.runs import retarget_schedule
+from ncfinetune.recipes.runs import retarget_schedule
 
 
 def run(*args):

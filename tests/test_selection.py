@@ -56,7 +56,7 @@ def test_linear_rule_is_the_cross_validated_ridge_probe_of_each_block():
     sel = select_block(
         model, (x, y), rule="linear", lr=0.1, method="layer", max_trainable_percent=None, **FP32
     )
-    feats = ncfinetune.features.collect_block_features(model, [(x, y)])
+    feats = ncfinetune.tuning.features.collect_block_features(model, [(x, y)])
     for r in sel.rows:  # the report's number is the probe on that block's pooled output
         assert r.linear_accuracy == pytest.approx(
             linear_probe_accuracy(feats.features[r.name].numpy(), y.numpy(), seed=0)

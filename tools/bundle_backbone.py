@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ncfinetune.files import atomic_write
-from ncfinetune.hub import ASSETS
+from ncfinetune.backbones.hub import ASSETS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,7 +239,7 @@ class _PrefixDataset(torch.utils.data.Dataset):
 def prefix_loader(loader, tuned, *, max_bytes: int = DEFAULT_MAX_BYTES, share_with=None):
     """The same batches as ``loader``, as prefix outputs of ``tuned`` computed once per sample.
 
-    ``loader`` must come from :func:`ncfinetune.data.build_loader` with a pre-decoded,
+    ``loader`` must come from :func:`ncfinetune.data.loaders.build_loader` with a pre-decoded,
     non-augmenting transform (its dataset is a ``TensorCache``). The new loader shares the
     batch sampler and the collate function, so it draws the same positions in the same order
     (accelerate's seedable sampler: prepared, it is sharded per process and ``set_epoch``
@@ -257,7 +257,7 @@ def prefix_loader(loader, tuned, *, max_bytes: int = DEFAULT_MAX_BYTES, share_wi
     """
     from torch.utils.data import DataLoader
 
-    from ncfinetune.data import TensorCache
+    from ncfinetune.data.loaders import TensorCache
 
     dataset = loader.dataset
     if not isinstance(dataset, TensorCache):

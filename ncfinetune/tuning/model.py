@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ncfinetune import checkpoint
+from ncfinetune.tuning import checkpoint
 from ncfinetune.backbones import BackboneAdapter, get_adapter
 from ncfinetune.backbones.base import Prediction, arch_name
 from ncfinetune.errors import ConfigError
-from ncfinetune.hub import BASE_ATTRIBUTE
+from ncfinetune.backbones.hub import BASE_ATTRIBUTE
 from ncfinetune.messages import warn_once
-from ncfinetune.methods import (
+from ncfinetune.tuning.methods import (
     BN_POLICIES,
     FullConfig,
     LayerConfig,
@@ -41,7 +41,7 @@ MethodLike = MethodConfig | str
 
 
 class TunedModel(nn.Module):
-    """A timm classifier prepared for one tuning method (see :mod:`ncfinetune.methods`).
+    """A timm classifier prepared for one tuning method (see :mod:`ncfinetune.tuning.methods`).
 
     Build it with :func:`get_tuned_model` (or :func:`scl_wrap`, :func:`layer_wrap`,
     :func:`linear_wrap`, :func:`full_wrap`, :func:`lora_block_wrap`). The wrapped timm model is
@@ -86,7 +86,7 @@ class TunedModel(nn.Module):
         self.bn = self._resolve_bn()
         self.prefix_inputs = False
         """True when the inputs are already the prefix's outputs (batches from a
-        :func:`ncfinetune.prefix_cache.prefix_loader`): forward then runs the suffix alone."""
+        :func:`ncfinetune.tuning.prefix_cache.prefix_loader`): forward then runs the suffix alone."""
         config.prepare(self)
         self.frozen_batchnorms: list[nn.Module] = []
         """BatchNorms outside the trained modules (kept in eval mode under ``bn="frozen"``)."""
@@ -289,7 +289,7 @@ class TunedModel(nn.Module):
     ) -> Path:
         """Write the tuned tensors (safetensors) and metadata (JSON) to directory ``path``.
 
-        Only what was tuned is written, atomically (see :mod:`ncfinetune.checkpoint`); LoRA
+        Only what was tuned is written, atomically (see :mod:`ncfinetune.tuning.checkpoint`); LoRA
         methods also write a peft adapter (``adapter_model.safetensors``).
 
         Args:

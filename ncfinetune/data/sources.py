@@ -2,7 +2,7 @@
 
 `load_image_dataset` turns one spec string into an `ImageData`: a train and a test
 `datasets.Dataset` with an image column and an integer `ClassLabel` column. The loaders that
-turn these into tensors live in `ncfinetune.data`, which also re-exports everything here.
+turn these into tensors live in `ncfinetune.data.loaders`, which also re-exports everything here.
 
 The two offline datasets (scikit-learn's digits and Fashion-MNIST from IDX files) are stored as
 `datasets.Image` columns whose bytes are binary PGM (P5) files: a PGM is the raw uint8 pixels
@@ -32,7 +32,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from ncfinetune.data_checks import (
+from ncfinetune.data.checks import (
     SHOWN,
     SKIP_HINT,
     check_class_folders,
@@ -47,7 +47,7 @@ from ncfinetune.data_checks import (
     some,
 )
 from ncfinetune.errors import DataError
-from ncfinetune.subsets import stratified_rows
+from ncfinetune.data.subsets import stratified_rows
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [

@@ -29,9 +29,9 @@ for speed.
 Definitions (SPEC section 3): ``mu_k`` is the mean of class k, ``mu_G`` the unweighted mean of
 the K class means.
 
-The streaming (one-pass, mergeable) NC1 is :class:`ncfinetune.metrics_stream.NC1Accumulator`;
+The streaming (one-pass, mergeable) NC1 is :class:`ncfinetune.metrics.stream.NC1Accumulator`;
 import it from there. The input checks and float64 passes that both modules use live in
-:mod:`ncfinetune.metrics_core`.
+:mod:`ncfinetune.metrics._core`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ncfinetune.errors import MetricInputError
-from ncfinetune.metrics_core import (
+from ncfinetune.metrics._core import (
     EPS64,
     between_directions,
     cdnv_from_stats,

@@ -1,7 +1,7 @@
 """NC1 as an offline ``evaluate`` metric: ``load_metric("nc1")`` or ``evaluate.load(<this dir>)``.
 
 ``add_batch(features=H_b, labels=y_b)`` per batch, then ``compute()`` ->
-``{"nc1": ncfinetune.metrics.nc1(all features, all labels)}``; ``compute(num_classes=K)``
+``{"nc1": ncfinetune.metrics.collapse.nc1(all features, all labels)}``; ``compute(num_classes=K)``
 passes K through. Features are stored as float32 (float64 input is rounded to float32).
 
 What evaluate costs (read from evaluate 0.4.6 ``module.py``): every ``add_batch`` encodes the
@@ -20,9 +20,9 @@ ncfinetune/metric_modules/nc1/nc1.py``:
 add_batch 1.52 s in all, compute 3.72 s (of which nc1 itself 14 ms), Arrow file 2060
 B/sample (19.6 MiB), peak Python allocations during compute 177 MiB (the features themselves:
 19.5 MiB). That is ~0.15 ms per sample to add and ~0.37 ms per sample to compute: compute()
-alone takes ~270x as long as ``ncfinetune.metrics.nc1`` on the arrays (add + compute ~370x),
+alone takes ~270x as long as ``ncfinetune.metrics.collapse.nc1`` on the arrays (add + compute ~370x),
 and its peak memory is ~9x the features'.
-For large N or d, prefer ``ncfinetune.metrics.NC1Accumulator``: one pass, no disk, no
+For large N or d, prefer ``ncfinetune.metrics.collapse.NC1Accumulator``: one pass, no disk, no
 per-element conversion, O(d^2 + K d) memory.
 """
 
@@ -32,11 +32,11 @@ import datasets
 import evaluate
 import numpy as np
 
-from ncfinetune.metrics import nc1
+from ncfinetune.metrics.collapse import nc1
 
 _DESCRIPTION = (
     "Within-class variability collapse NC1 = (1/K) trace(Sigma_W pinv(Sigma_B)) of feature "
-    "vectors (smaller = more collapsed), computed by ncfinetune.metrics.nc1."
+    "vectors (smaller = more collapsed), computed by ncfinetune.metrics.collapse.nc1."
 )
 _KWARGS_DESCRIPTION = """
 Args:

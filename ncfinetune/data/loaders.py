@@ -1,7 +1,7 @@
 """Datasets -> batches: timm transforms, balanced small-data subsets and fast loaders.
 
-Loading dataset specs lives in `ncfinetune.data_sources`; everything public there is
-re-exported here, so `from ncfinetune.data import load_image_dataset` works.
+Loading dataset specs lives in :mod:`ncfinetune.data.sources`; the package
+:mod:`ncfinetune.data` re-exports both.
 
 A transform from `build_transforms` has two stages: a PIL stage (mode conversion, resize, crop,
 augmentation; ends in a uint8 C x H x W tensor) and a normalization stage (x / 255 - mean) / std,
@@ -23,7 +23,7 @@ best of 3, range over two runs:
     pre-decoded, each epoch     410,000 - 690,000  500,000 - 650,000
     ==========================  =================  ===================
 
-Measured with `python -m ncfinetune.data` (prints one line per dataset). Decoding once costs about one
+Measured with `python -m ncfinetune.data.loaders` (prints one line per dataset). Decoding once costs about one
 per-item epoch, so pre-decoding pays off from the second epoch on and keeps the CPU free for the
 model afterwards. It is chosen automatically when the transform does not augment and the cache
 takes at most PREDECODE_MAX_BYTES (2 GiB of uint8: e.g. 14,000 RGB images at 224x224, or all
@@ -49,7 +49,7 @@ import torch
 from accelerate.data_loader import SeedableRandomSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from ncfinetune.data_sources import (
+from ncfinetune.data.sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     ImageData,
@@ -60,25 +60,8 @@ from ncfinetune.data_sources import (
     select_classes,
 )
 from ncfinetune.errors import DataError
-from ncfinetune.subsets import balanced_subset, validation_split
+from ncfinetune.data.subsets import balanced_subset, validation_split
 
-__all__ = [
-    "FASHION_MNIST_CLASSES",
-    "FASHION_MNIST_DIR",
-    "PREDECODE_MAX_BYTES",
-    "ImageData",
-    "ImageTransform",
-    "TensorCache",
-    "balanced_subset",
-    "build_loader",
-    "build_transforms",
-    "describe",
-    "find_columns",
-    "labels_of",
-    "load_image_dataset",
-    "select_classes",
-    "validation_split",
-]
 
 PREDECODE_MAX_BYTES = 2 * 1024**3
 

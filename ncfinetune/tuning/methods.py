@@ -8,7 +8,7 @@ names: it calls :func:`method_config` to turn a name into a config and then asks
 
 Adding a method is one class here with ``@register``.
 
-The model these classes receive as ``tuned`` is a :class:`ncfinetune.tuning.TunedModel`; only
+The model these classes receive as ``tuned`` is a :class:`ncfinetune.tuning.model.TunedModel`; only
 its ``adapter``, ``model`` and ``block_index`` are used, so this module does not import it.
 """
 

@@ -1,7 +1,7 @@
 """Top-1 accuracy as an offline ``evaluate`` metric.
 
 The Hub's ``accuracy`` needs a network download on first use; this one ships with ncfinetune,
-so recipes can call ``ncfinetune.metric_modules.load_metric("accuracy")`` offline. Inputs are
+so recipes can call ``ncfinetune.metrics.modules.load_metric("accuracy")`` offline. Inputs are
 integer class ids; ``compute()`` returns ``{"accuracy": fraction of predictions equal to their
 reference}``, a float in [0, 1]. Both columns are plain ``int64`` values, so evaluate hands
 them to ``_compute`` as NumPy arrays (format "numpy") without a per-element Python conversion.

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from ncfinetune.errors import ConfigError, NcFinetuneError
-from ncfinetune.hub import DEFAULT_BACKBONE
+from ncfinetune.backbones.hub import DEFAULT_BACKBONE
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -470,7 +470,7 @@ def model_problems(model: str, checkpoint: str | None = None) -> list[str]:
     ``checkpoint`` file is missing (checked before anything loads)."""
     import timm
 
-    from ncfinetune.hub import bundled_backbones
+    from ncfinetune.backbones.hub import bundled_backbones
 
     problems = []
     bundled = bundled_backbones()
@@ -571,9 +571,8 @@ class DownstreamConfig:
         return p
 
     def load_data(self):
-        """The dataset (``ncfinetune.data.ImageData``), restricted to ``classes`` if given."""
-        from ncfinetune import data as nd
-
+        """The dataset (``ncfinetune.data.loaders.ImageData``), restricted to ``classes`` if given."""
+        import ncfinetune.data as nd
         data = nd.load_image_dataset(
             self.dataset,
             image_column=self.image_column,
@@ -588,7 +587,7 @@ class DownstreamConfig:
 
     def load_model(self, num_classes: int):
         """The backbone with a fresh ``num_classes``-way classifier."""
-        from ncfinetune.hub import create_backbone
+        from ncfinetune.backbones.hub import create_backbone
 
         return create_backbone(
             self.model, num_classes, pretrained=self.pretrained, checkpoint=self.checkpoint
@@ -640,7 +639,7 @@ class TunedConfig:
         """Image size, batch, precision (``auto`` resolved for the device) and device."""
         import torch
 
-        from ncfinetune.loop import resolve_mixed_precision
+        from ncfinetune.recipes.engine import resolve_mixed_precision
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         return {

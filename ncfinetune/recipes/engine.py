@@ -1,11 +1,11 @@
 """The recipes' side of training on accelerate: CPU threads, mixed precision, the optimizer-step
 count and cosine schedule of a run, an epoch through the shared loop of
-:mod:`ncfinetune.training` (a diverged loss stops every process), prediction gathered over
+:mod:`ncfinetune.training.loop` (a diverged loss stops every process), prediction gathered over
 processes, NC1 streamed and merged across processes, strict JSON, and atomic checkpoints for
 resume.
 
 A model here is anything with ``forward(x) -> logits`` and ``forward_with_features(x) ->
-(logits, features)`` (a :class:`~ncfinetune.tuning.TunedModel`, or the pretraining network).
+(logits, features)`` (a :class:`~ncfinetune.tuning.model.TunedModel`, or the pretraining network).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import install_folder, write_json
-from ncfinetune.metrics_stream import NC1Accumulator
-from ncfinetune.training import (
+from ncfinetune.metrics.stream import NC1Accumulator
+from ncfinetune.training.loop import (
     as_memory_format,
     build_cosine_schedule,
     diverged,
@@ -109,7 +109,7 @@ class StepPlan:
     A prepared loader holds each process's share of the batches (the same number on every
     process), so its length is the batches one process trains per epoch, for any number of
     processes. ``max_steps`` caps those batches; each ``grad_accum`` of them (the last group
-    possibly smaller) make one optimizer step, as :func:`ncfinetune.training.fit_batches` does.
+    possibly smaller) make one optimizer step, as :func:`ncfinetune.training.loop.fit_batches` does.
 
     Attributes:
         epochs: epochs of the run.
@@ -209,7 +209,7 @@ def train_epoch(
     channels_last: bool = False,
     steps_before: int = 0,
 ) -> EpochStats:
-    """One pass over ``loader`` through the shared loop (:func:`ncfinetune.training.fit_batches`)
+    """One pass over ``loader`` through the shared loop (:func:`ncfinetune.training.loop.fit_batches`)
     with the Accelerator's autocast and backward, ``grad_accum`` batches per optimizer step
     (see ``fit_batches``: a last, smaller group is stepped too). The losses are reduced over
     processes once, at the end; a NaN or infinite loss on any process then raises on every
@@ -276,7 +276,7 @@ def predict(
 ) -> dict[str, torch.Tensor]:
     """Predictions (and optionally classifier-input features) for every sample of ``loader``,
     gathered from all processes so that each sample appears exactly once (through
-    :func:`ncfinetune.training.predict_batches`); ``progress``: a bar's description."""
+    :func:`ncfinetune.training.loop.predict_batches`); ``progress``: a bar's description."""
     return predict_batches(
         model,
         loader,
@@ -330,10 +330,10 @@ def collect_nc1(
     channels_last: bool = False,
     progress: str | None = None,
 ) -> float | None:
-    """Penultimate NC1 (:func:`ncfinetune.metrics.nc1`) of every sample of ``loader``.
+    """Penultimate NC1 (:func:`ncfinetune.metrics.collapse.nc1`) of every sample of ``loader``.
 
     ``loader`` is *not* prepared: each process streams its share of the rows
-    (:func:`shard_loader`) through a :class:`~ncfinetune.metrics_stream.NC1Accumulator`
+    (:func:`shard_loader`) through a :class:`~ncfinetune.metrics.stream.NC1Accumulator`
     (:func:`accumulate_nc1`) and the accumulators are merged across processes
     (:func:`merge_nc1`; each is a few d x d floats), so no process holds every feature.
     Classes without a sample are left out; None when fewer than 2 classes have one; NaN when

@@ -51,15 +51,15 @@ from torch import nn
 from ncfinetune.backbones import get_adapter
 from ncfinetune.backbones.base import arch_name
 from ncfinetune.errors import ConfigError
-from ncfinetune.features import collect_block_features
+from ncfinetune.tuning.features import collect_block_features
 from ncfinetune.files import write_json
 from ncfinetune.messages import warn_once
-from ncfinetune.methods import method_class, method_config
-from ncfinetune.metrics import nc1_or_none
-from ncfinetune.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
-from ncfinetune.subsets import balanced_subset, validation_split
-from ncfinetune.training import PRECISIONS, evaluate_rows, train_steps
-from ncfinetune.tuning import TunedModel, wrap
+from ncfinetune.tuning.methods import method_class, method_config
+from ncfinetune.metrics.collapse import nc1_or_none
+from ncfinetune.tuning.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
+from ncfinetune.data.subsets import balanced_subset, validation_split
+from ncfinetune.training.loop import PRECISIONS, evaluate_rows, train_steps
+from ncfinetune.tuning.model import TunedModel, wrap
 
 RULES = ("middle", "curve", "linear", "probe", "probe_accuracy")
 PROBE_RULES = ("probe", "probe_accuracy")
@@ -247,9 +247,9 @@ def select_block_on_split(
 
     Args:
         model: as for :func:`select_block`.
-        data: a ``ncfinetune.data.ImageData`` (``load_image_dataset``); only ``data.train`` is
+        data: a ``ncfinetune.data.loaders.ImageData`` (``load_image_dataset``); only ``data.train`` is
             read.
-        transform: a deterministic ``ncfinetune.data.build_transforms(model, augment=False)``.
+        transform: a deterministic ``ncfinetune.data.loaders.build_transforms(model, augment=False)``.
         rows: training-split rows to select on (default: all).
         max_images: cap on the images used: a seeded class-balanced sample of ``rows``.
         seed, kwargs: passed to :func:`select_block` (rule, method, bn, lr, ...).
@@ -275,7 +275,7 @@ def select_lr_on_split(
 
 
 def _training_cache(data, transform, rows, max_images, seed):
-    from ncfinetune.data import TensorCache
+    from ncfinetune.data.loaders import TensorCache
 
     labels = data.labels("train")
     rows = np.arange(labels.size) if rows is None else np.asarray(rows)
@@ -317,7 +317,7 @@ def _as_fetch(data: Any) -> tuple[Any, np.ndarray]:
         return fetch, np.asarray([int(data[i][1]) for i in range(len(data))])
     raise ConfigError(
         f"train_data of type {type(data).__name__} is not supported; pass (images, labels) "
-        "tensors, a ncfinetune.data.TensorCache, or a map-style dataset of (image, label) pairs."
+        "tensors, a ncfinetune.data.loaders.TensorCache, or a map-style dataset of (image, label) pairs."
     )
 
 
@@ -395,7 +395,7 @@ def select_block(
             probes train copies, starting from its classifier as it is: create the model under
             the same seed, as the recipes do, for the same choice).
         train_data: the downstream *training* data: (images, labels) tensors, a
-            ``ncfinetune.data.TensorCache``, or a map-style dataset of (image tensor, label).
+            ``ncfinetune.data.loaders.TensorCache``, or a map-style dataset of (image tensor, label).
         rule: ``"middle"``, ``"curve"``, ``"linear"``, ``"probe"`` or ``"probe_accuracy"``
             (see the module docstring).
         method: ``"scl"`` or ``"layer"``: what will be fine-tuned (the probes train it; it also
@@ -637,7 +637,7 @@ class _Prober:
 
     def probe(self, block: int | None, lr: float) -> dict[str, float | None]:
         """One short fine-tune of ``method`` at ``block`` (None: linear/full) at ``lr``."""
-        from ncfinetune.loop import is_conv_net
+        from ncfinetune.recipes.engine import is_conv_net
 
         if self.fit is None:
             self.fit, self.held = _holdout(self.labels, self.fraction, self.seed)
@@ -785,7 +785,7 @@ def _check_probe(probe_steps: int, batch_size: int) -> None:
 
 
 def _resolve_precision(model: nn.Module, precision: str) -> str:
-    from ncfinetune.loop import resolve_mixed_precision
+    from ncfinetune.recipes.engine import resolve_mixed_precision
 
     device = next(model.parameters()).device.type
     if precision == "auto":

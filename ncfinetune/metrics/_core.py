@@ -1,12 +1,12 @@
 """Shared internals of the metrics: input checks, float64 chunked passes, class statistics.
 
-The lowest layer under :mod:`ncfinetune.metrics` (the one-shot metrics) and
-:mod:`ncfinetune.metrics_stream` (the streaming :class:`NC1Accumulator`); it imports neither.
+The lowest layer under :mod:`ncfinetune.metrics.collapse` (the one-shot metrics) and
+:mod:`ncfinetune.metrics.stream` (the streaming :class:`NC1Accumulator`); it imports neither.
 These names are public so both modules can share them, but they are building blocks for
 those two modules, not part of the package API (``ncfinetune.__all__``): use the metrics
 themselves. Conventions (float64 accumulation, :class:`~ncfinetune.errors.MetricInputError`
 on bad input, the per-thread CPU scratch buffer, scale handling, labels) are described in
-:mod:`ncfinetune.metrics`.
+:mod:`ncfinetune.metrics.collapse`.
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ def check_labels(
     """Validate labels; return (class ids in [0, K) as int64 on ``device``, K, counts per class,
     the label of each class 0..K-1 for messages).
 
-    Integer labels are class ids (see :mod:`ncfinetune.metrics`); any other hashable labels
+    Integer labels are class ids (see :mod:`ncfinetune.metrics.collapse`); any other hashable labels
     (strings, tuples, mixed) are factorised, their K distinct values being the classes.
     """
     if num_classes is not None and (
@@ -487,7 +487,7 @@ def cdnv_from_stats(means: torch.Tensor, var: torch.Tensor, names: list | None =
     """CDNV from class statistics: ``means`` (K x d) and ``var`` (K,), both float64.
 
     ``var[k]`` is the mean squared distance of class k's features to its mean; ``names[k]`` is
-    class k's label, for the message. Shared by :func:`ncfinetune.metrics.cdnv` and
+    class k's label, for the message. Shared by :func:`ncfinetune.metrics.collapse.cdnv` and
     ``NC1Accumulator.cdnv``; both may pass statistics of features scaled by any common factor
     (CDNV is scale-invariant). Raises :class:`MetricInputError` if two class means coincide up
     to float64 rounding (distance at most max(d, K) * eps64 times the larger mean's norm, the

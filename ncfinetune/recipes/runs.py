@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ncfinetune.config import config_differences, read_config_file, show_value
+from ncfinetune.recipes.config import config_differences, read_config_file, show_value
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import write_json
-from ncfinetune.loop import latest_training_state
+from ncfinetune.recipes.engine import latest_training_state
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"

@@ -25,8 +25,8 @@ from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
 from ncfinetune.errors import ConfigError, TrainingDiverged
-from ncfinetune.prefix_cache import PrefixCache, check_prefix
-from ncfinetune.tuning import TunedModel
+from ncfinetune.tuning.prefix_cache import PrefixCache, check_prefix
+from ncfinetune.tuning.model import TunedModel
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -394,7 +394,7 @@ def train_steps(
     Used by the benchmarks and by the probe rule of block selection, where a step budget (not
     an epoch count) is what keeps runs comparable.
 
-    With ``prefix`` (a :class:`~ncfinetune.prefix_cache.PrefixCache` over the same data), each
+    With ``prefix`` (a :class:`~ncfinetune.tuning.prefix_cache.PrefixCache` over the same data), each
     step runs only the model's suffix on cached prefix outputs; each row's prefix is computed
     once. Same seed, same batches: the result equals the uncached path up to float rounding.
     ``precision="bf16"`` runs forward passes under bf16 autocast.

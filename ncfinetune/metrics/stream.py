@@ -2,7 +2,7 @@
 
 Why one pass with a d x d matrix: the pinv directions U of Sigma_B depend on the class means,
 which are only known after the last batch. The O(N d K) one-shot form of
-:func:`ncfinetune.metrics.nc1` projects the centred features onto U, so a streaming version of
+:func:`ncfinetune.metrics.collapse.nc1` projects the centred features onto U, so a streaming version of
 it would have to read the data twice. Instead we keep the pooled within-class scatter S_W
 (d x d, float64) and project it onto U once at the end: trace(Sigma_W pinv(Sigma_B)) needs only
 U^T S_W U. Memory: 8 d**2 + 8 K (d + 2) bytes (d = 2048: 32 MiB; d = 768: 4.5 MiB), independent
@@ -17,7 +17,7 @@ Scale: the statistics are stored in units of a running power of two 2**e (means 
 scatters / 4**e), with e the exponent of the largest magnitude seen so far (e only grows once
 data arrived; older statistics are rescaled exactly when it does). So every stored value is
 O(1) x counts and nothing overflows or underflows at any float64 magnitude (1e-200 or 1e200
-features give the same NC1 as at scale 1, as the one-shot :func:`~ncfinetune.metrics.nc1`
+features give the same NC1 as at scale 1, as the one-shot :func:`~ncfinetune.metrics.collapse.nc1`
 does). The attributes ``means``, ``sq_dev`` and ``scatter`` read and set natural units (as
 before); reading them may overflow to inf for features beyond ~1e150, which ``compute()``
 then reports as an error if they are set back.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ncfinetune.errors import MetricInputError
-from ncfinetune.metrics_core import (
+from ncfinetune.metrics._core import (
     between_directions,
     cdnv_from_stats,
     check_features,
@@ -250,6 +250,6 @@ class NC1Accumulator:
         return float((projected / s.square()).sum() / self.num_samples)
 
     def cdnv(self) -> float:
-        """CDNV of everything seen (see ``ncfinetune.metrics.cdnv``)."""
+        """CDNV of everything seen (see ``ncfinetune.metrics.collapse.cdnv``)."""
         self._check_ready()
         return cdnv_from_stats(self._means, self._sq_dev / self.counts.to(torch.float64))

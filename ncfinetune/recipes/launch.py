@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from ncfinetune.errors import ConfigError
-from ncfinetune.loop import resolve_mixed_precision
+from ncfinetune.recipes.engine import resolve_mixed_precision
 
 _LAUNCH_MODULES = ("accelerate.commands.launch",)
 _CLI_MODULES = ("accelerate.commands.accelerate_cli",)

@@ -1,6 +1,6 @@
 """Class-balanced, seeded, nested small-data subsets and validation splits of a training split.
 
-Re-exported by `ncfinetune.data`.
+Re-exported by `ncfinetune.data.loaders`.
 """
 
 from __future__ import annotations

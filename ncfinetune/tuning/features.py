@@ -1,7 +1,7 @@
 """Pooled features of every block in one pass, and the layer-wise NC1 curve (paper Fig. 9/10).
 
 ``collect_block_features`` runs a timm model (plain or wrapped in a
-:class:`~ncfinetune.tuning.TunedModel`) over a DataLoader once, through the backbone adapter's
+:class:`~ncfinetune.tuning.model.TunedModel`) over a DataLoader once, through the backbone adapter's
 ``forward_capture``: each block's output is pooled as SPEC section 2 defines (conv maps: channel
 averages; token models: the model's own token pooling, without the final norm, like the paper's
 per-layer class token). ResNet/ViT adapters run their explicit ``stem -> blocks`` split; the
@@ -10,7 +10,7 @@ also when a batch fails. The extra cost over a plain inference pass is the pooli
 the block FLOPs) and the metric maths.
 
 With ``stream=True`` nothing per-sample is kept: each block's pooled batch goes straight into an
-:class:`~ncfinetune.metrics_stream.NC1Accumulator` (memory O(sum of C_b^2), independent of N).
+:class:`~ncfinetune.metrics.stream.NC1Accumulator` (memory O(sum of C_b^2), independent of N).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from torch import nn
 
 from ncfinetune.backbones import get_adapter
 from ncfinetune.errors import ConfigError, MetricInputError
-from ncfinetune.metrics import (
+from ncfinetune.metrics.collapse import (
     cdnv,
     class_separation_r2,
     nc1,
     numerical_rank,
 )
-from ncfinetune.metrics_stream import NC1Accumulator
-from ncfinetune.tuning import TunedModel
+from ncfinetune.metrics.stream import NC1Accumulator
+from ncfinetune.tuning.model import TunedModel
 
 PENULTIMATE = "penultimate"
 EXTRA_METRICS = {

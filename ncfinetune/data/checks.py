@@ -3,7 +3,7 @@ it concerns (the first few, all counted): image folders without class subfolders
 class, table paths leading outside the table's folder, images listed twice, empty label cells,
 missing, empty or unreadable image files (`unreadable_rows`, `drop_unreadable`).
 
-Used by `ncfinetune.data_sources`, which loads the datasets.
+Used by `ncfinetune.data.sources`, which loads the datasets.
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
 
 def _schema_problems(meta: dict) -> list[str]:
     """What is wrong with the keys and types of a tuned_config.json."""
-    from ncfinetune.methods import METHODS
+    from ncfinetune.tuning.methods import METHODS
 
     def kind(v):
         return f"{v!r} ({type(v).__name__})"

@@ -1,0 +1,26 @@
+"""Neural-collapse and representation metrics: pure tensor maths, no models.
+
+The one-shot metrics live in ``collapse``, the streaming NC1 in ``stream``, the
+``evaluate``-loadable metric modules in ``modules``; ``_core`` holds their shared, private
+internals (input checks, float64 chunked passes, class statistics).
+"""
+
+from ncfinetune.metrics.collapse import (
+    cdnv,
+    class_separation_r2,
+    linear_cka,
+    nc1,
+    nc1_or_none,
+    numerical_rank,
+)
+from ncfinetune.metrics.stream import NC1Accumulator
+
+__all__ = [
+    "NC1Accumulator",
+    "cdnv",
+    "class_separation_r2",
+    "linear_cka",
+    "nc1",
+    "nc1_or_none",
+    "numerical_rank",
+]

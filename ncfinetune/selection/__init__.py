@@ -1,0 +1,53 @@
+"""Choices made on the downstream training data, never its test split: which block to tune
+and at which learning rate, measured leave one target out (``benchmarks/selection_loto.py``).
+"""
+
+from ncfinetune.selection.block import (
+    DEFAULT_RULE,
+    HELDOUT_FRACTION,
+    LR_GRID,
+    MAX_CANDIDATES,
+    MAX_TRAINABLE_PERCENT,
+    PROBE_BATCH,
+    PROBE_LR,
+    PROBE_RULES,
+    PROBE_STEPS,
+    RULES,
+    BlockSelection,
+    CandidateRow,
+    LRSelection,
+    choose,
+    choose_lr,
+    default_candidates,
+    linear_probe_accuracy,
+    min_per_class,
+    select_block,
+    select_block_on_split,
+    select_lr,
+    select_lr_on_split,
+)
+
+__all__ = [
+    "DEFAULT_RULE",
+    "HELDOUT_FRACTION",
+    "LR_GRID",
+    "MAX_CANDIDATES",
+    "MAX_TRAINABLE_PERCENT",
+    "PROBE_BATCH",
+    "PROBE_LR",
+    "PROBE_RULES",
+    "PROBE_STEPS",
+    "RULES",
+    "BlockSelection",
+    "CandidateRow",
+    "LRSelection",
+    "choose",
+    "choose_lr",
+    "default_candidates",
+    "linear_probe_accuracy",
+    "min_per_class",
+    "select_block",
+    "select_block_on_split",
+    "select_lr",
+    "select_lr_on_split",
+]
