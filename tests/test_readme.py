@@ -75,7 +75,10 @@ def test_recipes_block_runs_top_to_bottom(tmp_path):
     ran = []
     for line in recipes_block():
         args = shlex.split(line)
-        extra = next((v for k, v in SHORT.items() if any(a.endswith(k) for a in args)), [])
+        # a recipe is named as a script (recipes/finetune.py) or as a command (ncfinetune finetune)
+        extra = next(
+            (v for k, v in SHORT.items() if any(a.endswith(k) or a == k[:-3] for a in args)), []
+        )
         if "--help" in args:
             extra = []
         cmd = args + extra
