@@ -13,7 +13,6 @@ import gc
 import json
 import os
 import re
-import runpy
 import signal
 import subprocess
 import sys
@@ -438,11 +437,11 @@ def test_a_training_state_with_a_pickle_is_refused_and_custom_pickles_are_ignore
 
 
 # -- 5. recipes validate before they load ---------------------------------------------------------
-FINETUNE = runpy.run_path(str(ROOT / "recipes" / "finetune.py"), run_name="finetune_bad")
-PRETRAIN = runpy.run_path(str(ROOT / "recipes" / "pretrain.py"), run_name="pretrain_bad")
-SELECT = runpy.run_path(str(ROOT / "recipes" / "select_block.py"), run_name="select_bad")
-EVAL = runpy.run_path(str(ROOT / "recipes" / "eval.py"), run_name="eval_bad")
-PREDICT = runpy.run_path(str(ROOT / "recipes" / "predict.py"), run_name="predict_bad")
+from ncfinetune.recipes import finetune as FINETUNE
+from ncfinetune.recipes import pretrain as PRETRAIN
+from ncfinetune.recipes import select as SELECT
+from ncfinetune.recipes import eval as EVAL
+from ncfinetune.recipes import predict as PREDICT
 # a dataset that would fail to load: the config error must come first
 NO_DATA = ["--dataset", "/nonexistent/data"]
 
@@ -501,35 +500,35 @@ def a_file(tmp_path):
 )
 def test_recipes_refuse_bad_settings_before_loading_anything(tmp_path, recipe, args, words):
     with pytest.raises(ConfigError, match=words):
-        recipe["main"]([*NO_DATA, *args(tmp_path)])
+        recipe.main([*NO_DATA, *args(tmp_path)])
 
 
 def test_eval_and_predict_check_their_paths_before_loading(tmp_path):
     with pytest.raises(ConfigError, match=r"tuned .*/nope is not a folder: pass the tuned/"):
-        EVAL["main"](["--tuned", str(tmp_path / "nope")])
+        EVAL.main(["--tuned", str(tmp_path / "nope")])
     (tmp_path / "tuned").mkdir()
     (tmp_path / "imgs").mkdir()
     with pytest.raises(ConfigError, match=r"output .* is a folder: pass a file path"):
-        PREDICT["main"](["--tuned", str(tmp_path / "tuned"), "--images", str(tmp_path / "imgs"),
+        PREDICT.main(["--tuned", str(tmp_path / "tuned"), "--images", str(tmp_path / "imgs"),
                          "--output", str(tmp_path)])  # fmt: skip
     with pytest.raises(ConfigError, match=r"images .*/none does not exist"):
-        PREDICT["main"](["--tuned", str(tmp_path / "tuned"), "--images", str(tmp_path / "none")])
+        PREDICT.main(["--tuned", str(tmp_path / "tuned"), "--images", str(tmp_path / "none")])
 
 
 def test_a_method_setting_with_no_effect_warns_once_and_is_recorded_as_unset():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cfg = FINETUNE["load_config"](["--method", "linear", "--block", "3", "--lora_skip", "true"])
+        cfg = FINETUNE.load_config(["--method", "linear", "--block", "3", "--lora_skip", "true"])
     said = [str(w.message) for w in caught if "no effect" in str(w.message)]
     assert len(said) == 1
     assert re.search(r"method 'linear' has no block, lora_skip setting.*block=None", said[0])
     assert (cfg.block, cfg.lora_skip) == (None, False)  # what config.yaml will record
-    cfg = FINETUNE["load_config"](["--method", "scl", "--block", "3"])
+    cfg = FINETUNE.load_config(["--method", "scl", "--block", "3"])
     assert cfg.block == "3"
 
 
 def test_tracker_none_is_accepted():
-    cfg = FINETUNE["load_config"](["--tracker", "none"])
+    cfg = FINETUNE.load_config(["--tracker", "none"])
     assert cfg.tracker is None  # "none" on the command line is null
 
 
@@ -600,7 +599,7 @@ def test_layerwise_nc1_of_an_empty_loader_says_so():
 def test_a_config_file_with_a_repeated_key_or_another_shape_is_refused(tmp_path, text, words):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ConfigError, match=words):
-        FINETUNE["load_config"](["--config", str(tmp_path / "c.yaml")])
+        FINETUNE.load_config(["--config", str(tmp_path / "c.yaml")])
 
 
 def test_a_prefix_only_wrapper_neither_checks_nor_claims_ownership():

@@ -2,9 +2,9 @@
 exit status 2 (a traceback only with --debug), printed once under a 2-process launch."""
 
 import dataclasses
+import importlib
 import importlib.util
 import os
-import runpy
 import subprocess
 import sys
 
@@ -16,6 +16,8 @@ from ncfinetune.recipes.config import field_help
 RECIPES = ("finetune", "pretrain", "select_block", "eval", "predict")
 CONFIGS = {"finetune": "FinetuneConfig", "pretrain": "PretrainConfig",
            "select_block": "SelectConfig", "eval": "EvaluateConfig", "predict": "PredictConfig"}  # fmt: skip
+MODULES = {"finetune": "finetune", "pretrain": "pretrain", "select_block": "select", "eval": "eval",
+           "predict": "predict"}  # fmt: skip
 
 
 def test_recipe_names_do_not_shadow_installed_modules():
@@ -28,12 +30,12 @@ def test_recipe_names_do_not_shadow_installed_modules():
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_has_help_with_every_key_described(name, capsys):
-    recipe = runpy.run_path(str(ROOT / "recipes" / f"{name}.py"), run_name=f"{name}_recipe")
-    cls = recipe[CONFIGS[name]]
+    recipe = importlib.import_module(f"ncfinetune.recipes.{MODULES[name]}")
+    cls = getattr(recipe, CONFIGS[name])
     helps = field_help(cls)
     assert not [k for k, text in helps.items() if not text], "keys without a description"
     with pytest.raises(SystemExit) as e:
-        recipe["main"](["--help"])
+        recipe.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: {name}.py [--config FILE.yaml] [--KEY VALUE ...] [--debug]")

@@ -3,7 +3,6 @@ ncfinetune.inference (one eval loop: training.predict_batches)."""
 
 import csv
 import json
-import runpy
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,8 @@ from ncfinetune.errors import CheckpointError, DataError
 from ncfinetune.backbones.hub import create_backbone
 from ncfinetune.inference import evaluate, load_tuned_folder, predict
 
-EVAL = runpy.run_path(str(ROOT / "recipes" / "eval.py"), run_name="eval_recipe")
-PREDICT = runpy.run_path(str(ROOT / "recipes" / "predict.py"), run_name="predict_recipe")
+from ncfinetune.recipes import eval as EVAL
+from ncfinetune.recipes import predict as PREDICT
 
 
 def local_backbone(folder: Path) -> Path:
@@ -62,7 +61,7 @@ def test_the_tuned_folder_records_its_base_and_rebuilds_from_the_folder_alone(tu
 
 def test_eval_recipe_reproduces_the_runs_test_accuracy_and_writes_its_report(tuned_run, tmp_path):
     tuned_dir, _, metrics = tuned_run
-    result = EVAL["main"](["--tuned", str(tuned_dir), "--output_dir", str(tmp_path)])
+    result = EVAL.main(["--tuned", str(tuned_dir), "--output_dir", str(tmp_path)])
     saved = json.loads((tmp_path / "evaluation.json").read_text())
     assert saved["num_samples"] == 360 and saved["split"] == "test"  # the run's test split
     assert abs(saved["accuracy"] - metrics["test_accuracy"]) <= 1 / 360 + 1e-9
@@ -75,11 +74,11 @@ def test_eval_recipe_reproduces_the_runs_test_accuracy_and_writes_its_report(tun
     assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = evaluate(tuned_dir)  # the Python API: the same numbers
     assert again.accuracy == result.accuracy and again.nc1 == pytest.approx(result.nc1)
-    train = EVAL["main"](["--tuned", str(tuned_dir), "--split", "train", "--output_dir",
+    train = EVAL.main(["--tuned", str(tuned_dir), "--split", "train", "--output_dir",
                           str(tmp_path / "train")])  # fmt: skip
     assert train.num_samples == 1437
     with pytest.raises(DataError, match=r"dataset's classes \(0, 1, 2\) are not the model's"):
-        EVAL["main"](["--tuned", str(tuned_dir), "--classes", "0,1,2", "--output_dir",
+        EVAL.main(["--tuned", str(tuned_dir), "--classes", "0,1,2", "--output_dir",
                       str(tmp_path / "x")])  # fmt: skip
 
 
@@ -95,7 +94,7 @@ def test_predict_recipe_writes_a_properly_quoted_csv(tuned_run, tmp_path):
     (folder / "notes.txt").write_text("not an image")
     (folder / ".hidden.png").write_bytes(b"not read")
     out = tmp_path / "out" / "predictions.csv"
-    PREDICT["main"](["--tuned", str(tuned_dir), "--images", str(folder), "--output", str(out)])
+    PREDICT.main(["--tuned", str(tuned_dir), "--images", str(folder), "--output", str(out)])
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [r["file"] for r in rows] == sorted(names)
@@ -126,7 +125,7 @@ def test_predict_names_an_unreadable_image_or_leaves_it_out_when_asked(tuned_run
     assert [r.file for r in rows] == ["0.png", "1.png"]
     assert [name for name, _ in skipped] == ["broken.png"]
     out = tmp_path / "p.csv"
-    PREDICT["main"](["--tuned", str(tuned_dir), "--images", str(folder), "--output", str(out),
+    PREDICT.main(["--tuned", str(tuned_dir), "--images", str(folder), "--output", str(out),
                      "--skip_unreadable", "true"])  # fmt: skip
     assert out.read_text().count("\n") == 3  # header + 2 rows
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import runpy
 import shlex
 import subprocess
 import sys
@@ -20,8 +19,8 @@ from ncfinetune.errors import BlockError, ConfigError, DataError, TrainingDiverg
 from ncfinetune.backbones.hub import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-FINETUNE = runpy.run_path(str(ROOT / "recipes" / "finetune.py"), run_name="finetune_recipe")
-PRETRAIN = runpy.run_path(str(ROOT / "recipes" / "pretrain.py"), run_name="pretrain_recipe")
+from ncfinetune.recipes import finetune as FINETUNE
+from ncfinetune.recipes import pretrain as PRETRAIN
 TINY_RUN = [
     "--model",
     "test_resnet",
@@ -48,7 +47,7 @@ def fresh_accelerate():
 
 def finetune(*args):
     fresh_accelerate()
-    return FINETUNE["main"]([*TINY_RUN, *map(str, args)])
+    return FINETUNE.main([*TINY_RUN, *map(str, args)])
 
 
 def strict_json(path: Path) -> dict:
@@ -351,14 +350,14 @@ def test_every_config_file_loads():
     files = sorted((ROOT / "recipes" / "configs").rglob("*.yaml"))
     assert len(files) == 11, [f.name for f in files]
     for f in files:
-        cls = PRETRAIN["PretrainConfig"] if "pretrain" in f.parts else FINETUNE["FinetuneConfig"]
+        cls = PRETRAIN.PretrainConfig if "pretrain" in f.parts else FINETUNE.FinetuneConfig
         cfg = parse_config(cls, ["--config", str(f)])
         assert cfg.output_dir
 
 
 def test_pretrain_smoke_then_finetune_from_its_checkpoint(tmp_path):
     fresh_accelerate()
-    PRETRAIN["main"](
+    PRETRAIN.main(
         [
             "--model",
             "test_resnet",
@@ -395,11 +394,11 @@ def test_pretrain_starts_from_a_pretrained_backbone_of_the_same_architecture(tmp
     fresh_accelerate()
     base = ["--model", "test_resnet", "--dataset", "digits", "--classes", "0,1,2", "--epochs", "1",
             "--max_steps", "2", "--batch_size", "32", "--nc1_samples", "100"]  # fmt: skip
-    PRETRAIN["main"](base + ["--output_dir", str(tmp_path / "first")])
+    PRETRAIN.main(base + ["--output_dir", str(tmp_path / "first")])
     first = json.loads((tmp_path / "first" / "backbone.json").read_text())
     fresh_accelerate()
     # lr 1e-12: the second run's weights are the first's (fp16) unless it started elsewhere
-    PRETRAIN["main"](
+    PRETRAIN.main(
         base
         + [
             "--init_from",
@@ -426,7 +425,7 @@ def test_pretrain_starts_from_a_pretrained_backbone_of_the_same_architecture(tmp
     with pytest.raises(
         ConfigError, match=r"init_from .* is test_resnet with \{\}, this run builds test_vit"
     ):
-        PRETRAIN["main"](
+        PRETRAIN.main(
             [
                 "--model",
                 "test_vit",
@@ -439,7 +438,7 @@ def test_pretrain_starts_from_a_pretrained_backbone_of_the_same_architecture(tmp
             ]  # fmt: skip
         )
     with pytest.raises(ConfigError, match="init_from 'nowhere' is neither a bundled backbone"):
-        PRETRAIN["main"](
+        PRETRAIN.main(
             [
                 "--init_from",
                 "nowhere",
@@ -454,19 +453,19 @@ def test_pretrain_starts_from_a_pretrained_backbone_of_the_same_architecture(tmp
 def test_pretrain_distils_from_a_teacher_whose_head_is_a_linear_probe(tmp_path, monkeypatch):
     fresh_accelerate()
     seen = []
-    original = PRETRAIN["_Targets"].__iter__
+    original = PRETRAIN._Targets.__iter__
 
     def spy(self):  # the targets the student trains on
         for x, y in original(self):
             seen.append(y)
             yield x, y
 
-    monkeypatch.setattr(PRETRAIN["_Targets"], "__iter__", spy)
+    monkeypatch.setattr(PRETRAIN._Targets, "__iter__", spy)
     args = ["--model", "test_vit", "--img_size", "32", "--model_kwargs", "{depth: 2}",
             "--dataset", "digits", "--classes", "0,1,2", "--epochs", "1", "--max_steps", "2",
             "--batch_size", "16", "--nc1_samples", "60", "--teacher", "resnet18_fmnist04",
             "--distill_alpha", "0.25", "--output_dir", str(tmp_path / "pt")]  # fmt: skip
-    PRETRAIN["main"](args)
+    PRETRAIN.main(args)
     card = json.loads((tmp_path / "pt" / "backbone.json").read_text())
     assert card["model_kwargs"] == {"img_size": 32, "depth": 2}
     # the card's command is quoted so that it pastes back into a shell: the same arguments
@@ -502,8 +501,8 @@ def test_block_auto_chooses_the_same_everywhere_and_tunes_the_choice(tmp_path):
     from ncfinetune import data as nd
     data_args = ["--model", "test_resnet", "--image_size", "32", "--per_class", "6",
                  "--seed", "1"]  # fmt: skip
-    recipe = runpy.run_path(str(ROOT / "recipes" / "select_block.py"), run_name="select_recipe")
-    cfg = parse_config(recipe["SelectConfig"], data_args)
+    from ncfinetune.recipes import select as recipe
+    cfg = parse_config(recipe.SelectConfig, data_args)
     torch.manual_seed(1)  # as the recipes do: the new classifier's init follows the seed
     data = cfg.load_data()
     model = cfg.load_model(data.num_classes)
@@ -518,7 +517,7 @@ def test_block_auto_chooses_the_same_everywhere_and_tunes_the_choice(tmp_path):
         assert m["block"] == from_ft["chosen"] and m["selection"]["rule"] == "probe"
         # lr auto: the run trains at the chosen lr; else at its own (0.05), probes at 0.03
         assert m["lr"] == (from_ft["lr"] if lr_args else 0.05)
-        from_recipe = recipe["main"]([*data_args, *lr_args, "--output_dir", str(out / "sel")])
+        from_recipe = recipe.main([*data_args, *lr_args, "--output_dir", str(out / "sel")])
         from_api = ncfinetune.selection.select_block_on_split(
             model, data, tf, rows, seed=1, **api_kw
         )
@@ -552,8 +551,8 @@ def test_lr_auto_for_full_fine_tuning_and_resume_keeps_the_choice(tmp_path):
 
 
 def test_select_block_recipe_writes_report_and_plot(tmp_path, capsys):
-    recipe = runpy.run_path(str(ROOT / "recipes" / "select_block.py"), run_name="select_recipe")
-    sel = recipe["main"](
+    from ncfinetune.recipes import select as recipe
+    sel = recipe.main(
         [
             "--model",
             "test_resnet",
@@ -578,7 +577,7 @@ def test_select_block_recipe_writes_report_and_plot(tmp_path, capsys):
     assert json.loads((tmp_path / "block_selection.json").read_text())["chosen"] == sel.chosen
     assert "chosen: block" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="rule 'best' is not one of middle, curve, linear"):
-        recipe["main"](["--rule", "best"])
+        recipe.main(["--rule", "best"])
 
 
 def test_a_diverged_run_stops_with_an_error_naming_the_lr_and_step_and_saves_nothing(tmp_path):
@@ -604,7 +603,7 @@ def test_evaluation_test_and_checkpoint_cadence(tmp_path):
     assert (m["eval_every"], m["save_every"], m["optimizer_steps"]) == (2, 2, 4)
     # validation by default: 100 rows of the training split outside the 50-image subset
     assert m["num_val"] == 100 and 0 <= m["val_accuracy"] <= 1
-    labels = parse_config(FINETUNE["FinetuneConfig"], TINY_RUN).load_data().labels("train")
-    train, val = FINETUNE["validation_rows"](labels, np.arange(0, 1437, 10), None, 0)
+    labels = parse_config(FINETUNE.FinetuneConfig, TINY_RUN).load_data().labels("train")
+    train, val = FINETUNE.validation_rows(labels, np.arange(0, 1437, 10), None, 0)
     assert len(val) == 144 and not set(val) & set(train)  # as many as the subset (144 > 100)
-    assert FINETUNE["validation_rows"](labels, None, None, 0) == (None, None)
+    assert FINETUNE.validation_rows(labels, None, None, 0) == (None, None)

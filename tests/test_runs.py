@@ -15,7 +15,7 @@ from ncfinetune.recipes.runs import retarget_schedule
 def run(*args):
     """The recipe with these arguments only (no TINY_RUN): as a user types them."""
     fresh_accelerate()
-    return FINETUNE["main"](list(map(str, args)))
+    return FINETUNE.main(list(map(str, args)))
 
 
 def test_a_run_is_never_started_over_and_resume_alone_reuses_its_config(tmp_path):
@@ -109,4 +109,4 @@ def test_pretrain_never_overwrites_a_pretrained_backbone(tmp_path):
 
     (tmp_path / "backbone.json").write_text("{}")
     with pytest.raises(ConfigError, match="already holds a pretrained backbone.*new --output_dir"):
-        PRETRAIN["main"](["--model", "test_resnet", "--output_dir", str(tmp_path)])
+        PRETRAIN.main(["--model", "test_resnet", "--output_dir", str(tmp_path)])
