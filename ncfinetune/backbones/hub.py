@@ -14,7 +14,7 @@ from torch import nn
 
 from ncfinetune.errors import ConfigError
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"  # ncfinetune/assets (package data)
 DEFAULT_BACKBONE = "resnet18_fmnist04"
 BASE_ATTRIBUTE = "ncfinetune_base"
 """Attribute of a model made by :func:`create_backbone`: how it was made (name as passed,
