@@ -1,87 +1,92 @@
-"""What the launcher decided: an explicit mixed precision, and the per-process batch."""
+"""Device and precision decided in one place (ncfinetune.training.device), accelerate asked
+rather than guessed, and the per-process batch a global batch size means."""
 
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
+import torch
 
 from ncfinetune.errors import ConfigError
-from ncfinetune.recipes.launch import (
-    choose_mixed_precision,
-    given_mixed_precision,
-    launch_arguments,
-    launcher_mixed_precision,
-    per_process_batch,
-)
+from ncfinetune.recipes.launch import per_process_batch
+from ncfinetune.training import device as D
 
 
-@pytest.mark.parametrize(
-    "cmdline,args",
-    [
-        (["/v/bin/python", "/v/bin/accelerate", "launch", "--cpu", "f.py", "--lr", "1"],
-         ["--cpu", "f.py", "--lr", "1"]),
-        (["python", "-m", "accelerate.commands.launch", "--multi_gpu", "f.py"],
-         ["--multi_gpu", "f.py"]),
-        (["python", "-m", "accelerate.commands.accelerate_cli", "launch", "f.py"], ["f.py"]),
-        (["/v/bin/accelerate-launch", "f.py"], ["f.py"]),
-        (["python", "f.py", "--mixed_precision", "no"], None),
-        (["/v/bin/accelerate", "env"], None),
-    ],
-)  # fmt: skip
-def test_launch_arguments_recognise_every_way_to_call_the_launcher(cmdline, args):
-    assert launch_arguments(cmdline) == args
+def test_precision_settings_resolve_for_the_device():
+    assert D.resolve_precision("auto", "cpu") == ("bf16" if D.native_bf16("cpu") else "no")
+    assert D.resolve_precision("auto", "mps") == "no"  # no native-bf16 check there
+    for setting in D.PRECISIONS:
+        assert D.resolve_precision(setting, "cpu") == setting
+    with pytest.raises(
+        ConfigError, match=r"mixed_precision 'fp8' is not one of auto, no, fp16, bf16 or null"
+    ):
+        D.resolve_precision("fp8", "cpu")
+    assert D.precision_problem("bf16", D.LOOP_PRECISIONS) is None
+    assert "is not one of no, bf16 or null" in D.precision_problem("fp16", D.LOOP_PRECISIONS)
+    assert D.loop_precision("fp16") == "no" and D.loop_precision("bf16") == "bf16"
 
 
-def test_given_mixed_precision_reads_the_option_or_the_config_file(tmp_path, monkeypatch):
-    import accelerate.commands.config as accelerate_config
+def test_no_setting_is_accelerates_choice_and_an_explicit_key_wins(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert D.accelerate_precision() == "no"  # nothing set anywhere: fp32
+    assert D.resolve_precision(None, "cpu") == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as `accelerate launch` exports
+    assert D.accelerate_precision() == "bf16"
+    assert D.resolve_precision(None, "cpu") == "bf16"
+    assert D.choose_precision(None, "cpu") == (None, "accelerate")  # Accelerator decides
+    assert D.choose_precision("no", "cpu") == ("no", "recipe")
+    auto = "bf16" if D.native_bf16("cpu") else "no"
+    assert D.choose_precision("auto", "cpu") == (auto, "recipe")
 
-    # no default accelerate config file (its path is fixed when accelerate is imported)
-    monkeypatch.setattr(accelerate_config, "default_config_file", str(tmp_path / "none.yaml"))
-    assert given_mixed_precision(["--mixed_precision", "no", "f.py"]) == "no"
-    assert given_mixed_precision(["--mixed_precision=bf16", "f.py", "--x"]) == "bf16"
-    assert given_mixed_precision(["--cpu", "f.py", "--mixed_precision", "bf16"]) is None
-    assert given_mixed_precision(["--num_processes", "2", "f.py"]) is None
-    config = tmp_path / "acc.yaml"
-    config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n"
+
+def test_an_accelerator_without_a_setting_takes_the_launchers_choice():
+    """What ``choose_precision(None)`` hands over: accelerate reads the launcher's export."""
+    code = (
+        "from accelerate import Accelerator; "
+        "print(Accelerator(cpu=True, mixed_precision=None).mixed_precision)"
     )
-    assert given_mixed_precision(["--config_file", str(config), "f.py"]) == "bf16"
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "bf16"
 
 
-def test_launcher_mixed_precision_without_a_launcher():
-    assert launcher_mixed_precision({}) is None  # python recipes/finetune.py
-    # exported by something that is not accelerate launch (this test's parents): given
-    assert launcher_mixed_precision({"ACCELERATE_MIXED_PRECISION": "no"}) == "no"
+def test_no_module_reads_a_process_command_line():
+    import ncfinetune
+
+    root = os.path.dirname(ncfinetune.__file__)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name)).read()
+                assert "psutil" not in text and ".cmdline()" not in text, name
 
 
-def run_under_fake_launcher(launcher_args: list[str]) -> str:
-    """A child of a process whose command line is `python -m accelerate.commands.launch ...`
-    (without accelerate's start-up cost), with the variable accelerate launch exports."""
-    child = "from ncfinetune.recipes.launch import launcher_mixed_precision as f; print(f())"
-    parent = textwrap.dedent(f"""
-        import subprocess, sys
-        subprocess.run([sys.executable, "-c", {child!r}], check=True)
-    """)
-    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "no", "HF_HOME": "/nonexistent"}
-    cmd = [sys.executable, "-c", parent, "-m", "accelerate.commands.launch", *launcher_args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip()
+def test_cpu_threads_split_the_cores_over_local_processes(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        cores = len(os.sched_getaffinity(0))
+        assert D.cpu_threads("cpu", 1) == cores == torch.get_num_threads()
+        assert D.cpu_threads("cpu", 2) == max(1, cores // 2)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        assert D.cpu_threads("cpu", 1) == max(1, cores // 4)
+        assert D.cpu_threads("cpu", 1, 3) == 3  # explicit wins
+        torch.set_num_threads(1)
+        assert D.cpu_threads("cuda", 1, 3) == 1  # left alone on an accelerator
+        with pytest.raises(ConfigError, match="cpu_threads must be >= 1 or null"):
+            D.cpu_threads("cpu", 1, 0)
+    finally:
+        torch.set_num_threads(before)
 
 
-def test_the_launchers_own_command_line_tells_given_from_default():
-    assert run_under_fake_launcher(["recipes/finetune.py"]) == "None"  # its default 'no'
-    assert run_under_fake_launcher(["--mixed_precision", "no", "recipes/finetune.py"]) == "no"
-
-
-def test_choose_mixed_precision_explicit_wins_then_launcher_then_auto():
-    assert choose_mixed_precision("no", "cpu", "bf16")[:2] == ("no", "recipe")
-    assert "instead of the launcher's 'bf16'" in choose_mixed_precision("no", "cpu", "bf16")[2]
-    assert choose_mixed_precision("auto", "cpu", "no") == ("no", "launcher", None)
-    precision, source, note = choose_mixed_precision("auto", "cpu", None)
-    assert source == "auto" and precision in ("bf16", "no") and note is None
+def test_device_helpers():
+    m = torch.nn.Linear(2, 2)
+    assert D.model_device(m) == torch.device("cpu")
+    assert D.model_device(torch.nn.ReLU()) == torch.device("cpu")
+    assert D.default_device("cpu") == torch.device("cpu")
+    assert D.use_channels_last(m, True) and not D.use_channels_last(m)
 
 
 def test_global_batch_size_is_split_over_processes_and_accumulation():

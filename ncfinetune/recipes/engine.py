@@ -1,4 +1,4 @@
-"""The recipes' side of training on accelerate: CPU threads, mixed precision, the optimizer-step
+"""The recipes' side of training on accelerate: CPU threads, the optimizer-step
 count and cosine schedule of a run, an epoch through the shared loop of
 :mod:`ncfinetune.training.loop` (a diverged loss stops every process), prediction gathered over
 processes, NC1 streamed and merged across processes, strict JSON, and atomic checkpoints for
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,78 +27,20 @@ from tqdm.auto import tqdm
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import install_folder, write_json
 from ncfinetune.metrics.stream import NC1Accumulator
+from ncfinetune.training.device import cpu_threads, model_device
 from ncfinetune.training.loop import (
     as_memory_format,
     build_cosine_schedule,
     diverged,
     fit_batches,
-    model_device,
     predict_batches,
 )
 
 
 def set_cpu_threads(accelerator: Accelerator, threads: int | None = None) -> int:
-    """Set torch's intra-op threads for a run on CPU and return the number used.
-
-    ``accelerate launch`` without ``--cpu`` exports ``OMP_NUM_THREADS=1`` unless the user set it,
-    so a plain ``accelerate launch recipes/finetune.py`` on a CPU machine would train on one core
-    (measured here: ViT-Tiny pretraining at 94 img/s with 1 thread, 160 img/s with 2). With
-    ``threads=None`` a CPU run uses the cores this process may run on divided by the processes
-    on this machine; an explicit number wins. On accelerators torch's setting is left alone.
-    """
-    if accelerator.device.type != "cpu":
-        return torch.get_num_threads()
-    if threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        threads = max(1, (cores or 1) // max(1, local))
-    if threads < 1:
-        raise ValueError(f"cpu_threads must be >= 1 or null (auto), got {threads}")
-    torch.set_num_threads(threads)
-    return threads
-
-
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-
-
-def native_bf16(device_type: str) -> bool:
-    """Whether ``device_type`` (cpu or cuda) computes in bfloat16 natively: CUDA devices that
-    support it, CPUs with the AVX-512 BF16 or AMX instructions (oneDNN's check)."""
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def launch_device_type() -> str:
-    """The device type an Accelerator made now would train on: ``cpu`` when accelerate is told
-    to (``ACCELERATE_USE_CPU``) or no CUDA device is visible, else ``cuda``. (Building accelerate's
-    ``PartialState`` early to ask would fix its process-group set-up before the Accelerator.)"""
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_mixed_precision(setting: str, device_type: str) -> str:
-    """``auto`` -> ``bf16`` where :func:`native_bf16`, else ``no``; other settings unchanged.
-
-    Measured on this project's 2-core AVX-512 BF16 CPU (``benchmarks/results/precision.md``):
-    bf16 autocast trains resnet18 and ViT-Small faster than fp32 at 224 px; see the README.
-    """
-    if setting not in MIXED_PRECISION:
-        raise ValueError(
-            f"mixed_precision {setting!r} is not one of {', '.join(MIXED_PRECISION)}; "
-            "'auto' picks bf16 where the device has native bf16 and 'no' elsewhere."
-        )
-    if setting != "auto":
-        return setting
-    return "bf16" if native_bf16(device_type) else "no"
-
-
-def is_conv_net(model: torch.nn.Module) -> bool:
-    """More than one 2-D convolution (a ViT has one: its patch embedding)."""
-    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
+    """Torch's intra-op threads for this run (:func:`ncfinetune.training.device.cpu_threads`
+    for the Accelerator's device and processes); returns the number used."""
+    return cpu_threads(accelerator.device.type, accelerator.num_processes, threads)
 
 
 @dataclass(frozen=True)

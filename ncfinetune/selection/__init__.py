@@ -1,8 +1,15 @@
 """Choices made on the downstream training data, never its test split: which block to tune
 and at which learning rate, measured leave one target out (``benchmarks/selection_loto.py``).
+
+``rules`` (the rules and their measured defaults), ``probe`` (the measurements), ``report``
+(the table, JSON and plot), ``block`` (:func:`select_block`), ``lr`` (:func:`select_lr`).
 """
 
-from ncfinetune.selection.block import (
+from ncfinetune.selection.block import default_candidates, select_block, select_block_on_split
+from ncfinetune.selection.lr import select_lr, select_lr_on_split
+from ncfinetune.selection.probe import linear_probe_accuracy
+from ncfinetune.selection.report import BlockSelection, CandidateRow, LRSelection
+from ncfinetune.selection.rules import (
     DEFAULT_RULE,
     HELDOUT_FRACTION,
     LR_GRID,
@@ -13,18 +20,9 @@ from ncfinetune.selection.block import (
     PROBE_RULES,
     PROBE_STEPS,
     RULES,
-    BlockSelection,
-    CandidateRow,
-    LRSelection,
     choose,
     choose_lr,
-    default_candidates,
-    linear_probe_accuracy,
     min_per_class,
-    select_block,
-    select_block_on_split,
-    select_lr,
-    select_lr_on_split,
 )
 
 __all__ = [

@@ -25,8 +25,9 @@ from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
 from ncfinetune.errors import ConfigError, TrainingDiverged
-from ncfinetune.tuning.prefix_cache import PrefixCache, check_prefix
+from ncfinetune.training.device import LOOP_PRECISIONS, model_device
 from ncfinetune.tuning.model import TunedModel
+from ncfinetune.tuning.prefix_cache import PrefixCache, check_prefix
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -83,7 +84,6 @@ def build_cosine_schedule(
 
 
 Fetch = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
-PRECISIONS = ("no", "bf16")
 
 
 def as_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -93,19 +93,17 @@ def as_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
 def autocast_factory(model: torch.nn.Module, precision: str, accelerator=None) -> Callable[[], Any]:
     """A factory of autocast contexts: the Accelerator's when given, else bf16 autocast on the
     model's device for ``precision="bf16"`` and a no-op one for ``"no"``. Validated once per
     loop, not per step."""
     if accelerator is not None:
         return accelerator.autocast
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    if precision not in LOOP_PRECISIONS:
+        raise ConfigError(
+            f"precision {precision!r} is not one of {', '.join(LOOP_PRECISIONS)}; the library's "
+            "loops run fp32 or bf16 autocast (fp16 needs an Accelerator's loss scaler)."
+        )
     device = model_device(model).type
     return lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -179,6 +177,52 @@ def _marking_last(batches: Iterable, limit: int | None):
         item, count = following, count + 1
 
 
+def _check_accumulation(grad_accum: int, accelerator) -> None:
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ConfigError(f"grad_accum must be an int >= 1, got {grad_accum!r}.")
+    if accelerator is not None and accelerator.gradient_accumulation_steps != 1:
+        raise ConfigError(
+            f"the Accelerator accumulates gradients over {accelerator.gradient_accumulation_steps}"
+            " steps itself; build it with gradient_accumulation_steps=1 and pass grad_accum to "
+            "fit_batches (or loop.train_epoch) instead."
+        )
+
+
+def _sync(model, accelerator, closes: bool):
+    """The context of a forward and backward pass: under DDP gradients are all-reduced only by
+    the pass that ``closes`` the accumulation window (DDP needs the forward inside too)."""
+    if accelerator is None or closes:
+        return contextlib.nullcontext()
+    return accelerator.no_sync(model)
+
+
+def _optimizer_step(optimizer, scheduler, window: list[int]) -> float:
+    """Close an accumulation window of batches of ``window`` sizes: rescale its gradients to
+    the mean over its images (not a sum of means), step, zero; return the lr it stepped at."""
+    if len(window) > 1:
+        scale = window[0] / sum(window)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
+def _check_finite(stats: FitStats) -> None:
+    """Raise :func:`diverged` at the first optimizer step whose loss was NaN or infinite."""
+    per_step = stats.step_losses()
+    bad = (~torch.isfinite(per_step)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        where = f" of {stats.optimizer_steps}"
+        raise diverged(f"the loss became {per_step[i].item()}", i + 1, stats.lrs[i], where)
+
+
 def fit_batches(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -199,19 +243,15 @@ def fit_batches(
 
     Batches are moved to the model's device. With ``accelerator`` (the model, optimizer and
     loader prepared by it; the scheduler need not be) the backward pass and autocast are its
-    own (DDP, mixed precision) and gradients are synchronised across processes only on the
-    last batch of each accumulation; without, forward passes run under bf16 autocast when
-    ``precision="bf16"``. Losses stay on the device until the end (no host round trip per
-    step).
+    own (DDP, mixed precision); without, forward passes run under bf16 autocast when
+    ``precision="bf16"``. Losses stay on the device until the end (no host round trip per step).
 
-    Gradient accumulation: the gradients of ``grad_accum`` consecutive batches are summed,
-    each batch weighted by its share of the accumulated images, so one step equals one step
-    on a batch holding all of them (for models without batch statistics: BatchNorm in
-    training mode sees each batch alone). The last accumulation of a pass (at the end of
-    ``batches`` or at ``max_steps``) is stepped even when it holds fewer batches, so no
-    gradient is left over for the next call: a pass of ``n`` batches makes
-    ``ceil(n / grad_accum)`` optimizer steps. The scheduler steps once per optimizer step
-    (not when a mixed-precision optimizer skipped its step).
+    Gradient accumulation: each batch's gradient is weighted by its share of the window's
+    images, so one step equals one step on a batch holding all of them (BatchNorm in training
+    mode still sees each batch alone). The last window of a pass (at the end of ``batches`` or
+    at ``max_steps``) is stepped even when shorter, so a pass of ``n`` batches makes
+    ``ceil(n / grad_accum)`` optimizer steps. The scheduler steps once per optimizer step (not
+    when a mixed-precision optimizer skipped its step).
 
     Args:
         max_steps: stop after this many batches.
@@ -221,25 +261,15 @@ def fit_batches(
             ``gradient_accumulation_steps=1``: the accumulation happens here.
 
     Raises:
-        TrainingDiverged: a loss became NaN or infinite (training diverged: lower the lr); a
-            ``FloatingPointError``.
+        TrainingDiverged: a loss became NaN or infinite (lower the lr); a ``FloatingPointError``.
         ConfigError: ``grad_accum`` < 1, or an Accelerator that accumulates itself.
     """
-    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
-        raise ConfigError(f"grad_accum must be an int >= 1, got {grad_accum!r}.")
-    if accelerator is not None and accelerator.gradient_accumulation_steps != 1:
-        raise ConfigError(
-            f"the Accelerator accumulates gradients over {accelerator.gradient_accumulation_steps}"
-            " steps itself; build it with gradient_accumulation_steps=1 and pass grad_accum to "
-            "fit_batches (or loop.train_epoch) instead."
-        )
+    _check_accumulation(grad_accum, accelerator)
     device = model_device(model)
     autocast = autocast_factory(model, precision, accelerator)
     show = progress is not None and (accelerator is None or accelerator.is_local_main_process)
-    losses, images, lrs = [], 0, []
+    losses, images, lrs, window = [], 0, [], []  # window: batch sizes since the last step
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    window: list[int] = []  # sizes of the batches accumulated since the last optimizer step
     model.train()
     start = time.perf_counter()
     bar = tqdm(batches, desc=progress, leave=False, disable=not show)
@@ -249,31 +279,13 @@ def fit_batches(
         y = y.to(device, non_blocking=True)
         window.append(len(y))
         closes = last or len(window) == grad_accum
-        # gradients are all-reduced (DDP) only by the backward pass that closes the window
-        sync = (
-            accelerator.no_sync(model)
-            if accelerator is not None and not closes
-            else contextlib.nullcontext()
-        )
-        with sync:
+        with _sync(model, accelerator, closes):
             with autocast():
                 loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
             weighted = loss if len(window) == 1 else loss * (window[-1] / window[0])
-            if accelerator is not None:
-                accelerator.backward(weighted)
-            else:
-                weighted.backward()
+            accelerator.backward(weighted) if accelerator is not None else weighted.backward()
         if closes:
-            if len(window) > 1:  # the mean over the window's images, not a sum of means
-                scale = window[0] / sum(window)
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
-            lrs.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            lrs.append(_optimizer_step(optimizer, scheduler, window))
             window = []
         losses.append(loss.detach())
         loss_sum += loss.detach().double() * len(y)
@@ -281,21 +293,10 @@ def fit_batches(
         if max_steps is not None and len(losses) >= max_steps:
             break
     seconds = time.perf_counter() - start
-    stats = FitStats(
-        torch.stack(losses) if losses else torch.empty(0),
-        images,
-        seconds,
-        loss_sum,
-        lrs,
-        grad_accum,
-    )
+    loss_tensor = torch.stack(losses) if losses else torch.empty(0)
+    stats = FitStats(loss_tensor, images, seconds, loss_sum, lrs, grad_accum)
     if check_finite and stats.steps:
-        per_step = stats.step_losses()
-        bad = (~torch.isfinite(per_step)).nonzero()
-        if bad.numel():
-            i = int(bad[0])
-            loss = per_step[i].item()
-            raise diverged(f"the loss became {loss}", i + 1, lrs[i], f" of {stats.optimizer_steps}")
+        _check_finite(stats)
     return stats
 
 

@@ -1,0 +1,211 @@
+"""The measurements of a selection: short probe fine-tunes of copies of the model, scored on
+held-out training rows, and the closed-form linear probe of a block's output.
+
+Probes run where the selection runs (the model's device, or ``device=``), in the precision
+the fine-tune will use, and draw their randomness from their own seed: rows are ordered by
+their own ``torch.Generator`` (:func:`ncfinetune.training.loop.train_steps`), held-out rows by a
+NumPy ``Generator`` (:func:`ncfinetune.data.subsets.validation_split`), and what must use torch's
+global RNG (a method's initialisation, dropout) runs inside :func:`own_rng`, which restores it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ncfinetune.data.subsets import balanced_subset, validation_split
+from ncfinetune.errors import ConfigError
+from ncfinetune.messages import warn_once
+from ncfinetune.metrics.collapse import nc1_or_none
+from ncfinetune.selection.report import CandidateRow
+from ncfinetune.selection.rules import LINEAR_FOLDS
+from ncfinetune.training.device import (
+    LOOP_PRECISIONS,
+    loop_precision,
+    model_device,
+    resolve_precision,
+    use_channels_last,
+)
+from ncfinetune.training.loop import evaluate_rows, train_steps
+from ncfinetune.tuning.methods import method_config
+from ncfinetune.tuning.model import TunedModel, wrap
+from ncfinetune.tuning.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
+
+
+@contextlib.contextmanager
+def own_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block with torch's global RNG (CPU, and ``device`` when it is a CUDA device)
+    seeded by ``seed``, and restore the caller's state afterwards: a selection never reseeds
+    the global RNG, and the same seed gives the same probes."""
+    cuda = device.type == "cuda"
+    index = (torch.cuda.current_device() if device.index is None else device.index) if cuda else 0
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def on_device(model: nn.Module, device: str | torch.device | None) -> nn.Module:
+    """``model`` itself when it is on ``device`` (default: where it is), else a copy moved
+    there: a selection never modifies the caller's model."""
+    if device is None:
+        return model
+    want, have = torch.device(device), model_device(model)
+    if want.type == "cuda" and want.index is None:
+        want = torch.device("cuda", torch.cuda.current_device())
+    if (want.type, want.index or 0) == (have.type, have.index or 0):
+        return model
+    return copy.deepcopy(model).to(want)
+
+
+def probe_precision(precision: str | None, device: torch.device) -> str:
+    """The precision the probes run in: ``precision`` (``auto``, ``no``, ``bf16``; None:
+    accelerate's choice, as a fine-tune launched now would take it) resolved for ``device``;
+    fp16 runs in fp32 (the library loop has no loss scaler)."""
+    allowed = ("auto", *LOOP_PRECISIONS)
+    return loop_precision(resolve_precision(precision, device, allowed, key="precision"))
+
+
+def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+    """Stratified k-fold (k = min(5, smallest class)) accuracy of a ridge linear classifier on
+    standardised features: stage-wise linear evaluation in closed form (milliseconds a block)."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    k = int(min(LINEAR_FOLDS, np.unique(labels, return_counts=True)[1].min()))
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    clf = make_pipeline(StandardScaler(), RidgeClassifier(alpha=1.0))
+    return float(cross_val_score(clf, features.astype(np.float64), labels, cv=folds).mean())
+
+
+def training_cache(data, transform, rows, max_images, seed):
+    from ncfinetune.data.loaders import TensorCache
+
+    labels = data.labels("train")
+    rows = np.arange(labels.size) if rows is None else np.asarray(rows)
+    if max_images is not None and rows.size > max_images:
+        rows = rows[balanced_subset(labels[rows], total=max_images, seed=seed)]
+    return TensorCache.build(
+        data.train,
+        transform,
+        image_column=data.image_column,
+        label_column=data.label_column,
+        indices=rows,
+    )
+
+
+def as_fetch(data: Any) -> tuple[Any, np.ndarray]:
+    """(fetch(list of rows) -> (x, y), all labels) for a (images, labels) pair or a dataset."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        images, labels = data
+        labels = torch.as_tensor(labels)
+        if images.shape[0] != labels.shape[0]:
+            raise ConfigError(
+                f"train_data has {images.shape[0]} images but {labels.shape[0]} labels; "
+                "pass (images N x C x H x W, labels N) of the same length."
+            )
+
+        def fetch(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            index = torch.as_tensor(rows, dtype=torch.long)
+            return images.index_select(0, index), labels.index_select(0, index)
+
+        return fetch, labels.numpy()
+    if hasattr(data, "__getitems__") and hasattr(data, "labels"):  # e.g. data.TensorCache
+        return data.__getitems__, np.asarray(data.labels)
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+
+        def fetch(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            items = [data[i] for i in rows]
+            return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
+
+        return fetch, np.asarray([int(data[i][1]) for i in range(len(data))])
+    raise ConfigError(
+        f"train_data of type {type(data).__name__} is not supported; pass (images, labels) "
+        "tensors, a ncfinetune.data.loaders.TensorCache, or a map-style dataset of (image, label) pairs."
+    )
+
+
+def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (fit, held-out) rows; the caller checked :func:`min_per_class`."""
+    return validation_split(labels, fraction, seed=seed)
+
+
+class Prober:
+    """Short fine-tunes of copies of the model on the fit part, scored on the held-out part;
+    prefix caches are shared across blocks where the frozen prefix is cacheable. Everything
+    runs on the model's device."""
+
+    def __init__(
+        self, model, fetch, labels, *, method, bn, seed, fraction, steps, batch, precision
+    ) -> None:
+        self.model, self.fetch, self.labels = model, fetch, labels
+        self.method, self.bn, self.seed = method, bn, seed
+        self.fraction, self.steps, self.batch, self.precision = fraction, steps, batch, precision
+        self.fit = self.held = None
+        self.caches: dict[int | None, PrefixCache | None] = {}
+        self.frozen: nn.Module | None = None  # one copy serves every cache: only its prefix runs
+        self.images = 0
+
+    def run(self, rows: list[CandidateRow], grid: list[float]) -> int:
+        """Probe every (row, lr) into ``row.probes``; return the images processed."""
+        before = self.images
+        for r in rows:
+            for lr in grid:
+                r.probes[f"{lr:g}"] = self.probe(r.index, lr)
+        return self.images - before
+
+    def probe(self, block: int | None, lr: float) -> dict[str, float | None]:
+        """One short fine-tune of ``method`` at ``block`` (None: linear/full) at ``lr``."""
+        if self.fit is None:
+            self.fit, self.held = _holdout(self.labels, self.fraction, self.seed)
+        if block not in self.caches:
+            self.caches[block] = self._cache(block)
+        cache = self.caches[block]
+        t1 = time.perf_counter()
+        with own_rng(self.seed, model_device(self.model)):
+            tuned = wrap(copy.deepcopy(self.model), self.method, block, bn=self.bn)
+            if cache is None and use_channels_last(self.model):
+                tuned.to(memory_format=torch.channels_last)
+            acc, nc = self._train_and_score(tuned, lr, cache)
+        self.images += self.steps * min(self.batch, self.fit.size) + self.held.size
+        return {"accuracy": acc, "nc1": nc, "seconds": time.perf_counter() - t1}
+
+    def _train_and_score(self, tuned, lr, cache) -> tuple[float, float | None]:
+        """Held-out (accuracy, NC1) after the probe's steps; a diverged probe ranks last."""
+        try:
+            train_steps(
+                tuned, self.fetch, self.fit, steps=self.steps, batch_size=self.batch, lr=lr,
+                seed=self.seed, prefix=cache, precision=self.precision,
+            )  # fmt: skip
+            ev = evaluate_rows(tuned, self.fetch, self.held, prefix=cache, precision=self.precision)
+        except FloatingPointError:  # diverged at this lr
+            return 0.0, None
+        return ev["accuracy"], nc1_or_none(ev["features"], ev["labels"])
+
+    def _cache(self, block: int | None) -> PrefixCache | None:
+        """A filled prefix cache for probes at ``block``, or None where not legal."""
+        if self.frozen is None:
+            self.frozen = copy.deepcopy(self.model)
+        # one frozen copy serves every block's cache: these wrappers only run its prefix
+        config = method_config(self.method, block=block, bn=self.bn)
+        tuned = TunedModel(self.frozen, config, owns_model=False)
+        if prefix_blocker(tuned) is not None:
+            return None
+        cache = PrefixCache(tuned, self.fetch)
+        try:
+            self.images += fill_shared([cache], np.arange(self.labels.size))
+        except CacheTooLarge as err:
+            warn_once(f"block selection: {err} The probes run without the prefix cache.")
+            return None
+        return cache
