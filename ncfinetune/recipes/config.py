@@ -31,6 +31,13 @@ import yaml
 
 from ncfinetune.errors import ConfigError, NcFinetuneError
 from ncfinetune.backbones.hub import DEFAULT_BACKBONE
+from ncfinetune.training.device import (
+    LOOP_PRECISIONS,
+    default_device,
+    loop_precision,
+    precision_problem,
+    resolve_precision,
+)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -608,13 +615,15 @@ class TunedConfig:
     verify_base: bool = True  # check the base weights' fingerprint (false: warn on a mismatch)
     image_size: int | None = None  # null = the size it was tuned at, else the backbone's
     batch_size: int = 256  # images per forward pass
-    mixed_precision: str = "no"  # no (fp32) | bf16 | auto (bf16 where the device has it natively)
+    # no (fp32) | bf16 | auto (bf16 where the device has it natively); null = accelerate's
+    # choice (ACCELERATE_MIXED_PRECISION; fp16: fp32)
+    mixed_precision: str | None = "no"
     device: str | None = None  # null = cuda when available, else cpu
 
     def validate(self) -> list[str]:
         p = []
-        if self.mixed_precision not in ("auto", "no", "bf16"):
-            p.append(f"mixed_precision {self.mixed_precision!r} is not one of auto, no, bf16")
+        if problem := precision_problem(self.mixed_precision, ("auto", *LOOP_PRECISIONS)):
+            p.append(problem)
         if self.batch_size < 1:
             p.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.image_size is not None and self.image_size < 1:
@@ -637,14 +646,10 @@ class TunedConfig:
 
     def run_kwargs(self) -> dict[str, Any]:
         """Image size, batch, precision (``auto`` resolved for the device) and device."""
-        import torch
-
-        from ncfinetune.recipes.engine import resolve_mixed_precision
-
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(self.device)
         return {
             "image_size": self.image_size,
             "batch_size": self.batch_size,
-            "precision": resolve_mixed_precision(self.mixed_precision, torch.device(device).type),
+            "precision": loop_precision(resolve_precision(self.mixed_precision, device)),
             "device": device,
         }

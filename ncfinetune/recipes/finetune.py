@@ -43,13 +43,10 @@ from ncfinetune.recipes.config import (
 )
 from ncfinetune.files import finite_json, write_json
 from ncfinetune.recipes.engine import (
-    MIXED_PRECISION,
     Stopwatch,
     build_schedule,
     collect_nc1,
-    is_conv_net,
     latest_training_state,
-    launch_device_type,
     load_training_state,
     predict,
     save_training_state,
@@ -58,6 +55,13 @@ from ncfinetune.recipes.engine import (
 )
 from ncfinetune.metrics.modules import load_metric
 from ncfinetune.tuning.prefix_cache import CacheTooLarge, prefix_blocker, prefix_loader
+from ncfinetune.training.device import (
+    choose_precision,
+    launch_device_type,
+    loop_precision,
+    precision_problem,
+    use_channels_last,
+)
 from ncfinetune.training.loop import build_optimizer, diverged
 
 DEFAULTS = Path(__file__).parent / "configs" / "default.yaml"
@@ -106,9 +110,10 @@ class FinetuneConfig(DownstreamConfig):
     # global_batch_size / (processes x grad_accum), which must divide it (null = use batch_size)
     global_batch_size: int | None = None
     grad_accum: int = 1  # batches accumulated per optimizer update
-    # auto = the launcher's --mixed_precision if it was given one, else bf16 where the device
-    # computes bf16 natively, else no | no | fp16 | bf16 (these win over the launcher's)
-    mixed_precision: str = "auto"
+    # null = accelerate's choice (accelerate launch --mixed_precision, its config file or
+    # ACCELERATE_MIXED_PRECISION; none: no) | no | fp16 | bf16 | auto (bf16 where the device
+    # computes it natively, else no); a value here wins over accelerate's
+    mixed_precision: str | None = None
     channels_last: bool | None = None  # null = auto: on for conv nets (measured faster here)
     compile: str | None = None  # a torch.compile backend (e.g. inductor), via accelerate
     cpu_threads: int | None = None  # CPU only; null = cores / processes on this machine
@@ -153,10 +158,8 @@ class FinetuneConfig(DownstreamConfig):
             p.append(f"bn {self.bn!r} is not one of update, frozen")
         if self.optimizer not in ("sgd", "adamw"):
             p.append(f"optimizer {self.optimizer!r} is not one of sgd, adamw")
-        if self.mixed_precision not in MIXED_PRECISION:
-            p.append(
-                f"mixed_precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}"
-            )
+        if problem := precision_problem(self.mixed_precision):
+            p.append(problem)
         if self.compile is not None and self.compile not in COMPILE_BACKENDS:
             p.append(
                 f"compile {self.compile!r} is not a torch.compile backend; use one of "
@@ -291,7 +294,8 @@ def choose_block_and_lr(acc, cfg, model, data, train_idx, eval_tf, precision, ou
             "method": cfg.method,
             "bn": cfg.bn,
             "seed": cfg.seed,
-            "precision": "bf16" if precision == "bf16" else "no",
+            "precision": loop_precision(precision),  # the probes: as the fine-tune runs
+            "device": acc.device,  # where the fine-tune runs
         }
         if block == "auto":  # the probes run at the selection's default lr unless lr: auto
             sel = ncfinetune.selection.select_block_on_split(
@@ -409,10 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         runs.check_fresh_start(out)
         resume = None
-    # an explicit choice wins (the recipe's, then the launcher's); auto only when none was made
-    precision, precision_source, note = launch.choose_mixed_precision(
-        cfg.mixed_precision, launch_device_type(), launch.launcher_mixed_precision()
-    )
+    # the recipe's mixed_precision when set, else accelerate's own choice (None)
+    precision, precision_source = choose_precision(cfg.mixed_precision, launch_device_type())
     acc = Accelerator(
         mixed_precision=precision,
         # None leaves accelerate's own setting (`accelerate launch --dynamo_backend`) in charge
@@ -427,8 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     set_seed(cfg.seed)
     threads = set_cpu_threads(acc, cfg.cpu_threads)
-    if note:
-        acc.print(note)
+    precision = acc.mixed_precision  # what runs, whoever chose it
     # batch_size is per process; a global batch is split over processes and accumulation
     batch_size = launch.per_process_batch(
         cfg.batch_size, cfg.global_batch_size, acc.num_processes, cfg.grad_accum
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_idx, val_idx = validation_rows(labels, train_idx, cfg.val_fraction, cfg.seed)
 
     # model
-    model = cfg.load_model(data.num_classes)
+    model = cfg.load_model(data.num_classes).to(acc.device)  # selection probes run there too
     eval_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=False)
     block = tuned_block(cfg)
     lr, selection = cfg.lr, None
@@ -467,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
         lora_alpha=cfg.lora_alpha,
         lora_skip=cfg.lora_skip,
     )
-    channels_last = is_conv_net(model) if cfg.channels_last is None else cfg.channels_last
+    channels_last = use_channels_last(model, cfg.channels_last)
     if channels_last:
         tuned.to(memory_format=torch.channels_last)
     train_tf = nd.build_transforms(model, image_size=cfg.image_size, augment=cfg.augment)
@@ -622,7 +623,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_threads": threads if acc.device.type == "cpu" else None,
         "prefix_cache": net.prefix_inputs,
         "mixed_precision": precision,
-        "mixed_precision_from": precision_source,  # recipe | launcher | auto
+        "mixed_precision_from": precision_source,  # recipe (its key) | accelerate
         "batch_size_per_process": batch_size,
         "global_batch_size": batch_size * acc.num_processes * cfg.grad_accum,
         "channels_last": channels_last,

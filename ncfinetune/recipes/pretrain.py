@@ -46,7 +46,7 @@ from ncfinetune.recipes.config import (
 )
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import atomic_write, write_json, write_text
-from ncfinetune.recipes.launch import launcher_mixed_precision
+from ncfinetune.training.device import choose_precision, launch_device_type, precision_problem
 from ncfinetune.recipes.engine import build_schedule, collect_nc1, predict, set_cpu_threads, train_epoch
 
 
@@ -81,7 +81,8 @@ class PretrainConfig:
     projector: bool = False  # train through an MLP projector (FC-BN-ReLU-FC), then drop it
     projector_dim: int = 2048  # hidden width of that projector
     nc1_samples: int = 5000  # source training samples used for the per-epoch NC1
-    # no | fp16 | bf16; null = the launcher's --mixed_precision if it was given one, else no
+    # no | fp16 | bf16 | auto (bf16 where native); null = accelerate's choice (accelerate launch
+    # --mixed_precision, its config file or ACCELERATE_MIXED_PRECISION; none: no)
     mixed_precision: str | None = None
     cpu_threads: int | None = None  # CPU only; null = cores / processes on this machine
     seed: int = 0  # seeds the initialisation, the shuffling and the NC1 sample
@@ -114,10 +115,8 @@ class PretrainConfig:
                 problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.optimizer not in ("sgd", "adamw"):
             problems.append(f"optimizer {self.optimizer!r} is not one of sgd, adamw")
-        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
-            problems.append(
-                f"mixed_precision {self.mixed_precision!r} is not one of no, fp16, bf16, null"
-            )
+        if problem := precision_problem(self.mixed_precision):
+            problems.append(problem)
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -196,14 +195,14 @@ def main(argv: list[str] | None = None) -> dict:
             f"output_dir {cfg.output_dir} already holds a pretrained backbone (backbone.json); "
             "a run never overwrites another. Pass a new --output_dir, or delete the folder."
         )
-    # the recipe's explicit setting, else the launcher's explicit one, else fp32
-    precision = cfg.mixed_precision or launcher_mixed_precision() or "no"
-    cfg = dataclasses.replace(cfg, mixed_precision=precision)  # recorded resolved
+    # the recipe's mixed_precision when set, else accelerate's own choice (None)
+    precision, _ = choose_precision(cfg.mixed_precision, launch_device_type())
     acc = Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=precision,
         # accelerate's seedable sampler: epoch e is shuffled by (seed, e) on every process
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
+    cfg = dataclasses.replace(cfg, mixed_precision=acc.mixed_precision)  # recorded as it ran
     set_seed(cfg.seed)
     set_cpu_threads(acc, cfg.cpu_threads)
     out = Path(cfg.output_dir)

@@ -29,6 +29,7 @@ from ncfinetune.recipes.config import (
     run_cli,
     save_config,
 )
+from ncfinetune.training.device import LOOP_PRECISIONS, launch_device_type, precision_problem
 
 
 @dataclass
@@ -44,7 +45,9 @@ class SelectConfig(DownstreamConfig):
     lr: float | str = S.PROBE_LR  # the probes' lr; auto: chosen with the block by short probes
     probe_steps: int = S.PROBE_STEPS  # optimizer steps of each probe fine-tune
     bn: str | None = None  # BatchNorm statistics: update | frozen (null = update)
-    mixed_precision: str = "auto"  # probes: auto (bf16 where native, as finetune.py) | no | bf16
+    # probes: null = accelerate's choice, as finetune.py takes it (fp16: fp32) | no | bf16 |
+    # auto (bf16 where the device computes it natively)
+    mixed_precision: str | None = None
     select_max_images: int = 5000  # a class-balanced sample of the training subset, as finetune.py
     output_dir: str = "runs/select_block"  # block_selection.json / .png and config.yaml
 
@@ -59,8 +62,8 @@ class SelectConfig(DownstreamConfig):
             p.append(f"probe_steps must be >= 1, got {self.probe_steps}")
         if self.lr != "auto" and not (isinstance(self.lr, float) and self.lr > 0):
             p.append(f"lr must be a number > 0 or auto, got {self.lr!r}")
-        if self.mixed_precision not in ("auto", "no", "bf16"):
-            p.append(f"mixed_precision {self.mixed_precision!r} is not one of auto, no, bf16")
+        if problem := precision_problem(self.mixed_precision, ("auto", *LOOP_PRECISIONS)):
+            p.append(problem)
         p += output_problems("output_dir", self.output_dir)
         if self.select_max_images < 1:
             p.append(f"select_max_images must be >= 1, got {self.select_max_images}")
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> ncfinetune.selection.BlockSelection:
         probe_steps=cfg.probe_steps,
         bn=cfg.bn,
         precision=cfg.mixed_precision,
+        device=launch_device_type(),  # where finetune.py would train
         seed=cfg.seed,
     )
     out = Path(cfg.output_dir)
