@@ -17,9 +17,12 @@ Example::
 
 from ncfinetune._version import __version__
 from ncfinetune.backbones import list_blocks
-from ncfinetune.errors import NcFinetuneError
-from ncfinetune.tuning.features import layerwise_nc1
 from ncfinetune.backbones.hub import create_backbone
+from ncfinetune.errors import NcFinetuneError
+from ncfinetune.metrics.collapse import cdnv, class_separation_r2, linear_cka, nc1, numerical_rank
+from ncfinetune.selection.block import select_block
+from ncfinetune.training.loop import fit_batches
+from ncfinetune.tuning.features import layerwise_nc1
 from ncfinetune.tuning.methods import (
     FullConfig,
     LayerConfig,
@@ -28,9 +31,6 @@ from ncfinetune.tuning.methods import (
     LoRAConfig,
     SCLConfig,
 )
-from ncfinetune.metrics.collapse import cdnv, class_separation_r2, linear_cka, nc1, numerical_rank
-from ncfinetune.selection.block import select_block
-from ncfinetune.training.loop import fit_batches
 from ncfinetune.tuning.model import (
     TunedModel,
     full_wrap,

@@ -33,20 +33,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ncfinetune.tuning.checkpoint import read_tuned_config
-from ncfinetune.data.loaders import (
-    ImageData,
-    build_loader,
-    build_transforms,
-    load_image_dataset,
-    select_classes,
-)
-from ncfinetune.data.checks import image_problem
-from ncfinetune.errors import CheckpointError, DataError
 from ncfinetune.backbones.hub import bundled_backbones, create_backbone
+from ncfinetune.data.checks import image_problem
+from ncfinetune.data.labels import ImageData, select_classes
+from ncfinetune.data.loaders import build_loader, build_transforms
+from ncfinetune.data.sources import load_image_dataset
+from ncfinetune.errors import CheckpointError, DataError
 from ncfinetune.metrics.collapse import nc1_or_none
 from ncfinetune.plotting import new_figure, save_figure
 from ncfinetune.training.loop import predict_batches
+from ncfinetune.tuning.checkpoint import read_tuned_config
 from ncfinetune.tuning.model import TunedModel
 
 TunedLike = TunedModel | str | os.PathLike

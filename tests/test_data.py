@@ -1,4 +1,4 @@
-"""Tests of ncfinetune.data and ncfinetune.data.sources: offline, CPU, a few seconds."""
+"""Tests of ncfinetune.data (sources, tables, labels, subsets, loaders): offline, CPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 
-from ncfinetune import data_sources
 from ncfinetune.data import (
     ImageTransform,
     TensorCache,
@@ -21,10 +20,12 @@ from ncfinetune.data import (
     build_transforms,
     describe,
     find_columns,
+    labels_of,
     load_image_dataset,
     select_classes,
     validation_split,
 )
+from ncfinetune.data import sources as data_sources
 from ncfinetune.errors import DataError
 
 CLASSES = ("cat", "dog", "eel")
@@ -50,7 +51,7 @@ def _write_pngs(root, per_class: int = 4) -> list[tuple[str, str]]:
 
 
 def _class_counts(ds: datasets.Dataset, column: str = "label") -> np.ndarray:
-    return np.bincount(data_sources.labels_of(ds, column))
+    return np.bincount(labels_of(ds, column))
 
 
 # --- loading -------------------------------------------------------------------------------

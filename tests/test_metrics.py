@@ -7,7 +7,6 @@ import pytest
 import scipy.linalg
 import torch
 
-from ncfinetune import metrics
 from ncfinetune.errors import MetricInputError
 from ncfinetune.metrics import (
     cdnv,
@@ -16,6 +15,7 @@ from ncfinetune.metrics import (
     nc1,
     numerical_rank,
 )
+from ncfinetune.metrics import collapse as metrics
 from ncfinetune.metrics.stream import NC1Accumulator
 
 # ------------------------------------------------------------------ independent references

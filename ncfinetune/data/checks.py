@@ -3,7 +3,7 @@ it concerns (the first few, all counted): image folders without class subfolders
 class, table paths leading outside the table's folder, images listed twice, empty label cells,
 missing, empty or unreadable image files (`unreadable_rows`, `drop_unreadable`).
 
-Used by `ncfinetune.data.sources`, which loads the datasets.
+Used by `ncfinetune.data.sources` and `ncfinetune.data.tables`, which load the datasets.
 """
 
 from __future__ import annotations
@@ -130,6 +130,13 @@ def row_namer(table: str | None) -> Callable[[int], str]:
     return lambda i: f"row {i}"
 
 
+def type_name(feature: object) -> str:
+    """A datasets feature's type for messages: the dtype of a `Value`, else its class name."""
+    if isinstance(feature, datasets.Value):
+        return feature.dtype
+    return type(feature).__name__
+
+
 def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -212,7 +219,7 @@ def check_label_cells(
     """Raise when label cells are blank, null or NaN, naming their rows."""
     feature = split.features[column]
     if not isinstance(feature, datasets.Value):
-        return  # ClassLabel: -1 (unlabelled) is reported by _encode_labels
+        return  # ClassLabel: -1 (unlabelled) is reported by labels.encode_labels
     values = split.with_format("arrow", columns=[column])[:][column]
     empty = values.is_null()
     if feature.dtype in ("string", "large_string"):

@@ -50,18 +50,11 @@ from accelerate.data_loader import SeedableRandomSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from ncfinetune.data.sources import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_DIR,
-    ImageData,
-    describe,
     find_columns,
     labels_of,
     load_image_dataset,
-    select_classes,
 )
 from ncfinetune.errors import DataError
-from ncfinetune.data.subsets import balanced_subset, validation_split
-
 
 PREDECODE_MAX_BYTES = 2 * 1024**3
 

@@ -1,8 +1,8 @@
 """Neural-collapse and representation metrics: pure tensor maths, no models.
 
 The one-shot metrics live in ``collapse``, the streaming NC1 in ``stream``, the
-``evaluate``-loadable metric modules in ``modules``; ``_core`` holds their shared, private
-internals (input checks, float64 chunked passes, class statistics).
+``evaluate``-loadable metric modules in ``modules``; ``_core`` and ``_labels`` hold their shared,
+private internals (feature and label checks, float64 chunked passes, class statistics).
 """
 
 from ncfinetune.metrics.collapse import (

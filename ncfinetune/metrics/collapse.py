@@ -31,7 +31,7 @@ the K class means.
 
 The streaming (one-pass, mergeable) NC1 is :class:`ncfinetune.metrics.stream.NC1Accumulator`;
 import it from there. The input checks and float64 passes that both modules use live in
-:mod:`ncfinetune.metrics._core`.
+:mod:`ncfinetune.metrics._core` and :mod:`ncfinetune.metrics._labels`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from ncfinetune.metrics._core import (
     between_directions,
     cdnv_from_stats,
     check_features,
-    check_labels,
     chunk_rows,
     class_means,
     float64_chunks,
@@ -57,6 +56,7 @@ from ncfinetune.metrics._core import (
     scratch,
     unit_scale,
 )
+from ncfinetune.metrics._labels import check_labels
 
 __all__ = [
     "cdnv",
@@ -150,7 +150,7 @@ def _projected_squares(
     """sum_i ((h_i - mu_{y_i}) U)_j**2 for each column j of U (float64), one pass over ``h``."""
     # Work with Z^T = U^T B^T (r x rows): MKL's dgemm runs this skinny product about 1.5x faster
     # than B U (r << d) on the benchmark CPU. Every per-chunk array lives in scratch (see
-    # metrics_core.scratch for why).
+    # _core.scratch for why).
     n, d = h.shape
     r = u.shape[1]
     rows = min(n, chunk_rows(d, h.device))

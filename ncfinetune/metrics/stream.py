@@ -35,13 +35,12 @@ from ncfinetune.metrics._core import (
     between_directions,
     cdnv_from_stats,
     check_features,
-    check_range,
     class_means,
-    label_ids,
     ldexp,
     max_abs,
     scale_exponent,
 )
+from ncfinetune.metrics._labels import check_range, label_ids
 
 __all__ = ["NC1Accumulator"]
 

@@ -16,13 +16,13 @@ offset, an int64 label), and at ``compute()`` transiently ~32 bytes per value in
 
 Measured once (N = 10,000, d = 512, K = 10, ten add_batch calls of 1,000 rows, 2-core CPU,
 evaluate 0.4.6, datasets 5.2.0), ``~/.cache/ncft-dev/bin/python
-ncfinetune/metric_modules/nc1/nc1.py``:
+ncfinetune/metrics/modules/nc1/nc1.py``:
 add_batch 1.52 s in all, compute 3.72 s (of which nc1 itself 14 ms), Arrow file 2060
 B/sample (19.6 MiB), peak Python allocations during compute 177 MiB (the features themselves:
 19.5 MiB). That is ~0.15 ms per sample to add and ~0.37 ms per sample to compute: compute()
 alone takes ~270x as long as ``ncfinetune.metrics.collapse.nc1`` on the arrays (add + compute ~370x),
 and its peak memory is ~9x the features'.
-For large N or d, prefer ``ncfinetune.metrics.collapse.NC1Accumulator``: one pass, no disk, no
+For large N or d, prefer ``ncfinetune.metrics.stream.NC1Accumulator``: one pass, no disk, no
 per-element conversion, O(d^2 + K d) memory.
 """
 
