@@ -1,603 +1,340 @@
-"""The package's layering, checked from the source (AST only, nothing imported but ``__all__``).
+"""The package's layering.
 
-Rules:
+Most rules live in ``.importlinter`` at the repository root and are checked by import-linter
+(``lint-imports``), which :func:`test_import_contracts` runs: the layers in order (errors,
+files, messages, plotting -> backbones -> metrics -> data -> tuning -> training -> selection ->
+inference -> recipes -> cli), every top-level module placed in a layer; nothing but the CLI
+imports the run layer ``ncfinetune.recipes``; private modules (``metrics._core``) are imported
+only from within their own package; no module imports the package root; no cycles between
+siblings. Imports inside functions count, ``if TYPE_CHECKING:`` ones do not.
 
-* No import cycles between ``ncfinetune`` modules (subpackages included). Imports inside
-  functions count (a lazy import only hides a cycle, it does not remove it); imports under
-  ``if TYPE_CHECKING:`` do not (they never run).
-* Modules import from the module that defines a name, never from the package root
-  ``ncfinetune`` (its ``__init__`` re-exports everything, so any such import is a back edge).
-  ``ncfinetune/__init__.py`` itself may import anything.
-* No module imports a private name (``_x``, not ``__x__``) or a private module
-  (``ncfinetune._x``) of another module, or reaches one through a module alias
-  (``data._pass_batch``); the one exception is ``ncfinetune._version`` (the version string),
-  for ``ncfinetune/__init__.py`` and ``ncfinetune/checkpoint.py``.
-* ``ncfinetune.__all__`` is small, and every name in it is importable and is defined in (or
-  re-exported from) the module its ``__module__`` names.
+Three rules import-linter cannot express are checked here, on the import graph it builds
+(grimp's) or on the source:
 
-The checker is a handful of functions taking a package directory, tested on fake packages
-below, so a failure on the real package means a real violation.
+* No import cycles between modules. ``acyclic_siblings`` does not see an import of a module's
+  own package ``__init__`` (``data.loaders -> data``), so a cycle through it would pass.
+* No private *names* taken from another module (``from ncfinetune.x import _y``, or ``x._y``
+  through a module alias): import-linter sees modules, not names, and ruff's PLC2701 skips
+  imports within the package.
+* ``ncfinetune.__all__`` is small (<= 25 names), importable, and each name lives in the module
+  its ``__module__`` names.
+
+Every check is also run on a fake package holding violations, so each one can fail.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
+import shutil
+import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import grimp
+import pytest
+
 PACKAGE = "ncfinetune"
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
-# (private module, importing module) pairs that are allowed: the version string.
-ALLOWED_PRIVATE_MODULES = frozenset(
-    {
-        ("ncfinetune._version", "ncfinetune"),
-        ("ncfinetune._version", "ncfinetune.tuning.checkpoint"),
-    }
-)
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = REPO / PACKAGE
 MAX_PUBLIC_NAMES = 25
-MAX_CYCLES_SHOWN = 200
 
 
-# --------------------------------------------------------------------------- the checker
+# --------------------------------------------------------------------------- the checks
 
 
-@dataclass(frozen=True)
-class Edge:
-    """One import of ``target`` (a module of the package) by ``importer``.
-
-    ``name`` is the attribute imported from ``target`` (``from target import name``), or None
-    when the module itself is imported (``import target``, or ``from parent import target``).
-    """
-
-    importer: str
-    target: str
-    file: str  # relative to the folder holding the package, e.g. "ncfinetune/tuning.py"
-    line: int
-    name: str | None
-    lazy: bool
-
-
-def discover(package_dir: Path, package: str) -> dict[str, Path]:
-    """Module name -> file, for every ``.py`` file under ``package_dir``."""
-    modules = {}
-    for path in sorted(package_dir.rglob("*.py")):
-        parts = path.relative_to(package_dir).with_suffix("").parts
-        if "__pycache__" in parts:
-            continue
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        modules[".".join((package, *parts))] = path
-    return modules
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """Run import-linter on the package under ``root`` with ``root/.importlinter``."""
+    script = Path(sys.executable).parent / "lint-imports"
+    command = [str(script)] if script.exists() else [shutil.which("lint-imports") or "lint-imports"]
+    return subprocess.run(
+        [*command, ".importlinter", "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
-def _nodes(tree: ast.AST):
-    """Yield (node, lazy) for every node that runs, skipping ``if TYPE_CHECKING:`` bodies."""
-    stack: list[tuple[ast.AST, bool]] = [(tree, False)]
-    while stack:
-        node, lazy = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
-            stack.extend((child, lazy) for child in node.orelse)
-            continue
-        yield node, lazy
-        inner = lazy or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
-        stack.extend((child, inner) for child in ast.iter_child_nodes(node))
+def import_graph(root: Path, package: str) -> grimp.ImportGraph:
+    """grimp's graph of ``root/package`` (the one import-linter checks), lazy imports included.
+
+    grimp finds the package with ``importlib.util.find_spec``, which answers from
+    ``sys.modules`` first: the imported package is set aside meanwhile (nothing is imported).
+    """
+    imported = [m for m in sys.modules if m == package or m.startswith(package + ".")]
+    saved = {m: sys.modules.pop(m) for m in imported}
+    sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.find_spec(package)
+        found = Path(spec.origin).parent if spec and spec.origin else None
+        assert found == root / package, f"{package} resolves to {found}, not {root / package}"
+        return grimp.build_graph(package, cache_dir=None, exclude_type_checking_imports=True)
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.update(saved)
 
 
-def _dotted(node: ast.expr) -> str | None:
-    """``a.b.c`` for a chain of attribute accesses on a name, else None."""
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if not isinstance(node, ast.Name):
-        return None
-    return ".".join([node.id, *reversed(parts)])
+def import_cycles(graph: grimp.ImportGraph) -> list[list[str]]:
+    """The module sets that import one another in a circle: strongly connected components of
+    more than one module (Tarjan's algorithm), each sorted, smallest first."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:  # the package has ~60 modules: recursion depth is no issue
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.find_modules_directly_imported_by(node)):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(graph.modules):
+        if module not in index:
+            visit(module)
+    return sorted(found)
+
+
+def describe_cycle(graph: grimp.ImportGraph, component: list[str]) -> str:
+    """One cycle of ``component`` with the lines that make each of its imports."""
+    first, rest = component[0], set(component)
+    chain = None
+    for nxt in sorted(graph.find_modules_directly_imported_by(first) & rest):
+        back = graph.find_shortest_chain(importer=nxt, imported=first)
+        if back is not None:
+            chain = (first, *back)
+            break
+    lines = ["  " + " -> ".join(chain or component)]
+    for a, b in zip(chain or (), (chain or ())[1:], strict=False):
+        details = graph.get_import_details(importer=a, imported=b)
+        where = ", ".join(f"l.{d['line_number']}: {d['line_contents']}" for d in details)
+        lines.append(f"      {a} -> {b} ({where})")
+    return "\n".join(lines)
 
 
 def _is_private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
-def _split_module(dotted: str, modules: dict[str, Path]) -> tuple[str | None, list[str]]:
-    """The longest known module prefix of ``dotted`` and the attribute path after it."""
-    parts = dotted.split(".")
-    for i in range(len(parts), 0, -1):
-        head = ".".join(parts[:i])
-        if head in modules:
-            return head, parts[i:]
-    return None, parts
+def private_names(root: Path, package: str) -> list[str]:
+    """``file:line name`` for each private name one module of the package takes from another.
 
-
-class _ModuleScan:
-    """The package imports of one module, and its private attribute accesses via aliases."""
-
-    def __init__(self, module: str, path: Path, modules: dict[str, Path], package: str):
-        self.module, self.path, self.modules, self.package = module, path, modules, package
-        is_package = path.name == "__init__.py"
-        # The path from the folder that holds the package, e.g. "ncfinetune/backbones/vit.py".
-        self.file = path.relative_to(path.parents[module.count(".") + is_package]).as_posix()
-        self.edges: list[Edge] = []
-        self.aliases: dict[str, str] = {}  # local name -> package module it is bound to
-        self.attribute_uses: list[tuple[int, str]] = []  # (line, dotted attribute chain)
-        self.here = module if is_package else module.rpartition(".")[0]
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for node, lazy in _nodes(tree):
-            if isinstance(node, ast.Import):
-                self._import(node, lazy)
-            elif isinstance(node, ast.ImportFrom):
-                self._import_from(node, lazy)
-            elif isinstance(node, ast.Call):
-                self._import_module_call(node, lazy)
-            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
-                dotted = _dotted(node)
-                if dotted is not None:
-                    self.attribute_uses.append((node.lineno, dotted))
-        self.edges.sort(key=lambda e: (e.line, e.target, e.name or ""))
-        self.attribute_uses.sort()
-
-    def _inside(self, name: str) -> bool:
-        return name == self.package or name.startswith(self.package + ".")
-
-    def _add(self, target: str, line: int, name: str | None, lazy: bool) -> None:
-        self.edges.append(Edge(self.module, target, self.file, line, name, lazy))
-
-    def _import(self, node: ast.Import, lazy: bool) -> None:
-        for alias in node.names:
-            if not self._inside(alias.name):
-                continue
-            self._add(alias.name, node.lineno, None, lazy)
-            if alias.asname:
-                self.aliases[alias.asname] = alias.name
-            else:  # ``import pkg.a.b`` binds ``pkg``; ``pkg.a.b.x`` is resolved from there
-                self.aliases[self.package] = self.package
-
-    def _import_from(self, node: ast.ImportFrom, lazy: bool) -> None:
-        if node.level:
-            base_parts = self.here.split(".")
-            base_parts = base_parts[: len(base_parts) - (node.level - 1)]
-            base = ".".join(base_parts + ([node.module] if node.module else []))
-        else:
-            base = node.module or ""
-        if not self._inside(base):
-            return
-        for alias in node.names:
-            submodule = f"{base}.{alias.name}"
-            if submodule in self.modules:
-                self._add(submodule, node.lineno, None, lazy)
-                self.aliases[alias.asname or alias.name] = submodule
-            else:
-                self._add(base, node.lineno, alias.name, lazy)
-
-    def _import_module_call(self, node: ast.Call, lazy: bool) -> None:
-        func = _dotted(node.func)
-        if func not in ("importlib.import_module", "import_module", "__import__"):
-            return
-        if node.args and isinstance(node.args[0], ast.Constant):
-            name = node.args[0].value
-            if isinstance(name, str) and self._inside(name):
-                self._add(name, node.lineno, None, lazy)
-
-
-def scan(package_dir: Path, package: str) -> tuple[dict[str, Path], list[_ModuleScan]]:
-    """All modules of the package and the scan of each."""
-    modules = discover(package_dir, package)
-    return modules, [_ModuleScan(m, p, modules, package) for m, p in modules.items()]
-
-
-def import_edges(package_dir: Path, package: str) -> list[Edge]:
-    """Every import of a package module by a package module (self-imports dropped)."""
-    _, scans = scan(package_dir, package)
-    return [e for s in scans for e in s.edges if e.target != e.importer]
-
-
-def root_imports(edges: list[Edge], package: str) -> list[Edge]:
-    """Imports of the package root by modules other than the root itself."""
-    return [e for e in edges if e.target == package and e.importer != package]
-
-
-def find_cycles(edges: list[Edge], package: str) -> list[tuple[str, ...]]:
-    """Every elementary cycle (first node smallest), up to MAX_CYCLES_SHOWN of them.
-
-    Imports of the package root are left out: they are reported on their own (see
-    :func:`root_imports`), and with them every module that imports the root would be on a
-    cycle through ``__init__``.
+    Private *modules* are import-linter's (``private_modules``); here only names: ``from m
+    import _x`` and ``alias._x`` where ``alias`` is a module of the package bound by an import.
     """
-    graph: dict[str, set[str]] = {}
-    for e in edges:
-        if e.target != package:
-            graph.setdefault(e.importer, set()).add(e.target)
-    nodes = sorted(set(graph) | {t for ts in graph.values() for t in ts})
-    order = {n: i for i, n in enumerate(nodes)}
-    cycles: list[tuple[str, ...]] = []
-    for start in nodes:  # cycles whose smallest node is ``start``
-        stack = [(start, iter(sorted(graph.get(start, ()))))]
-        path, on_path = [start], {start}
-        while stack and len(cycles) < MAX_CYCLES_SHOWN:
-            node, successors = stack[-1]
-            nxt = next(successors, None)
-            if nxt is None:
-                stack.pop()
-                on_path.discard(path.pop())
-            elif nxt == start:
-                cycles.append((*path, start))
-            elif order[nxt] > order[start] and nxt not in on_path:
-                path.append(nxt)
-                on_path.add(nxt)
-                stack.append((nxt, iter(sorted(graph.get(nxt, ())))))
-    return cycles
-
-
-def private_imports(
-    package_dir: Path, package: str, allowed_modules: frozenset[tuple[str, str]] = frozenset()
-) -> list[str]:
-    """``file:line name`` for each private name or private module one module takes from another.
-
-    ``allowed_modules`` holds (private module, importer) pairs that are fine.
-    """
-    modules, scans = scan(package_dir, package)
+    files = sorted((root / package).rglob("*.py"))
+    modules = {}
+    for path in files:
+        parts = path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     found = []
-
-    def where(s: _ModuleScan, line: int) -> str:
-        return f"{s.file}:{line}"
-
-    for s in scans:
-        for e in s.edges:
-            if e.target == s.module:
+    for module, path in modules.items():
+        here = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        rel = path.relative_to(root).as_posix()
+        aliases: dict[str, str] = {}
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = here.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                if base not in modules:
+                    continue
+                for alias in node.names:
+                    if f"{base}.{alias.name}" in modules:
+                        aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+                    elif _is_private(alias.name) and base != module:
+                        found.append(f"{rel}:{node.lineno} {alias.name} (from {base})")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.asname and alias.name in modules:
+                        aliases[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
                 continue
-            private_parts = [p for p in e.target.split(".")[1:] if _is_private(p)]
-            if private_parts and (e.target, s.module) not in allowed_modules:
-                found.append(f"{where(s, e.line)} {e.target} (private module)")
-            if e.name is not None and _is_private(e.name):
-                found.append(f"{where(s, e.line)} {e.name} (from {e.target})")
-        for line, dotted in s.attribute_uses:
-            head, _, rest = dotted.partition(".")
-            if head not in s.aliases or not rest:
-                continue
-            module, attrs = _split_module(f"{s.aliases[head]}.{rest}", modules)
-            if module is None or module == s.module or not attrs:
-                continue
-            if _is_private(attrs[0]):
-                found.append(f"{where(s, line)} {attrs[0]} (attribute of {module})")
-    return sorted(set(found), key=_violation_order)
+            target = aliases.get(node.value.id)
+            if target and target != module and _is_private(node.attr):
+                if f"{target}.{node.attr}" not in modules:
+                    found.append(f"{rel}:{node.lineno} {node.attr} (attribute of {target})")
+    return sorted(set(found), key=lambda f: (f.split(":")[0], int(f.split(":")[1].split()[0])))
 
 
-def _violation_order(text: str) -> tuple[str, int, str]:
-    location, _, rest = text.partition(" ")
-    file, _, line = location.rpartition(":")
-    return file, int(line), rest
-
-
-def _short(module: str, package: str) -> str:
-    return module.removeprefix(package + ".")
-
-
-def _site(e: Edge, names: list[str] | None = None) -> str:
-    names = names if names is not None else ([e.name] if e.name else [])
-    what = f"from {e.target} import {', '.join(names)}" if names else f"import {e.target}"
-    lazy = ", inside a function" if e.lazy else ""
-    return f"{e.file}:{e.line} ({what}{lazy})"
-
-
-def _sites(edges: list[Edge]) -> list[str]:
-    """One entry per import statement, listing all the names it takes from its target."""
-    grouped: dict[tuple, tuple[Edge, list[str]]] = {}
-    for e in edges:
-        _, names = grouped.setdefault((e.file, e.line, e.target, e.lazy), (e, []))
-        if e.name:
-            names.append(e.name)
-    return [_site(e, names) for e, names in grouped.values()]
-
-
-def describe_cycles(cycles: list[tuple[str, ...]], edges: list[Edge], package: str) -> str:
-    """Each cycle as ``a -> b -> a``, followed by the import lines that make each of its edges."""
-    if not cycles:
-        return ""
-    lines = [f"{len(cycles)} import cycle(s) between {package} modules:"]
-    for cycle in cycles:
-        lines.append("  " + " -> ".join(_short(m, package) for m in cycle))
-        for a, b in zip(cycle, cycle[1:], strict=False):
-            sites = _sites([e for e in edges if (e.importer, e.target) == (a, b)])
-            lines.append(f"      {_short(a, package)} -> {_short(b, package)}: " + "; ".join(sites))
-    if len(cycles) >= MAX_CYCLES_SHOWN:
-        lines.append(f"  (stopped after {MAX_CYCLES_SHOWN} cycles)")
-    return "\n".join(lines)
-
-
-def duplicate_public_names(pkg: ModuleType) -> list[str]:
-    """Names listed more than once in ``pkg.__all__``."""
+def public_api_problems(pkg: ModuleType) -> list[str]:
+    """What is wrong with ``pkg.__all__``: too long, repeated, unimportable or misplaced names."""
     names = list(pkg.__all__)
-    return sorted({n for n in names if names.count(n) > 1})
-
-
-def missing_public_names(pkg: ModuleType) -> list[str]:
-    """Names in ``pkg.__all__`` that ``from pkg import name`` cannot find."""
-    missing = []
-    for name in pkg.__all__:
-        if hasattr(pkg, name):
+    problems = []
+    if len(names) > MAX_PUBLIC_NAMES:
+        problems.append(f"{len(names)} names (at most {MAX_PUBLIC_NAMES})")
+    problems += [f"{n} listed twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    for name in dict.fromkeys(names):
+        if not hasattr(pkg, name):
+            try:  # ``from pkg import name`` also finds a submodule not imported yet
+                importlib.import_module(f"{pkg.__name__}.{name}")
+            except ImportError:
+                problems.append(f"{name} is not importable")
             continue
-        try:  # ``from pkg import name`` also finds a submodule not imported yet
-            importlib.import_module(f"{pkg.__name__}.{name}")
-        except ImportError:
-            missing.append(name)
-    return missing
-
-
-def misplaced_public_names(pkg: ModuleType) -> list[str]:
-    """Classes/functions in ``pkg.__all__`` whose ``__module__`` lacks them under that name."""
-    wrong = []
-    for name in pkg.__all__:
-        obj = getattr(pkg, name, None)
-        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
-            continue
-        try:
-            home = importlib.import_module(obj.__module__)
-        except ImportError:
-            home = None
-        if getattr(home, name, None) is not obj:
-            wrong.append(f"{name} (__module__ = {obj.__module__!r})")
-    return wrong
-
-
-# --------------------------------------------------------------------------- the checker, tested
-
-
-def _write_package(tmp_path: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        path = tmp_path / "pkg" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return tmp_path / "pkg"
-
-
-CLEAN = {
-    "__init__.py": """
-        from pkg._version import __version__
-        from pkg.a import thing
-        from pkg.sub.c import other
-        __all__ = ["__version__", "other", "thing"]
-    """,
-    "_version.py": "__version__ = '1'\n",
-    "a.py": """
-        from typing import TYPE_CHECKING
-        import os
-        from pkg import b
-        from .b import helper
-        if TYPE_CHECKING:
-            from pkg.sub.c import other  # never runs: not an edge
-        def thing():
-            from pkg.b import helper as h  # lazy, but b does not import a: no cycle
-            return b.helper() + h()
-    """,
-    "b.py": """
-        import numpy
-        def helper():
-            return 1
-    """,
-    "sub/__init__.py": "",
-    "sub/c.py": """
-        from .. import a
-        from ..b import helper
-        from . import d
-        def other():
-            return a.thing() + helper() + d.value
-    """,
-    "sub/d.py": "value = 1\n",
-    "ns/tool.py": "import pkg.sub.d as d\nprint(d.value)\n",  # a folder without __init__.py
-}
-
-
-def test_checker_passes_a_clean_package(tmp_path):
-    pkg = _write_package(tmp_path, CLEAN)
-    modules = discover(pkg, "pkg")
-    assert set(modules) == {
-        "pkg",
-        "pkg._version",
-        "pkg.a",
-        "pkg.b",
-        "pkg.sub",
-        "pkg.sub.c",
-        "pkg.sub.d",
-        "pkg.ns.tool",
-    }
-    edges = import_edges(pkg, "pkg")
-    pairs = {(e.importer, e.target) for e in edges}
-    assert ("pkg.a", "pkg.b") in pairs  # from pkg import b: the submodule, not the root
-    assert ("pkg.sub.c", "pkg.a") in pairs  # from .. import a
-    assert ("pkg.sub.c", "pkg.b") in pairs  # from ..b import helper
-    assert ("pkg.sub.c", "pkg.sub.d") in pairs  # from . import d
-    assert ("pkg.ns.tool", "pkg.sub.d") in pairs
-    assert ("pkg.a", "pkg.sub.c") not in pairs  # TYPE_CHECKING only
-    assert [e.lazy for e in edges if e.importer == "pkg.a" and e.line == 9] == [True]
-    assert find_cycles(edges, "pkg") == []
-    assert root_imports(edges, "pkg") == []
-    assert private_imports(pkg, "pkg", frozenset({("pkg._version", "pkg")})) == []
-
-
-def test_checker_finds_cycles_lazy_ones_included(tmp_path):
-    pkg = _write_package(
-        tmp_path,
-        {
-            **CLEAN,
-            # b -> a only inside a function: still a cycle a -> b -> a
-            "b.py": """
-                def helper():
-                    from pkg.a import thing
-                    return 1
-            """,
-            # a three-module cycle through relative imports: c -> d -> e -> c
-            "sub/d.py": "from .e import x\nvalue = 1\n",
-            "sub/e.py": "from . import c\nx = 1\n",
-        },
-    )
-    edges = import_edges(pkg, "pkg")
-    cycles = find_cycles(edges, "pkg")
-    assert cycles == [
-        ("pkg.a", "pkg.b", "pkg.a"),
-        ("pkg.sub.c", "pkg.sub.d", "pkg.sub.e", "pkg.sub.c"),
-    ]
-    message = describe_cycles(cycles, edges, "pkg")
-    assert "  a -> b -> a\n" in message
-    assert "  sub.c -> sub.d -> sub.e -> sub.c" in message
-    assert "b -> a: pkg/b.py:3 (from pkg.a import thing, inside a function)" in message
-
-
-def test_checker_enumerates_every_cycle_of_a_tangle(tmp_path):
-    pkg = _write_package(
-        tmp_path,
-        {
-            "__init__.py": "",
-            "a.py": "from pkg import b, c\n",
-            "b.py": "from pkg import a, c\n",
-            "c.py": "from pkg import a\n",
-        },
-    )
-    cycles = find_cycles(import_edges(pkg, "pkg"), "pkg")
-    assert sorted(cycles) == [
-        ("pkg.a", "pkg.b", "pkg.a"),
-        ("pkg.a", "pkg.b", "pkg.c", "pkg.a"),
-        ("pkg.a", "pkg.c", "pkg.a"),
-    ]
-
-
-def test_checker_reports_imports_of_the_package_root(tmp_path):
-    pkg = _write_package(
-        tmp_path,
-        {
-            **CLEAN,
-            "b.py": "from pkg import thing\ndef helper():\n    import pkg\n    return 1\n",
-        },
-    )
-    edges = import_edges(pkg, "pkg")
-    found = [(e.importer, e.line, e.name) for e in root_imports(edges, "pkg")]
-    assert found == [("pkg.b", 1, "thing"), ("pkg.b", 3, None)]
-    # The root's own imports, and the cycle they would close through __init__, are not reported.
-    assert find_cycles(edges, "pkg") == []
-
-
-def test_checker_reports_private_names_and_modules(tmp_path):
-    pkg = _write_package(
-        tmp_path,
-        {
-            **CLEAN,
-            "b.py": """
-                from pkg.a import _secret, __version__
-                from pkg import _version
-                import pkg._version as v
-                from pkg import a as mod_a
-                def helper():
-                    from . import _private_mod
-                    return mod_a._hidden + mod_a.thing() + pkg.sub.d._x + v.__version__
-                def _own():
-                    return 1
-                _own()
-            """,
-            "_private_mod.py": "",
-        },
-    )
-    found = private_imports(pkg, "pkg", frozenset({("pkg._version", "pkg")}))
-    assert found == [
-        "pkg/b.py:2 _secret (from pkg.a)",
-        "pkg/b.py:3 pkg._version (private module)",
-        "pkg/b.py:4 pkg._version (private module)",
-        "pkg/b.py:7 pkg._private_mod (private module)",
-        "pkg/b.py:8 _hidden (attribute of pkg.a)",
-    ]
-    # ``pkg.sub.d._x`` is not flagged: b never imports pkg itself, so ``pkg`` is no alias there.
-
-
-def test_checker_of_the_public_api(tmp_path, monkeypatch):
-    files = {
-        "__init__.py": """
-            from fakeapi.core import Thing, make
-            from fakeapi.core import make as build
-            from fakeapi.reexport import helper
-            LIMIT = 3
-            __all__ = ["LIMIT", "Thing", "build", "helper", "make", "nowhere", "make", "sub"]
-        """,
-        "core.py": "class Thing:\n    pass\ndef make():\n    return Thing()\n",
-        "reexport.py": "from fakeapi.core import make as helper\n",
-        "sub.py": "",
-    }
-    for rel, text in files.items():
-        path = tmp_path / "fakeapi" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        pkg = importlib.import_module("fakeapi")
-        assert duplicate_public_names(pkg) == ["make"]
-        assert missing_public_names(pkg) == ["nowhere"]
-        # ``build`` and ``helper`` are core.make, whose module has no ``build``/``helper``.
-        assert misplaced_public_names(pkg) == [
-            "build (__module__ = 'fakeapi.core')",
-            "helper (__module__ = 'fakeapi.core')",
-        ]
-        pkg.__all__ = ["LIMIT", "Thing", "make", "sub"]  # a clean API passes
-        assert duplicate_public_names(pkg) == missing_public_names(pkg) == []
-        assert misplaced_public_names(pkg) == []
-    finally:
-        for name in [m for m in sys.modules if m == "fakeapi" or m.startswith("fakeapi.")]:
-            del sys.modules[name]
+        obj = getattr(pkg, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            home = sys.modules.get(obj.__module__) or importlib.import_module(obj.__module__)
+            if getattr(home, name, None) is not obj:
+                problems.append(f"{name} is not defined under that name in {obj.__module__}")
+    return problems
 
 
 # --------------------------------------------------------------------------- the real package
 
 
+def test_import_contracts():
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_no_import_cycles():
-    edges = import_edges(PACKAGE_DIR, PACKAGE)
-    assert edges, "no imports found: is PACKAGE_DIR right?"
-    cycles = find_cycles(edges, PACKAGE)
-    assert not cycles, describe_cycles(cycles, edges, PACKAGE)
-
-
-def test_modules_import_from_the_defining_module_not_the_package_root():
-    edges = import_edges(PACKAGE_DIR, PACKAGE)
-    bad = root_imports(edges, PACKAGE)
-    assert not bad, (
-        f"{len(bad)} import(s) of the package root {PACKAGE!r} from inside the package; import "
-        "from the module that defines the name instead:\n"
-        + "\n".join("  " + site for site in _sites(bad))
+    graph = import_graph(REPO, PACKAGE)
+    assert len(graph.modules) > 30, "too few modules found: is the package path right?"
+    cycles = import_cycles(graph)
+    assert not cycles, f"{len(cycles)} import cycle(s) between {PACKAGE} modules:\n" + "\n".join(
+        describe_cycle(graph, c) for c in cycles
     )
 
 
-def test_no_private_imports_across_modules():
-    found = private_imports(PACKAGE_DIR, PACKAGE, ALLOWED_PRIVATE_MODULES)
+def test_no_private_names_across_modules():
+    found = private_names(REPO, PACKAGE)
     assert not found, (
-        f"{len(found)} private name(s) or module(s) taken from another {PACKAGE} module; make "
-        "them public (with a docstring) in the module that owns them, or move them:\n"
+        f"{len(found)} private name(s) taken from another {PACKAGE} module; make them public "
+        "(with a docstring) in the module that owns them, or move them:\n"
         + "\n".join("  " + f for f in found)
     )
 
 
-def test_public_api_is_small():
-    pkg = importlib.import_module(PACKAGE)
-    duplicates = duplicate_public_names(pkg)
-    assert not duplicates, f"{PACKAGE}.__all__ lists these twice: {duplicates}"
-    names = sorted(pkg.__all__)
-    assert len(names) <= MAX_PUBLIC_NAMES, (
-        f"{PACKAGE}.__all__ has {len(names)} names (at most {MAX_PUBLIC_NAMES}): {names}"
+def test_public_api_is_small_and_truthful():
+    problems = public_api_problems(importlib.import_module(PACKAGE))
+    assert not problems, f"{PACKAGE}.__all__: " + "; ".join(problems)
+
+
+# --------------------------------------------------------------------------- the checks can fail
+
+
+def _write(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def broken_copy(tmp_path_factory) -> Path:
+    """A copy of the package's modules and its .importlinter, plus one violation of each rule."""
+    root = tmp_path_factory.mktemp("layering")
+    shutil.copy(REPO / ".importlinter", root / ".importlinter")
+    for path in PACKAGE_DIR.rglob("*.py"):
+        if "__pycache__" not in path.parts:
+            target = root / path.relative_to(REPO)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    _write(
+        root,
+        {
+            "ncfinetune/data/spy.py": """
+                from typing import TYPE_CHECKING
+                if TYPE_CHECKING:
+                    from ncfinetune.cli import main  # never runs: no violation
+                def peek():
+                    from ncfinetune.recipes import engine  # lazy: counts all the same
+                    from ncfinetune.metrics import _core
+                    from ncfinetune.data.loaders import _secret
+                    import ncfinetune
+                    import ncfinetune.data.sources as src
+                    return engine, _core, _secret, ncfinetune, src._hidden
+            """,
+            # a cycle through the sub-package's own __init__ (invisible to acyclic_siblings)
+            "ncfinetune/tuning/__init__.py": "from ncfinetune.tuning.ring import x\nSIZE = 1\n",
+            "ncfinetune/tuning/ring.py": "def x():\n    from ncfinetune.tuning import SIZE\n",
+            # a cycle between siblings
+            "ncfinetune/training/ping.py": "from ncfinetune.training import pong\n",
+            "ncfinetune/training/pong.py": "def f():\n    from ncfinetune.training import ping\n",
+            "ncfinetune/unplaced.py": "",  # a top-level module in no layer
+        },
     )
+    return root
 
 
-def test_public_names_are_importable():
-    missing = missing_public_names(importlib.import_module(PACKAGE))
-    assert not missing, f"in {PACKAGE}.__all__ but not importable from {PACKAGE}: {missing}"
+def test_import_contracts_can_fail(broken_copy):
+    result = lint_imports(broken_copy)
+    out = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0, out
+    assert "Contracts: 0 kept, 5 broken" in out, out
+    assert "ncfinetune.data.spy -> ncfinetune.recipes.engine" in out
+    assert "ncfinetune.data.spy -> ncfinetune.metrics._core" in out
+    assert "ncfinetune.data.spy -> ncfinetune (l.9)" in out
+    assert "ncfinetune.unplaced" in out  # exhaustive: every module has a layer
+    assert ".ping -> .pong" in out or ".pong -> .ping" in out
+    assert "ncfinetune.cli" not in out.replace("but the CLI", "")  # TYPE_CHECKING skipped
 
 
-def test_public_names_live_in_the_module_they_claim():
-    wrong = misplaced_public_names(importlib.import_module(PACKAGE))
-    assert not wrong, (
-        f"names in {PACKAGE}.__all__ that their __module__ does not define or re-export under "
-        f"the same name: {wrong}"
+def test_cycle_check_can_fail(broken_copy):
+    graph = import_graph(broken_copy, PACKAGE)
+    cycles = import_cycles(graph)
+    assert ["ncfinetune.training.ping", "ncfinetune.training.pong"] in cycles
+    assert any({"ncfinetune.tuning", "ncfinetune.tuning.ring"} <= set(c) for c in cycles)
+    message = describe_cycle(graph, ["ncfinetune.training.ping", "ncfinetune.training.pong"])
+    assert "ncfinetune.training.pong -> ncfinetune.training.ping (l.2:" in message
+
+
+def test_private_name_check_can_fail(broken_copy):
+    assert private_names(broken_copy, PACKAGE) == [
+        "ncfinetune/data/spy.py:8 _secret (from ncfinetune.data.loaders)",
+        "ncfinetune/data/spy.py:11 _hidden (attribute of ncfinetune.data.sources)",
+    ]
+
+
+def test_public_api_check_can_fail(tmp_path, monkeypatch):
+    _write(
+        tmp_path,
+        {
+            "fakeapi/__init__.py": """
+                from fakeapi.core import Thing, make
+                from fakeapi.core import make as build
+                LIMIT = 3
+                __all__ = ["LIMIT", "Thing", "build", "make", "nowhere", "make", "sub"]
+            """,
+            "fakeapi/core.py": "class Thing:\n    pass\ndef make():\n    return Thing()\n",
+            "fakeapi/sub.py": "",
+        },
     )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys.modules[__name__], "MAX_PUBLIC_NAMES", 5)
+    try:
+        pkg = importlib.import_module("fakeapi")
+        assert public_api_problems(pkg) == [
+            "7 names (at most 5)",
+            "make listed twice",
+            "build is not defined under that name in fakeapi.core",
+            "nowhere is not importable",
+        ]
+        pkg.__all__ = ["LIMIT", "Thing", "make", "sub"]
+        assert public_api_problems(pkg) == []
+    finally:
+        for name in [m for m in sys.modules if m == "fakeapi" or m.startswith("fakeapi.")]:
+            del sys.modules[name]
