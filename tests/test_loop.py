@@ -1,4 +1,4 @@
-"""The recipes' loop: speed settings (mixed precision 'auto', channels_last, conv-net test), the
+"""The recipes' loop: speed settings (device type, channels_last, conv-net test), the
 run's step count and schedule, NC1 across processes, divergence, strict JSON, checkpoints."""
 
 import json
@@ -14,28 +14,16 @@ from ncfinetune.recipes.engine import (
     accumulate_nc1,
     build_schedule,
     collect_nc1,
-    is_conv_net,
     latest_training_state,
-    launch_device_type,
     load_training_state,
     merge_nc1,
-    native_bf16,
     plan_steps,
-    resolve_mixed_precision,
     save_training_state,
     shard_loader,
     train_epoch,
 )
 from ncfinetune.training import as_memory_format
-
-
-def test_auto_mixed_precision_follows_native_bf16_and_explicit_settings_pass_through():
-    assert resolve_mixed_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "no")
-    assert resolve_mixed_precision("auto", "mps") == "no"  # no native-bf16 check there
-    for setting in ("no", "fp16", "bf16"):
-        assert resolve_mixed_precision(setting, "cpu") == setting
-    with pytest.raises(ValueError, match="mixed_precision 'fp8' is not one of auto, no, fp16"):
-        resolve_mixed_precision("fp8", "cpu")
+from ncfinetune.training.device import is_conv_net, launch_device_type
 
 
 def test_launch_device_type_obeys_accelerate_use_cpu(monkeypatch):

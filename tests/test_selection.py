@@ -168,7 +168,7 @@ def test_select_lr_for_full_fine_tuning():
 
 
 def test_vit_probes_from_the_prefix_cache_match_uncached(monkeypatch):
-    import ncfinetune.selection as sel_mod
+    from ncfinetune.selection.probe import Prober
 
     model = make_model("test_vit")
     data = class_data(per_class=10)
@@ -184,7 +184,7 @@ def test_vit_probes_from_the_prefix_cache_match_uncached(monkeypatch):
     cached = select_block(model, data, **kw)
     # each candidate's prefix computed once for the 50 images, then 3-step probes
     assert cached.images_processed == 50 + 2 * 50 + 2 * (3 * 32 + 15)
-    monkeypatch.setattr(sel_mod._Prober, "_cache", lambda self, block: None)
+    monkeypatch.setattr(Prober, "_cache", lambda self, block: None)
     plain = select_block(model, data, **kw)
     assert plain.images_processed == 50 + 2 * (3 * 32 + 15)
     assert cached.chosen == plain.chosen
@@ -297,3 +297,64 @@ def test_bad_input_errors():
         select_block(model, (data[0], torch.zeros_like(data[1])), rule="curve", lr=0.1)
     with pytest.raises(ConfigError, match="has 40 images but 3 labels"):
         select_block(model, (data[0], data[1][:3]))
+
+
+# -- device, precision and RNG ---------------------------------------------------------------
+def test_selection_never_reseeds_the_global_rng_and_is_deterministic_for_a_seed():
+    model = make_model("test_resnet")
+    data = class_data(per_class=10)
+    kw = dict(rule="probe", candidates=[0, 1], probe_steps=2, lr="auto", lr_grid=(0.1, 0.03))
+    torch.manual_seed(123)
+    torch.rand(3)  # a state no seed call gives back
+    before = torch.get_rng_state()
+    np_before = np.random.get_state()[1].copy()
+    first = select_block(model, data, seed=5, **kw, **FP32)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert np.array_equal(np.random.get_state()[1], np_before)
+    lr = select_lr(model, data, method="lora-block", block=1, probe_steps=2, seed=5, **FP32)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(999)  # another global state: the same choice, the same numbers
+    again = select_block(model, data, seed=5, **kw, **FP32)
+    assert (again.chosen, again.lr) == (first.chosen, first.lr)
+    for a, b in zip(again.rows, first.rows, strict=True):  # "seconds" differs, nothing else
+        assert {k: (p["accuracy"], p["nc1"]) for k, p in a.probes.items()} == {
+            k: (p["accuracy"], p["nc1"]) for k, p in b.probes.items()
+        }
+    lr_again = select_lr(model, data, method="lora-block", block=1, probe_steps=2, seed=5, **FP32)
+    assert lr_again.lr == lr.lr
+    assert {k: p["accuracy"] for k, p in lr_again.probes.items()} == {
+        k: p["accuracy"] for k, p in lr.probes.items()
+    }
+
+
+def test_probes_run_on_the_given_device_in_the_given_precision(monkeypatch):
+    import ncfinetune.selection.probe as probe_mod
+
+    seen = []
+    real = probe_mod.train_steps
+
+    def spy(tuned, *args, **kwargs):
+        seen.append((next(tuned.parameters()).device, kwargs["precision"]))
+        return real(tuned, *args, **kwargs)
+
+    monkeypatch.setattr(probe_mod, "train_steps", spy)
+    model = make_model("test_resnet")
+    data = class_data(per_class=10)
+    select_block(model, data, candidates=[1], probe_steps=1, device="cpu", precision="bf16")
+    assert seen == [(torch.device("cpu"), "bf16")]
+    # no precision: accelerate's choice, as a fine-tune launched now takes it (fp16 runs fp32)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    select_lr(model, data, method="full", lr_grid=(0.1,), probe_steps=1)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    select_lr(model, data, method="full", lr_grid=(0.1,), probe_steps=1)
+    assert [p for _, p in seen[1:]] == ["no", "bf16"]
+
+
+def test_a_model_elsewhere_is_copied_to_the_device_never_moved():
+    from ncfinetune.selection.probe import on_device
+
+    model = make_model("test_resnet")
+    assert on_device(model, None) is model and on_device(model, "cpu") is model
+    meta = on_device(model, "meta")
+    assert meta is not model and next(meta.parameters()).is_meta
+    assert next(model.parameters()).device.type == "cpu"

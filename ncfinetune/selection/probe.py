@@ -169,11 +169,13 @@ class Prober:
         """One short fine-tune of ``method`` at ``block`` (None: linear/full) at ``lr``."""
         if self.fit is None:
             self.fit, self.held = _holdout(self.labels, self.fraction, self.seed)
+        device = model_device(self.model)
         if block not in self.caches:
-            self.caches[block] = self._cache(block)
+            with own_rng(self.seed, device):  # a LoRA method's wrapper draws its init
+                self.caches[block] = self._cache(block)
         cache = self.caches[block]
         t1 = time.perf_counter()
-        with own_rng(self.seed, model_device(self.model)):
+        with own_rng(self.seed, device):
             tuned = wrap(copy.deepcopy(self.model), self.method, block, bn=self.bn)
             if cache is None and use_channels_last(self.model):
                 tuned.to(memory_format=torch.channels_last)
