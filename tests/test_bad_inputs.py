@@ -25,13 +25,19 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import images, make_model
+from test_recipes import checkout_env
 from test_tuning import train_steps
 
 from ncfinetune import layer_wrap, load_tuned, scl_wrap
-from ncfinetune.tuning.checkpoint import CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME
 from ncfinetune.errors import CheckpointError, ConfigError, NcFinetuneError
 from ncfinetune.files import install_folder, staging_folder
+from ncfinetune.recipes import eval as EVAL
+from ncfinetune.recipes import finetune as FINETUNE
+from ncfinetune.recipes import predict as PREDICT
+from ncfinetune.recipes import pretrain as PRETRAIN
+from ncfinetune.recipes import select as SELECT
 from ncfinetune.tuning import lora_block_wrap
+from ncfinetune.tuning.checkpoint import CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,8 +107,9 @@ def test_a_kill_at_any_moment_of_a_save_leaves_a_checkpoint_that_loads(tmp_path)
     path = tmp_path / "ckpt"
     script = KILLER.format(tests=str(ROOT / "tests"), path=str(path))
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path
-    )
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+        env=checkout_env(),
+    )  # fmt: skip
     assert proc.stdout.readline().strip() == "ready"
     assert proc.stdout.readline().strip() == "1"  # one complete checkpoint exists
     loads = []
@@ -437,11 +444,6 @@ def test_a_training_state_with_a_pickle_is_refused_and_custom_pickles_are_ignore
 
 
 # -- 5. recipes validate before they load ---------------------------------------------------------
-from ncfinetune.recipes import finetune as FINETUNE
-from ncfinetune.recipes import pretrain as PRETRAIN
-from ncfinetune.recipes import select as SELECT
-from ncfinetune.recipes import eval as EVAL
-from ncfinetune.recipes import predict as PREDICT
 # a dataset that would fail to load: the config error must come first
 NO_DATA = ["--dataset", "/nonexistent/data"]
 
@@ -522,14 +524,14 @@ def test_a_method_setting_with_no_effect_warns_once_and_is_recorded_as_unset():
     said = [str(w.message) for w in caught if "no effect" in str(w.message)]
     assert len(said) == 1
     assert re.search(r"method 'linear' has no block, lora_skip setting.*block=None", said[0])
-    assert (cfg.block, cfg.lora_skip) == (None, False)  # what config.yaml will record
+    assert (cfg.tuning.block, cfg.tuning.lora_skip) == (None, False)  # what config.yaml will record
     cfg = FINETUNE.load_config(["--method", "scl", "--block", "3"])
-    assert cfg.block == "3"
+    assert cfg.tuning.block == "3"
 
 
 def test_tracker_none_is_accepted():
     cfg = FINETUNE.load_config(["--tracker", "none"])
-    assert cfg.tracker is None  # "none" on the command line is null
+    assert cfg.run.tracker is None  # "none" on the command line is null
 
 
 # -- the Python API: wrong types and values --------------------------------------------------------
@@ -603,8 +605,8 @@ def test_a_config_file_with_a_repeated_key_or_another_shape_is_refused(tmp_path,
 
 
 def test_a_prefix_only_wrapper_neither_checks_nor_claims_ownership():
-    from ncfinetune.tuning.methods import method_config
     from ncfinetune.tuning import TunedModel
+    from ncfinetune.tuning.methods import method_config
 
     model = make_model("test_resnet")
     shared = [TunedModel(model, method_config("layer", block=b), owns_model=False) for b in (1, 2)]

@@ -4,14 +4,13 @@ exit status 2 (a traceback only with --debug), printed once under a 2-process la
 import dataclasses
 import importlib
 import importlib.util
-import os
 import subprocess
 import sys
 
 import pytest
-from test_recipes import ROOT, TINY_RUN
+from test_recipes import ROOT, TINY_RUN, checkout_env
 
-from ncfinetune.recipes.config import field_help
+from ncfinetune.recipes.config import leaves, sections
 
 RECIPES = ("finetune", "pretrain", "select_block", "eval", "predict")
 CONFIGS = {"finetune": "FinetuneConfig", "pretrain": "PretrainConfig",
@@ -29,24 +28,44 @@ def test_recipe_names_do_not_shadow_installed_modules():
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_every_recipe_has_help_with_every_key_described(name, capsys):
+def test_every_recipe_has_help_grouped_by_section_with_every_key_described(name, capsys):
     recipe = importlib.import_module(f"ncfinetune.recipes.{MODULES[name]}")
     cls = getattr(recipe, CONFIGS[name])
-    helps = field_help(cls)
-    assert not [k for k, text in helps.items() if not text], "keys without a description"
+    keys = leaves(cls)
+    assert not [k for k, (_, f, _) in keys.items() if not f.metadata.get("help")], "undescribed"
     with pytest.raises(SystemExit) as e:
         recipe.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"usage: {name}.py [--config FILE.yaml] [--KEY VALUE ...] [--debug]")
-    for f in dataclasses.fields(cls):
-        line = next(x for x in out.splitlines() if x.startswith(f"  --{f.name} "))
-        assert helps[f.name][:30] in line
+    command = f"ncfinetune {MODULES[name]}"
+    assert out.startswith(f"usage: {command} [--config FILE.yaml] [--KEY VALUE ...] [--debug]")
+    flat = " ".join(out.split())  # argparse wraps the help text
+    for k, (section, f, _) in keys.items():
+        assert f"--{k} " in out and " ".join(f.metadata["help"].split())[:40] in flat, k
+        if section is not None:  # listed under its section's heading
+            assert out.index(f"\n{section}:\n") < out.index(f"--{k} ")
+    for section, _ in sections(cls):
+        assert section is None or f"\n{section}:\n" in out
+
+
+def test_finetune_keys_are_in_sections_and_unique():
+    from ncfinetune.recipes.finetune import FinetuneConfig
+
+    assert [s for s, _ in sections(FinetuneConfig)] == ["backbone", "data", "tuning", "optim", "run"]
+    names = [f.name for _, c in sections(FinetuneConfig) for f in dataclasses.fields(c)]
+    assert len(names) == len(set(names)) == len(leaves(FinetuneConfig)) == 54
+
+
+def test_python_m_ncfinetune_finetune_help():
+    proc = script("-m", "ncfinetune", "finetune", "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: ncfinetune finetune [--config FILE.yaml]")
+    assert "\ntuning:\n" in proc.stdout and "--lr " in proc.stdout
 
 
 def script(*args, env=None):
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)  # fmt: skip
+                          timeout=300, env=env or checkout_env(), cwd=ROOT)  # fmt: skip
 
 
 def test_errors_exit_2_with_the_message_and_a_traceback_only_with_debug(tmp_path):
@@ -62,7 +81,7 @@ def test_errors_exit_2_with_the_message_and_a_traceback_only_with_debug(tmp_path
 
 
 def test_two_processes_print_a_config_error_once(tmp_path):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = checkout_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     cmd = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            ROOT / "recipes" / "finetune.py", *TINY_RUN, "--epochs", "0",

@@ -1,9 +1,9 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
-from ncfinetune.recipes.config import parse_config, parse_overrides
 from ncfinetune.errors import ConfigError
+from ncfinetune.recipes.config import key, parse_config, section
 
 
 @dataclass
@@ -60,36 +60,94 @@ def test_bad_yaml_file(tmp_path):
         parse_config(Toy, ["--config", str(tmp_path / "list.yaml")])
 
 
-def test_parse_overrides_forms():
-    assert parse_overrides(["--a", "1", "--b=2", "--c", "--d-e", "x"]) == (
-        None,
-        {"a": "1", "b": "2", "c": "true", "d_e": "x"},
-        [],
+def test_command_line_forms():
+    # --key value, --key=value, a bare --flag (true), dashes for underscores, a value that
+    # starts with a dash
+    cfg = parse_config(Toy, ["--lr", "1", "--epochs=2", "--flag", "--block", "-1", "--name=-x"])
+    assert (cfg.lr, cfg.epochs, cfg.flag, cfg.block, cfg.name) == (1.0, 2, True, "-1", "-x")
+    assert parse_config(Toy, ["--flag", "--limit", "3"]).limit == 3
+
+
+# -- sections: nested dataclasses, a flat command line, YAML by section or flat -----------------
+@dataclass
+class Method:
+    """How the model is tuned."""
+
+    method: str = key("scl", "the method")
+    block: str | None = key("4", "the block")
+
+    def validate(self):
+        return [] if self.method in ("scl", "layer") else [f"method {self.method!r} is unknown"]
+
+
+@dataclass
+class Optim:
+    """The optimiser."""
+
+    lr: float = key(0.1, "the learning rate")
+    classes: list[int] = key([1, 2], "a list default, copied per instance")
+
+
+@dataclass
+class Sectioned:
+    method: Method = section(Method)
+    optim: Optim = section(Optim)
+
+
+def test_sections_take_flat_command_line_keys_and_sectioned_or_flat_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("method:\n  block: 2\noptim: {lr: 0.5}\nmethod_x: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'method_x'"):
+        parse_config(Sectioned, ["--config", str(f)])
+    f.write_text("method:\n  block: 2\nlr: 0.5\n")  # a section and a flat key
+    cfg = parse_config(Sectioned, ["--config", str(f), "--method", "layer"])
+    assert (cfg.method.method, cfg.method.block, cfg.optim.lr) == ("layer", "2", 0.5)
+    assert cfg.optim.classes == [1, 2] and cfg.optim.classes is not Sectioned().optim.classes
+    f.write_text("optim:\n  block: 2\n")
+    with pytest.raises(ConfigError, match=r"key 'block' belongs in section method, not optim"):
+        parse_config(Sectioned, ["--config", str(f)])
+    with pytest.raises(ConfigError) as e:  # each section validates; every problem in one error
+        parse_config(Sectioned, ["--method", "nope", "--lr", "x"])
+    assert "lr: expected a number, got 'x'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"(?s)1 problem.*method 'nope' is unknown"):
+        parse_config(Sectioned, ["--method", "nope"])
+
+
+def test_saved_sectioned_config_round_trips_and_differences_are_by_key(tmp_path):
+    from ncfinetune.recipes.config import config_differences, save_config
+
+    cfg = parse_config(Sectioned, ["--lr", "0.2"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert (tmp_path / "config.yaml").read_text().startswith("method:\n  method: scl\n")
+    again = parse_config(Sectioned, ["--config", str(tmp_path / "config.yaml")])
+    assert again == cfg
+    now = parse_config(Sectioned, ["--lr", "0.3", "--block", "1"])
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config_differences(saved, now) == ["block: 4 -> 1", "lr: 0.2 -> 0.3"]
+    assert config_differences({"lr": 0.3, "block": "1"}, now) == []  # a flat saved file
+
+
+def test_help_is_grouped_by_section(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Sectioned, ["--help"])
+    out = capsys.readouterr().out
+    assert (
+        out.index("method:\n  How the model is tuned.")
+        < out.index("--block")
+        < out.index("optim:\n  The optimiser.")
+        < out.index("--lr")
     )
 
 
 # -- --help from the dataclass, differences, the command-line wrapper ---------------------------
 @dataclass
 class Documented:
-    # a heading: a blank line separates it from the field below
-
-    plain: int = 1  # the comment on the field's line
-    # the comment lines directly above a field
-    # describe it, joined into one line
-    above: float | None = None
-    helped: list[int] | None = field(default=None, metadata={"help": "metadata wins"})  # not this
+    plain: int = key(1, "the help of the field")
+    above: float | None = key(None, "described, with a % sign")
+    helped: list[int] | None = key(None, "metadata wins")
     bare: str = "x"
-
-
-def test_field_help_comes_from_metadata_then_comments():
-    from ncfinetune.recipes.config import field_help
-
-    assert field_help(Documented) == {
-        "plain": "the comment on the field's line",
-        "above": "the comment lines directly above a field describe it, joined into one line",
-        "helped": "metadata wins",
-        "bare": "",
-    }
 
 
 def test_help_lists_every_key_with_type_default_and_description(tmp_path, capsys):
@@ -99,12 +157,15 @@ def test_help_lists_every_key_with_type_default_and_description(tmp_path, capsys
         parse_config(Documented, ["--config", str(f), "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: test_config.py [--config FILE.yaml]")
+    assert out.startswith("usage: test_config [--config FILE.yaml] [--KEY VALUE ...] [--debug]")
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
-    assert list(lines) == ["--plain", "--above", "--helped", "--bare", "--debug"]
-    assert lines["--plain"].split()[1:4] == ["int", "7", "the"]  # the file's value is the default
-    assert lines["--above"].split()[1:3] == ["float|null", "null"]
-    assert lines["--helped"].split()[1:] == ["list[int]|null", "null", "metadata", "wins"]
+    assert list(lines) == ["--config", "--debug", "--plain", "--above", "--helped", "--bare"]
+    assert lines["--plain"].split()[1:] == "int the help of the field (default: 7)".split()
+    assert (
+        lines["--above"].split()[1:]
+        == "float|null described, with a % sign (default: null)".split()
+    )
+    assert lines["--helped"].split()[1:] == "list[int]|null metadata wins (default: null)".split()
     with pytest.raises(SystemExit):
         parse_config(Documented, ["-h"])
 
@@ -128,8 +189,8 @@ def test_config_differences_lists_key_saved_now():
 
 
 def test_run_cli_prints_the_message_and_exits_2(capsys, monkeypatch):
-    from ncfinetune.recipes.config import run_cli
     from ncfinetune.errors import DataError
+    from ncfinetune.recipes.config import run_cli
 
     def main(argv):
         assert "--debug" not in argv

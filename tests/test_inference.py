@@ -9,17 +9,16 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from test_recipes import ROOT, finetune
+from test_recipes import finetune
 
 from ncfinetune import data as nd
 from ncfinetune import scl_wrap
-from ncfinetune.tuning.checkpoint import read_tuned_config
-from ncfinetune.errors import CheckpointError, DataError
 from ncfinetune.backbones.hub import create_backbone
+from ncfinetune.errors import CheckpointError, DataError
 from ncfinetune.inference import evaluate, load_tuned_folder, predict
-
 from ncfinetune.recipes import eval as EVAL
 from ncfinetune.recipes import predict as PREDICT
+from ncfinetune.tuning.checkpoint import read_tuned_config
 
 
 def local_backbone(folder: Path) -> Path:

@@ -1,26 +1,32 @@
-"""Recipe configs: dataclasses + YAML + ``--key value`` overrides; no config framework.
+"""Recipe configs: dataclasses in sections, YAML defaults, then the command line (argparse).
 
-``parse_config(Cls, argv)`` reads an optional ``--config FILE.yaml``, applies command-line
-overrides on top, converts each value to the field's type, and validates. Every problem found
-(unknown key, wrong type, invalid value) is collected and raised as one :class:`ConfigError`.
-``--help`` prints every key with its type, default and description, generated from the
-dataclass: a field's ``metadata={"help": ...}``, else the comment on its line, else the comment
-lines directly above it (a comment separated from the next field by a blank line is a section
-heading, not a description). :func:`run_cli` runs a recipe's ``main`` so that an ncfinetune
-error prints its message and exits with status 2 (``--debug``: the full traceback).
+timm's ``train.py`` pattern: ``--config FILE.yaml`` gives the defaults, ``--key value`` on the
+command line overrides them, and the argparse parser is generated from the dataclass fields, one
+argument group per section (``--help`` is grouped the same way and documents every key from its
+``metadata["help"]``, written with :func:`key`).
+
+A config is a dataclass whose fields are either keys or *sections*: dataclasses of keys (e.g.
+``data``, ``tuning``, ``optim``, ``run``). Key names are unique across sections, so the command
+line stays flat (``--lr 0.05 --block auto``); a YAML file may be sectioned (``optim: {lr: 0.05}``)
+or flat (``lr: 0.05``). Values are converted to each field's type here, not by argparse, so that
+every problem (unknown key, wrong type, invalid value: each section's ``validate()``) is
+collected and raised as one :class:`ConfigError`; argparse would stop at the first.
+
+Why argparse and not jsonargparse or tyro: it is the standard library (no new dependency), the
+whole layer is this module, and the flat command line, the one-error-for-everything rule and the
+exact messages the recipes promise would each need working around in either library.
+:func:`run_cli` runs a recipe's ``main`` so that an ncfinetune error prints its message and exits
+with status 2 (``--debug``: the full traceback).
 """
 
 from __future__ import annotations
 
-import ast
+import argparse
 import dataclasses
 import difflib
-import inspect
-import io
 import math
 import os
 import sys
-import tokenize
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -30,23 +36,77 @@ from typing import Any
 import yaml
 
 from ncfinetune.errors import ConfigError, NcFinetuneError
-from ncfinetune.backbones.hub import DEFAULT_BACKBONE
-from ncfinetune.training.device import (
-    LOOP_PRECISIONS,
-    default_device,
-    loop_precision,
-    precision_problem,
-    resolve_precision,
-)
+
+_NOT_KEYS = ("config", "help", "debug")  # options of every command that are not config keys
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def key(default: Any, help: str) -> Any:  # noqa: A002 (the argparse word)
+    """A config key: ``default`` (a list or dict is copied per instance) documented by ``help``
+    (shown by ``--help``)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}
+        )
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def section(cls: type) -> Any:
+    """A section field: its keys come from dataclass ``cls``."""
+    return dataclasses.field(default_factory=cls)
+
+
+def sections(cls: type) -> list[tuple[str | None, type]]:
+    """``(name, section class)`` of a config class, in order; ``(None, cls)`` holds the keys
+    that are not in a section (only when there are any)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    found, top = [], False
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found.append((f.name, hints[f.name]))
+        else:
+            top = True
+    return ([(None, cls)] if top else []) + found
+
+
+def leaves(cls: type) -> dict[str, tuple[str | None, dataclasses.Field, Any]]:
+    """Every key of a config class: name -> (its section or None, its field, its type)."""
+    found = {}
+    for name, klass in sections(cls):
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            if name is None and dataclasses.is_dataclass(hints[f.name]):
+                continue
+            found[f.name] = (name, f, hints[f.name])
+    return found
+
+
+def flat_config(config: Any) -> dict[str, Any]:
+    """The config's keys and values, sections flattened (key names are unique)."""
+    return {
+        name: getattr(config if sec is None else getattr(config, sec), name)
+        for name, (sec, _, _) in leaves(type(config)).items()
+    }
+
+
+def flat_values(cls: type, mapping: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """A YAML mapping (sectioned, flat or both) as ``{key: value}``; a key in the wrong section
+    is added to ``problems`` (unknown keys are left for :func:`parse_config` to report)."""
+    known = leaves(cls)
+    names = {name for name, _ in sections(cls) if name}
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if k in names and isinstance(v, Mapping):
+            for kk, vv in v.items():
+                if kk in known and known[kk][0] != k:
+                    problems.append(f"key {kk!r} belongs in section {known[kk][0]}, not {k}")
+                out[kk] = vv
+        else:
+            out[k] = v
+    return out
 
 
 def _convert(value: Any, tp: Any, from_cli: bool) -> Any:
-    """Convert ``value`` to type ``tp`` (None, bool, int, float, str, list[int], unions)."""
+    """Convert ``value`` to type ``tp`` (None, bool, int, float, str, dict, list[...], unions)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -112,35 +172,6 @@ def _convert(value: Any, tp: Any, from_cli: bool) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
-def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
-    """Split ``argv`` into (config file, {key: raw value}, problems).
-
-    Accepts ``--key value``, ``--key=value`` and bare ``--flag`` (meaning true). Dashes in keys
-    become underscores.
-    """
-    config_file, values, problems = None, {}, []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            problems.append(f"unexpected argument {arg!r} (use --key value)")
-            i += 1
-            continue
-        key, eq, val = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                val, i = argv[i + 1], i + 1
-            else:
-                val = "true"
-        if key == "config":
-            config_file = val
-        else:
-            values[key] = val
-        i += 1
-    return config_file, values, problems
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
     keeps the last silently, so ``epochs: 3`` followed by ``epochs: 30`` would train 30)."""
@@ -148,21 +179,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            name = self.construct_object(key_node, deep=deep)
+            if name in seen:
                 raise yaml.constructor.ConstructorError(
                     None,
                     None,
-                    f"key {key!r} is given twice (lines {seen[key] + 1} and "
+                    f"key {name!r} is given twice (lines {seen[name] + 1} and "
                     f"{key_node.start_mark.line + 1}); keep one",
                     key_node.start_mark,
                 )
-            seen[key] = key_node.start_mark.line
+            seen[name] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The ``key: value`` mapping of a YAML config file (raises :class:`ConfigError`)."""
+    """The mapping of a YAML config file (raises :class:`ConfigError`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
@@ -178,9 +209,76 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def _argparse_ready(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--key value`` written ``--key=value`` (so a value may start with a
+    dash: ``--candidates -1,-2``), a bare ``--flag`` as ``--flag=true``, and dashes in key
+    names as underscores."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    value, i = argv[i + 1], i + 1
+                else:
+                    value = "true"
+            arg = f"--{name.replace('-', '_')}={value}"
+        out.append(arg)
+        i += 1
+    return out
+
+
 def wants_help(argv: Iterable[str]) -> bool:
     """Whether ``argv`` asks for the help text (``--help`` or ``-h``)."""
     return any(a in ("--help", "-h") or a.startswith("--help=") for a in argv)
+
+
+def _prog(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("ncfinetune.recipes."):
+        return f"ncfinetune {module.rsplit('.', 1)[1]}"
+    return module.rsplit(".", 1)[-1]
+
+
+def build_parser(
+    cls: type, defaults: Mapping[str, Any] | None = None, defaults_from: str | None = None
+) -> argparse.ArgumentParser:
+    """The argparse parser of config class ``cls``: one group per section, one ``--key`` per
+    field, its help from the field's ``metadata["help"]`` and its default as ``defaults`` (a
+    YAML file's values) or the dataclass sets it."""
+    module = sys.modules.get(cls.__module__)
+    doc = ((module.__doc__ if module else "") or "").split("\n\n")[0].strip()
+    parser = argparse.ArgumentParser(
+        prog=_prog(cls),
+        usage="%(prog)s [--config FILE.yaml] [--KEY VALUE ...] [--debug]",
+        description=doc,
+        epilog="null means unset (auto where the help says so); lists are comma-separated "
+        "(--classes 5,6,7); a YAML file may group keys by section or list them flat.",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=100),
+        add_help=False,
+        allow_abbrev=False,
+        exit_on_error=False,
+    )
+    general = parser.add_argument_group("options")
+    general.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    source = f" (here: {defaults_from})" if defaults_from else ""
+    general.add_argument("--config", metavar="FILE.yaml", help=f"YAML defaults{source}")
+    general.add_argument("--debug", action="store_true", help="on an error, show the traceback")
+    defaults = dict(defaults or {})
+    for name, klass in sections(cls):
+        doc = (klass.__doc__ or "").split("\n\n")[0] if name else ""
+        group = parser.add_argument_group(name or "keys", " ".join(doc.split()) or None)
+        for k, (sec, f, tp) in leaves(cls).items():
+            if sec != name:
+                continue
+            default = defaults[k] if k in defaults else _field_default(f)
+            text = f"{f.metadata.get('help', '')} (default: {show_value(default)})"
+            group.add_argument(
+                f"--{k}", metavar=_type_name(tp), default=argparse.SUPPRESS,
+                help=text.strip().replace("%", "%%"),
+            )  # fmt: skip
+    return parser
 
 
 def parse_config(
@@ -189,13 +287,13 @@ def parse_config(
     defaults_file: str | None = None,
     base: Mapping[str, Any] | None = None,
 ):
-    """Build a ``cls`` dataclass from an optional YAML file plus command-line overrides.
+    """Build config ``cls`` from an optional YAML file plus command-line overrides.
 
     Args:
-        cls: a dataclass whose fields have defaults; its ``validate()`` (if any) returns a list of
-            problems.
+        cls: a config dataclass (keys and sections); each section's and its own ``validate()``
+            (if any) returns a list of problems.
         argv: command-line arguments (without the program name). ``--help`` (or ``-h``) prints
-            :func:`config_help` (defaults as the YAML file sets them) and exits with status 0.
+            the help (defaults as the YAML file sets them) and exits with status 0.
         defaults_file: YAML file used when ``--config`` is not given.
         base: values that replace the YAML file's and are replaced by the command line's (a
             resumed run's saved config).
@@ -203,113 +301,71 @@ def parse_config(
     Raises:
         ConfigError: listing every problem found.
     """
-    argv = list(argv or [])
-    config_file, cli, problems = parse_overrides([a for a in argv if a != "-h"])
-    config_file = config_file or defaults_file
-    types_ = _field_types(cls)
-    values: dict[str, Any] = {}
-    loaded = read_config_file(config_file) if config_file else {}
-    loaded.update(base or {})
-    if wants_help(argv):
+    asked_help = wants_help(argv or [])
+    argv = _argparse_ready([a for a in argv or [] if a != "-h"])
+    config_file = config_file_arg(argv) or defaults_file
+    problems: list[str] = []
+    values = flat_values(cls, read_config_file(config_file) if config_file else {}, problems)
+    values.update(flat_values(cls, base or {}, problems))
+    parser = build_parser(cls, values, config_file)
+    if asked_help:
         if is_main_process():
-            print(config_help(cls, loaded, config_file), flush=True)
+            print(parser.format_help(), flush=True)
         raise SystemExit(0)
-    for key, val in loaded.items():
-        values[key] = (val, False)
-    for key, val in cli.items():
-        values[key] = (val, True)
-    kwargs = {}
-    for key, (val, from_cli) in values.items():
-        if key not in types_:
-            near = difflib.get_close_matches(key, list(types_), n=3)
+    try:
+        given, extra = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise ConfigError(f"1 problem(s) in the command line:\n  - {e}") from None
+    raw = {k: (v, False) for k, v in values.items()}
+    raw |= {k: (v, True) for k, v in vars(given).items() if k not in _NOT_KEYS}
+    for arg in extra:  # unknown keys (reported below with the others) and stray words
+        if arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            raw[name] = (value, True)
+        else:
+            problems.append(f"unexpected argument {arg!r} (use --key value)")
+    known = leaves(cls)
+    kwargs: dict[str, dict[str, Any]] = {name: {} for name, _ in sections(cls)}
+    for name, (value, from_cli) in raw.items():
+        if name not in known:
+            near = difflib.get_close_matches(name, list(known), n=3)
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
-            problems.append(f"unknown key {key!r}{hint}")
+            problems.append(f"unknown key {name!r}{hint}")
             continue
         try:
-            kwargs[key] = _convert(val, types_[key], from_cli)
+            kwargs[known[name][0]][name] = _convert(value, known[name][2], from_cli)
         except (TypeError, ValueError) as e:
-            problems.append(f"{key}: {e}")
+            problems.append(f"{name}: {e}")
     if not problems:
-        config = cls(**kwargs)
-        problems = config.validate() if hasattr(config, "validate") else []
+        top = kwargs.pop(None, {})
+        config = cls(
+            **top, **{name: klass(**kwargs[name]) for name, klass in sections(cls) if name}
+        )
+        problems = config_problems(config)
     if problems:
         where = f" (from {config_file} and the command line)" if config_file else ""
         raise ConfigError(
             f"{len(problems)} problem(s) in the config{where}:\n  - "
             + "\n  - ".join(problems)
-            + f"\nValid keys: {', '.join(types_)} (--help describes each)."
+            + f"\nValid keys: {', '.join(known)} (--help describes each)."
         )
     return config
 
 
-def _source_file(cls: type) -> str | None:
-    """The file defining ``cls``; also for classes of scripts run by ``runpy`` (whose module is
-    gone from ``sys.modules`` afterwards): the file of any function defined in the class."""
-    try:
-        return inspect.getsourcefile(cls)
-    except (TypeError, OSError):
-        pass
-    for value in vars(cls).values():
-        code = getattr(getattr(value, "__func__", value), "__code__", None)
-        if code is not None and os.path.isfile(code.co_filename):
-            return code.co_filename
-    return None
+def config_file_arg(argv: list[str]) -> str | None:
+    """The ``--config`` file named in ``argv``, or None."""
+    found = [a.partition("=")[2] for a in _argparse_ready(argv) if a.startswith("--config=")]
+    return found[-1] if found else None
 
 
-_TOOL_COMMENTS = ("fmt:", "noqa", "type:", "pragma")
-
-
-def _comment_help(cls: type) -> dict[str, str]:
-    """Field descriptions written as comments in the class body of ``cls`` (not its bases)."""
-    file = _source_file(cls)
-    if file is None or not os.path.isfile(file):
-        return {}
-    source = Path(file).read_text()
-    node = next(
-        (
-            n
-            for n in ast.walk(ast.parse(source))
-            if isinstance(n, ast.ClassDef) and n.name == cls.__name__
-        ),
-        None,
-    )
-    if node is None:
-        return {}
-    comments = {
-        tok.start[0]: tok.string.lstrip("#").strip()
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-        if tok.type == tokenize.COMMENT
-    }
-    comments = {k: v for k, v in comments.items() if v and not v.startswith(_TOOL_COMMENTS)}
-    lines = source.splitlines()
-    found = {}
-    for stmt in node.body:
-        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
-            continue
-        text = [comments[i] for i in range(stmt.lineno, stmt.end_lineno + 1) if i in comments]
-        if not text:  # the comment lines directly above (a blank line ends a heading)
-            i = stmt.lineno - 1
-            while i >= 1 and lines[i - 1].strip().startswith("#"):
-                if i in comments:
-                    text.insert(0, comments[i])
-                i -= 1
-        if text:
-            found[stmt.target.id] = " ".join(text)
-    return found
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """Each field of dataclass ``cls`` -> its one-line description: ``metadata["help"]``, else
-    the comment on the field's line, else the comment lines directly above it (base classes
-    included); "" when there is none."""
-    found: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(klass):
-            found.update(_comment_help(klass))
-    return {
-        f.name: str(f.metadata.get("help") or found.get(f.name, ""))
-        for f in dataclasses.fields(cls)
-    }
+def config_problems(config: Any) -> list[str]:
+    """Every problem of a built config: each section's ``validate()``, then the config's own."""
+    problems = []
+    for name, _ in sections(type(config)):
+        part = config if name is None else getattr(config, name)
+        if name is not None and hasattr(part, "validate"):
+            problems += part.validate()
+    return problems + (config.validate() if hasattr(config, "validate") else [])
 
 
 def _type_name(tp: Any) -> str:
@@ -342,76 +398,24 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None
 
 
-def _script_doc(cls: type) -> tuple[str, str]:
-    """(file name, first paragraph of its docstring) of the file defining ``cls``."""
-    file = _source_file(cls)
-    if file is None or not os.path.isfile(file):
-        return "", ""
-    doc = ast.get_docstring(ast.parse(Path(file).read_text())) or ""
-    return Path(file).name, doc.split("\n\n")[0].strip()
-
-
-def config_help(
-    cls: type, defaults: Mapping[str, Any] | None = None, defaults_from: str | None = None
-) -> str:
-    """The ``--help`` text of a recipe config: usage, the recipe's summary, and one line per key
-    with its type, default and description.
-
-    Args:
-        cls: the config dataclass.
-        defaults: values that replace the dataclass defaults (a YAML config file's).
-        defaults_from: where ``defaults`` come from, for the heading.
-    """
-    defaults = dict(defaults or {})
-    types_, helps = _field_types(cls), field_help(cls)
-    rows = [
-        (
-            f"--{f.name}",
-            _type_name(types_[f.name]),
-            show_value(defaults[f.name] if f.name in defaults else _field_default(f)),
-            helps[f.name],
-        )
-        for f in dataclasses.fields(cls)
-    ]
-    rows.append(("--debug", "flag", "off", "on an error, show the full traceback"))
-    width = [min(max(len(r[i]) for r in rows), cap) for i, cap in enumerate((24, 16, 20))]
-    lines = []
-    for name, tp, default, text in rows:
-        head = f"  {name:<{width[0]}}  {tp:<{width[1]}}  {default:<{width[2]}}"
-        lines.append(f"{head}  {text}".rstrip())
-    prog, doc = _script_doc(cls)
-    source = f"; defaults from {defaults_from}" if defaults_from else ""
-    return (
-        f"usage: {prog or cls.__name__} [--config FILE.yaml] [--KEY VALUE ...] [--debug]\n\n"
-        + (f"{doc}\n\n" if doc else "")
-        + f"keys (--KEY VALUE, --KEY=VALUE, or KEY: VALUE in the YAML file{source}):\n"
-        + f"  {'key':<{width[0]}}  {'type':<{width[1]}}  {'default':<{width[2]}}  description\n"
-        + "\n".join(lines)
-        + "\n\nnull means unset (auto where the description says so); lists are "
-        "comma-separated (--classes 5,6,7)."
-    )
-
-
 def config_differences(
-    saved: Mapping[str, Any],
-    now: Any,
-    *,
-    ignore: Iterable[str] = (),
+    saved: Mapping[str, Any], now: Any, *, ignore: Iterable[str] = ()
 ) -> list[str]:
-    """``"key: saved -> now"`` for every field of the config ``now`` whose value differs from
-    ``saved`` (a mapping read from a run's ``config.yaml``), in field order. A key the saved
-    file lacks (written by an older version) counts as its dataclass default."""
+    """``"key: saved -> now"`` for every key of the config ``now`` whose value differs from
+    ``saved`` (a run's ``config.yaml``, sectioned or flat), in key order. A key the saved file
+    lacks (written by an older version) counts as its default."""
     skip = set(ignore)
+    before_all = flat_values(type(now), saved, [])
     diffs = []
-    for f in dataclasses.fields(now):
-        if f.name in skip:
+    for name, (_, f, _) in leaves(type(now)).items():
+        if name in skip:
             continue
-        before = saved.get(f.name, _field_default(f))
-        after = getattr(now, f.name)
+        before = before_all.get(name, _field_default(f))
+        after = flat_config(now)[name]
         if isinstance(before, tuple):
             before = list(before)
         if before != after or isinstance(before, bool) != isinstance(after, bool):
-            diffs.append(f"{f.name}: {show_value(before)} -> {show_value(after)}")
+            diffs.append(f"{name}: {show_value(before)} -> {show_value(after)}")
     return diffs
 
 
@@ -443,213 +447,10 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """The resolved config as a plain dict (saved with each run)."""
+    """The resolved config as a plain dict, by section (saved with each run)."""
     return dataclasses.asdict(config)
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
+    """Write the resolved config as YAML, by section."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-
-
-def bound_problems(config: Any, **bounds: str) -> list[str]:
-    """Problems with numeric keys of ``config``: ``bounds`` maps a key to a rule, one of
-    ``">=0"``, ``">=1"``, ``">0"``, ``"[0,1)"``, ``"(0,100]"``; a None value always passes (the
-    keys' null means auto or not set)."""
-    rules = {
-        ">=0": lambda v: v >= 0,
-        ">=1": lambda v: v >= 1,
-        ">0": lambda v: v > 0,
-        "[0,1)": lambda v: 0 <= v < 1,
-        "(0,100]": lambda v: 0 < v <= 100,
-    }
-    problems = []
-    for key, rule in bounds.items():
-        value = getattr(config, key)
-        if value is not None and not isinstance(value, str) and not rules[rule](value):
-            what = {">=0": ">= 0", ">=1": ">= 1", ">0": "> 0"}.get(rule, f"in {rule}")
-            problems.append(f"{key} must be {what}, got {value}")
-    return problems
-
-
-def model_problems(model: str, checkpoint: str | None = None) -> list[str]:
-    """A problem when ``model`` names no backbone ``create_backbone`` can build, or the
-    ``checkpoint`` file is missing (checked before anything loads)."""
-    import timm
-
-    from ncfinetune.backbones.hub import bundled_backbones
-
-    problems = []
-    bundled = bundled_backbones()
-    if not (model in bundled or (Path(model) / "backbone.json").is_file() or timm.is_model(model)):
-        close = difflib.get_close_matches(model, [*bundled, *timm.list_models()], n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        problems.append(
-            f"model {model!r} is not a bundled backbone ({', '.join(bundled)}), a folder with "
-            f"backbone.json from recipes/pretrain.py, or a timm architecture{hint}"
-        )
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        problems.append(f"checkpoint {checkpoint} is not a file: pass a local weights file")
-    return problems
-
-
-SEED_MAX = 2**32 - 1
-"""Largest seed every generator a run seeds accepts (numpy's legacy seeding is 32-bit)."""
-
-
-def seed_problems(seed: int, key: str = "seed") -> list[str]:
-    """A problem when ``seed`` is outside what torch, numpy and random all accept."""
-    if not 0 <= seed <= SEED_MAX:
-        return [f"{key} must be in [0, 2**32 - 1] (what numpy accepts), got {seed}"]
-    return []
-
-
-def output_problems(key: str, path: str | None, *, folder: bool = True) -> list[str]:
-    """Problems writing to ``path`` (the value of config key ``key``), found before any data
-    or model is loaded: a file where a folder is needed (or the reverse), a parent that is a
-    file, or no permission to create or write it."""
-    if path is None:
-        return []
-    target = Path(path)
-    if folder and target.exists() and not target.is_dir():
-        return [
-            f"{key} {path} is a file, not a folder: pass a folder path (the run writes "
-            "several files into it)"
-        ]
-    if not folder and target.is_dir():
-        return [f"{key} {path} is a folder: pass a file path, e.g. {target / 'predictions.csv'}"]
-    existing = next((a for a in (target, *target.parents) if a.exists()), Path("."))
-    if not existing.is_dir():
-        return [f"{key} {path} cannot be created: {existing} is a file, not a folder"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [
-            f"{key} {path} cannot be written: no write permission on {existing}; pick a "
-            "folder you can write to"
-        ]
-    return []
-
-
-@dataclasses.dataclass
-class DownstreamConfig:
-    """The backbone and downstream-data keys shared by ``recipes/finetune.py`` and
-    ``recipes/select_block.py`` (each recipe's config extends it), and how both load them.
-
-    ``per_class`` draws a class-balanced, seeded subset of the training split; the split itself
-    (``test_fraction``, seeded) is the same in both recipes, so a block selected by one is
-    selected on the training rows the other trains on.
-    """
-
-    # backbone: a bundled name, a recipes/pretrain.py folder, or a timm name with pretrained or
-    # checkpoint
-    model: str = DEFAULT_BACKBONE
-    pretrained: bool = False  # timm name: download its pretrained weights (hub)
-    checkpoint: str | None = None  # timm name: a local weights file for it
-    # data
-    dataset: str = "digits"  # digits | fashion_mnist | a folder | a .csv/.parquet file | a hub name
-    data_dir: str | None = None  # fashion_mnist: folder of the IDX files; hub: its data_dir
-    image_column: str | None = None  # null = detected
-    label_column: str | None = None  # null = detected
-    classes: list[int] | None = None  # keep these classes, renumbered 0..K-1 (null = all)
-    # .csv/.parquet: allow image paths outside the table's folder (absolute, ../, symlinks out)
-    allow_outside_paths: bool = False
-    # check every image at load time and leave out unreadable ones (counted in the data line)
-    skip_unreadable: bool = False
-    per_class: int | None = None  # class-balanced, seeded, nested training subset (null = all)
-    test_fraction: float = 0.2  # test share held out when the source has no test split
-    image_size: int | None = None  # input size in pixels (null = the backbone's)
-    seed: int = 0  # seeds the split, the subset, the classifier's init and the shuffling
-
-    def validate(self) -> list[str]:
-        p = []
-        if self.pretrained and self.checkpoint:
-            p.append("give pretrained or checkpoint, not both")
-        if not 0 < self.test_fraction < 1:
-            p.append(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        p += model_problems(self.model, self.checkpoint)
-        p += seed_problems(self.seed)
-        p += bound_problems(self, per_class=">=1", image_size=">=1")
-        if self.classes is not None:
-            if len(set(self.classes)) < 2:
-                p.append(f"classes must name at least 2 classes, got {self.classes}")
-            if len(set(self.classes)) != len(self.classes):
-                p.append(f"classes lists a class twice: {self.classes}")
-            if any(c < 0 for c in self.classes):
-                p.append(f"classes are label indices >= 0, got {self.classes}")
-        return p
-
-    def load_data(self):
-        """The dataset (``ncfinetune.data.loaders.ImageData``), restricted to ``classes`` if given."""
-        import ncfinetune.data as nd
-        data = nd.load_image_dataset(
-            self.dataset,
-            image_column=self.image_column,
-            label_column=self.label_column,
-            data_dir=self.data_dir,
-            test_fraction=self.test_fraction,
-            seed=self.seed,
-            allow_outside_paths=self.allow_outside_paths,
-            skip_unreadable=self.skip_unreadable,
-        )
-        return nd.select_classes(data, self.classes) if self.classes else data
-
-    def load_model(self, num_classes: int):
-        """The backbone with a fresh ``num_classes``-way classifier."""
-        from ncfinetune.backbones.hub import create_backbone
-
-        return create_backbone(
-            self.model, num_classes, pretrained=self.pretrained, checkpoint=self.checkpoint
-        )
-
-
-@dataclasses.dataclass
-class TunedConfig:
-    """The keys shared by ``recipes/eval.py`` and ``recipes/predict.py``: the tuned folder,
-    how to rebuild its base backbone, and how to run it (see :mod:`ncfinetune.inference`)."""
-
-    tuned: str = "runs/finetune/tuned"  # a folder written by recipes/finetune.py (its tuned/)
-    # the base backbone: null = the one the folder records (base_model); a bundled name, a
-    # recipes/pretrain.py folder or a timm name
-    model: str | None = None
-    pretrained: bool | None = None  # timm base: download its hub weights (null = as recorded)
-    checkpoint: str | None = None  # timm base: a local weights file (null = as recorded)
-    verify_base: bool = True  # check the base weights' fingerprint (false: warn on a mismatch)
-    image_size: int | None = None  # null = the size it was tuned at, else the backbone's
-    batch_size: int = 256  # images per forward pass
-    # no (fp32) | bf16 | auto (bf16 where the device has it natively); null = accelerate's
-    # choice (ACCELERATE_MIXED_PRECISION; fp16: fp32)
-    mixed_precision: str | None = "no"
-    device: str | None = None  # null = cuda when available, else cpu
-
-    def validate(self) -> list[str]:
-        p = []
-        if problem := precision_problem(self.mixed_precision, ("auto", *LOOP_PRECISIONS)):
-            p.append(problem)
-        if self.batch_size < 1:
-            p.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.image_size is not None and self.image_size < 1:
-            p.append(f"image_size must be >= 1 or null, got {self.image_size}")
-        if not Path(self.tuned).is_dir():
-            p.append(
-                f"tuned {self.tuned} is not a folder: pass the tuned/ folder a finetune run "
-                "wrote (e.g. runs/finetune/tuned)"
-            )
-        return p
-
-    def load_kwargs(self) -> dict[str, Any]:
-        """Arguments for ``ncfinetune.inference.load_tuned_folder`` (and predict/evaluate)."""
-        return {
-            "base_model": self.model,
-            "pretrained": self.pretrained,
-            "checkpoint": self.checkpoint,
-            "verify_base": self.verify_base,
-        }
-
-    def run_kwargs(self) -> dict[str, Any]:
-        """Image size, batch, precision (``auto`` resolved for the device) and device."""
-        device = default_device(self.device)
-        return {
-            "image_size": self.image_size,
-            "batch_size": self.batch_size,
-            "precision": loop_precision(resolve_precision(self.mixed_precision, device)),
-            "device": device,
-        }

@@ -18,10 +18,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ncfinetune.tuning.checkpoint import read_tuned_config
-from ncfinetune.recipes.config import TunedConfig, output_problems, parse_config, run_cli, seed_problems
 from ncfinetune.files import write_json
 from ncfinetune.inference import Evaluation, evaluate, recorded_data
+from ncfinetune.recipes.config import key, parse_config, run_cli
+from ncfinetune.recipes.sections import TunedConfig, output_problems, seed_problems
+from ncfinetune.tuning.checkpoint import read_tuned_config
 
 DATA_KEYS = ("dataset", "data_dir", "image_column", "label_column", "classes", "test_fraction",
              "seed", "allow_outside_paths", "skip_unreadable")  # fmt: skip
@@ -29,23 +30,26 @@ DATA_KEYS = ("dataset", "data_dir", "image_column", "label_column", "classes", "
 
 @dataclass
 class EvaluateConfig(TunedConfig):
-    # tuned folder, base backbone and run keys: TunedConfig (tuned, model, pretrained,
-    # checkpoint, verify_base, image_size, batch_size, mixed_precision, device)
+    """The eval recipe's keys: the tuned folder, base backbone and run keys of
+    :class:`TunedConfig`, and the data to evaluate on (null: as the folder records it)."""
 
-    # null = the dataset the folder was tuned on; else any spec the recipes accept (digits,
-    # fashion_mnist, a folder, a .csv/.parquet file, a hub name)
-    dataset: str | None = None
-    data_dir: str | None = None  # fashion_mnist: folder of the IDX files (null = as recorded)
-    image_column: str | None = None  # null = as recorded, else detected
-    label_column: str | None = None  # null = as recorded, else detected
-    classes: list[int] | None = None  # keep these classes, renumbered (null = as recorded)
-    test_fraction: float | None = None  # test share without a test split (null = as recorded)
-    seed: int | None = None  # seed of that split (null = as recorded)
-    # .csv/.parquet: allow image paths outside the table's folder (null = as recorded)
-    allow_outside_paths: bool | None = None
-    skip_unreadable: bool | None = None  # leave out unreadable images (null = as recorded)
-    split: str = "test"  # test | train
-    output_dir: str = "runs/evaluate"  # evaluation.json and confusion_matrix.png go here
+    dataset: str | None = key(
+        None,
+        "null = the dataset the folder was tuned on; else any spec the recipes accept (digits, "
+        "fashion_mnist, a folder, a .csv/.parquet file, a hub name)",
+    )
+    data_dir: str | None = key(None, "fashion_mnist: folder of the IDX files (null = as recorded)")
+    image_column: str | None = key(None, "null = as recorded, else detected")
+    label_column: str | None = key(None, "null = as recorded, else detected")
+    classes: list[int] | None = key(None, "keep these classes, renumbered (null = as recorded)")
+    test_fraction: float | None = key(None, "test share without a test split (null = as recorded)")
+    seed: int | None = key(None, "seed of that split (null = as recorded)")
+    allow_outside_paths: bool | None = key(
+        None, ".csv/.parquet: allow image paths outside the table's folder (null = as recorded)"
+    )
+    skip_unreadable: bool | None = key(None, "leave out unreadable images (null = as recorded)")
+    split: str = key("test", "test | train")
+    output_dir: str = key("runs/evaluate", "evaluation.json and confusion_matrix.png go here")
 
     def validate(self) -> list[str]:
         p = super().validate()

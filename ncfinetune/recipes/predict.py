@@ -16,20 +16,22 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ncfinetune.recipes.config import TunedConfig, output_problems, parse_config, run_cli
 from ncfinetune.files import atomic_write
 from ncfinetune.inference import ImagePrediction, predict
+from ncfinetune.recipes.config import key, parse_config, run_cli
+from ncfinetune.recipes.sections import TunedConfig, output_problems
 
 
 @dataclass
 class PredictConfig(TunedConfig):
-    # tuned folder, base backbone and run keys: TunedConfig (tuned, model, pretrained,
-    # checkpoint, verify_base, image_size, batch_size, mixed_precision, device)
+    """The predict recipe's keys: the tuned folder, base backbone and run keys of
+    :class:`TunedConfig`, and the images to predict."""
 
-    images: str | None = None  # a folder of images (searched recursively) or one image file
-    output: str = "predictions.csv"  # the CSV written: file, class, probability, class_id
-    # decode every image first and leave out unreadable ones (listed in the output's summary)
-    skip_unreadable: bool = False
+    images: str | None = key(None, "a folder of images (searched recursively) or one image file")
+    output: str = key("predictions.csv", "the CSV written: file, class, probability, class_id")
+    skip_unreadable: bool = key(
+        False, "decode every image first and leave out unreadable ones (listed in the summary)"
+    )
 
     def validate(self) -> list[str]:
         p = super().validate()

@@ -22,7 +22,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
@@ -36,59 +36,69 @@ import ncfinetune
 import ncfinetune.backbones.hub
 import ncfinetune.data as nd
 from ncfinetune.backbones.base import Prediction
-from ncfinetune.recipes.config import (
-    bound_problems,
-    output_problems,
-    parse_config,
-    run_cli,
-    save_config,
-    seed_problems,
-)
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import atomic_write, write_json, write_text
+from ncfinetune.recipes.config import key, parse_config, run_cli, save_config
+from ncfinetune.recipes.engine import (
+    build_schedule,
+    collect_nc1,
+    predict,
+    set_cpu_threads,
+    train_epoch,
+)
+from ncfinetune.recipes.sections import bound_problems, output_problems, seed_problems
 from ncfinetune.training.device import choose_precision, launch_device_type, precision_problem
-from ncfinetune.recipes.engine import build_schedule, collect_nc1, predict, set_cpu_threads, train_epoch
 
 
 @dataclass
 class PretrainConfig:
-    model: str = "resnet18"  # any timm architecture, trained from scratch
-    img_size: int | None = None  # ViT only: positional-embedding grid (timm img_size)
-    patch_size: int | None = None  # ViT only
-    model_kwargs: dict = field(default_factory=dict)  # more timm.create_model args, e.g. depth
-    dataset: str = "fashion_mnist"  # the source data: any spec the recipes accept
-    data_dir: str | None = None  # fashion_mnist: folder of the IDX files; hub: its data_dir
-    classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # source classes kept
-    # .csv/.parquet: allow image paths outside the table's folder (absolute, ../, symlinks out)
-    allow_outside_paths: bool = False
-    # check every image at load time and leave out unreadable ones (counted in the data line)
-    skip_unreadable: bool = False
-    image_size: int = 32  # input size in pixels (recorded in the backbone's data config)
-    augment: bool = True  # batch-level random flip + 2-pixel translation (cheap, tensor ops)
-    epochs: int = 12  # passes over the source training split
-    batch_size: int = 128  # images per process per step (x processes per update)
-    optimizer: str = "sgd"  # sgd (momentum) | adamw
-    lr: float = 0.1  # the cosine schedule's first lr
-    min_lr: float = 0.0  # the cosine schedule's final lr
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # on every parameter
-    label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
-    # start from this backbone's weights (bundled name or pretrain folder) of the same
-    # architecture and model_kwargs, and keep its normalisation; null = random init
-    init_from: str | None = None
-    teacher: str | None = None  # distil from this backbone (bundled name or pretrain folder)
-    distill_alpha: float = 0.5  # weight of the teacher's probabilities in the target, in (0, 1]
-    projector: bool = False  # train through an MLP projector (FC-BN-ReLU-FC), then drop it
-    projector_dim: int = 2048  # hidden width of that projector
-    nc1_samples: int = 5000  # source training samples used for the per-epoch NC1
-    # no | fp16 | bf16 | auto (bf16 where native); null = accelerate's choice (accelerate launch
-    # --mixed_precision, its config file or ACCELERATE_MIXED_PRECISION; none: no)
-    mixed_precision: str | None = None
-    cpu_threads: int | None = None  # CPU only; null = cores / processes on this machine
-    seed: int = 0  # seeds the initialisation, the shuffling and the NC1 sample
-    max_steps: int | None = None  # per epoch; for smoke tests
-    output_dir: str = "runs/pretrain"  # backbone.{safetensors,json,md}; never overwritten
-    bundle_as: str | None = None  # removed: use tools/bundle_backbone.py (a maintainer step)
+    """The pretrain recipe's keys (``--help`` lists them with their defaults)."""
+
+    model: str = key("resnet18", "any timm architecture, trained from scratch")
+    img_size: int | None = key(None, "ViT only: positional-embedding grid (timm img_size)")
+    patch_size: int | None = key(None, "ViT only")
+    model_kwargs: dict = key({}, "more timm.create_model args, e.g. depth")
+    dataset: str = key("fashion_mnist", "the source data: any spec the recipes accept")
+    data_dir: str | None = key(None, "fashion_mnist: folder of the IDX files; hub: its data_dir")
+    classes: list[int] = key([0, 1, 2, 3, 4], "source classes kept")
+    allow_outside_paths: bool = key(
+        False, ".csv/.parquet: allow image paths outside the table's folder (absolute, ../)"
+    )
+    skip_unreadable: bool = key(
+        False, "check every image at load time and leave out unreadable ones (counted)"
+    )
+    image_size: int = key(32, "input size in pixels (recorded in the backbone's data config)")
+    augment: bool = key(True, "batch-level random flip + 2-pixel translation (cheap, tensor ops)")
+    epochs: int = key(12, "passes over the source training split")
+    batch_size: int = key(128, "images per process per step (x processes per update)")
+    optimizer: str = key("sgd", "sgd (momentum) | adamw")
+    lr: float = key(0.1, "the cosine schedule's first lr")
+    min_lr: float = key(0.0, "the cosine schedule's final lr")
+    momentum: float = key(0.9, "SGD momentum")
+    weight_decay: float = key(5e-4, "on every parameter")
+    label_smoothing: float = key(0.0, "cross-entropy label smoothing in [0, 1)")
+    init_from: str | None = key(
+        None,
+        "start from this backbone's weights (bundled name or pretrain folder) of the same "
+        "architecture and model_kwargs, and keep its normalisation; null = random init",
+    )
+    teacher: str | None = key(None, "distil from this backbone (bundled name or pretrain folder)")
+    distill_alpha: float = key(
+        0.5, "weight of the teacher's probabilities in the target, in (0, 1]"
+    )
+    projector: bool = key(False, "train through an MLP projector (FC-BN-ReLU-FC), then drop it")
+    projector_dim: int = key(2048, "hidden width of that projector")
+    nc1_samples: int = key(5000, "source training samples used for the per-epoch NC1")
+    mixed_precision: str | None = key(
+        None,
+        "no | fp16 | bf16 | auto (bf16 where native); null = accelerate's choice (accelerate "
+        "launch --mixed_precision, its config file or ACCELERATE_MIXED_PRECISION; none: no)",
+    )
+    cpu_threads: int | None = key(None, "CPU only; null = cores / processes on this machine")
+    seed: int = key(0, "seeds the initialisation, the shuffling and the NC1 sample")
+    max_steps: int | None = key(None, "per epoch; for smoke tests")
+    output_dir: str = key("runs/pretrain", "backbone.{safetensors,json,md}; never overwritten")
+    bundle_as: str | None = key(None, "removed: use tools/bundle_backbone.py (a maintainer step)")
 
     def validate(self) -> list[str]:
         problems = []
@@ -110,9 +120,9 @@ class PretrainConfig:
             problems.append(f"cpu_threads must be >= 1 or null (auto), got {self.cpu_threads}")
         if not timm.is_model(self.model):
             problems.append(f"model {self.model!r} is not a timm architecture")
-        for key in ("epochs", "batch_size", "image_size", "nc1_samples"):
-            if getattr(self, key) < 1:
-                problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
+        for name in ("epochs", "batch_size", "image_size", "nc1_samples"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.optimizer not in ("sgd", "adamw"):
             problems.append(f"optimizer {self.optimizer!r} is not one of sgd, adamw")
         if problem := precision_problem(self.mixed_precision):
@@ -422,7 +432,9 @@ def fit_teacher(cfg, acc, data, student: nn.Module) -> tuple[nn.Module, dict]:
     from sklearn.linear_model import LogisticRegression
 
     model = (
-        ncfinetune.backbones.hub.create_backbone(cfg.teacher, data.num_classes).eval().requires_grad_(False)
+        ncfinetune.backbones.hub.create_backbone(cfg.teacher, data.num_classes)
+        .eval()
+        .requires_grad_(False)
     )
     size = tuple(model.pretrained_cfg["input_size"])
     if size != (3, cfg.image_size, cfg.image_size):

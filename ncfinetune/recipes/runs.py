@@ -21,17 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ncfinetune.recipes.config import config_differences, read_config_file, show_value
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import write_json
+from ncfinetune.recipes.config import (
+    config_differences,
+    flat_config,
+    flat_values,
+    leaves,
+    read_config_file,
+    show_value,
+)
 from ncfinetune.recipes.engine import latest_training_state
+from ncfinetune.recipes.sections import RESUME_OVERRIDABLE
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
 OVERRIDES_FILE = "resume_overrides.json"
-RESUME_OVERRIDABLE = ("epochs", "lr")
-"""The keys ``resume_override`` may name: the schedule can be rebuilt for new values of these."""
 
 
 @dataclass
@@ -51,20 +57,22 @@ class Resume:
     changed: dict[str, tuple[Any, Any]]
 
 
-def saved_config(out: Path) -> dict[str, Any] | None:
-    """The ``config.yaml`` a run saved in ``out``, or None."""
+def saved_config(out: Path, cls: type) -> dict[str, Any] | None:
+    """The ``config.yaml`` a run saved in ``out`` as ``{key: value}`` (sections flattened) of
+    config class ``cls``, or None."""
     path = Path(out) / CONFIG_FILE
-    return read_config_file(path) if path.is_file() else None
+    return flat_values(cls, read_config_file(path), []) if path.is_file() else None
 
 
-def resume_base(out: Path, per_invocation: Iterable[str]) -> dict[str, Any] | None:
+def resume_base(out: Path, cls: type, per_invocation: Iterable[str]) -> dict[str, Any] | None:
     """The saved config of the run in ``out`` without the keys that belong to one invocation
-    (``resume``, ``stop_after``, ...): the values ``--resume`` starts from, or None."""
-    saved = saved_config(out)
+    (``resume``, ``stop_after``, ...) and those config class ``cls`` no longer has (they cannot
+    be compared): the values ``--resume`` starts from, or None."""
+    saved = saved_config(out, cls)
     if saved is None:
         return None
-    drop = set(per_invocation)
-    return {k: v for k, v in saved.items() if k not in drop}
+    keep = set(leaves(cls)) - set(per_invocation)
+    return {k: v for k, v in saved.items() if k in keep}
 
 
 def check_fresh_start(out: Path) -> None:
@@ -123,16 +131,17 @@ def check_resume(
             "the run without --resume."
         )
     path, epoch, history = found
-    saved = saved_config(out)
+    saved = saved_config(out, type(config))
     if saved is None:
         raise ConfigError(
             f"--resume: {out / CONFIG_FILE} is missing, so the checkpoint in {path} cannot be "
             "checked against the current config. Restore the file, or start a new run."
         )
     diffs = config_differences(saved, config, ignore=ignore)
+    now = flat_config(config)
     allowed = {k for k in override if k in RESUME_OVERRIDABLE}
     blocking = [d for d in diffs if d.split(":", 1)[0] not in allowed]
-    if config.lr == "auto" and saved.get("lr") != "auto":
+    if now["lr"] == "auto" and saved.get("lr") != "auto":
         blocking.append(
             f"lr: {show_value(saved.get('lr'))} -> auto (lr auto is chosen only when a run "
             "starts; pass a number)"
@@ -154,11 +163,11 @@ def check_resume(
             + f"\nResume with the saved values (drop these options: --resume alone reuses the "
             f"saved config), or start a new run with a new --output_dir.{hint}"
         )
-    if epoch >= config.epochs:
+    if epoch >= now["epochs"]:
         more = (
             f"it finished all {epoch} epochs"
-            if epoch == config.epochs
-            else f"it already trained {epoch} epochs, more than --epochs {config.epochs}"
+            if epoch == now["epochs"]
+            else f"it already trained {epoch} epochs, more than --epochs {now['epochs']}"
         )
         raise ConfigError(
             f"--resume: nothing to train in {out}: {more}. To train further pass --resume "
@@ -168,7 +177,7 @@ def check_resume(
     changed = {}
     for key in sorted(allowed):
         before = saved.get(key)
-        after = getattr(config, key)
+        after = now[key]
         if before != after:
             changed[key] = (before, after)
     return Resume(path, epoch, history, changed)

@@ -22,37 +22,30 @@ import torch
 import ncfinetune
 import ncfinetune.data as nd
 import ncfinetune.selection as S
-from ncfinetune.recipes.config import (
-    DownstreamConfig,
-    output_problems,
-    parse_config,
-    run_cli,
-    save_config,
-)
+from ncfinetune.recipes.config import key, parse_config, run_cli, save_config, section
+from ncfinetune.recipes.sections import DownstreamConfig, output_problems, seed_problems
 from ncfinetune.training.device import LOOP_PRECISIONS, launch_device_type, precision_problem
 
 
 @dataclass
-class SelectConfig(DownstreamConfig):
-    # backbone and data keys: DownstreamConfig (model, pretrained, checkpoint, dataset, data_dir,
-    # image_column, label_column, classes, per_class, test_fraction, image_size, seed); only
-    # the training split is read
+class SelectionSection:
+    """How the block is chosen (the defaults are ncfinetune.select_block's)."""
 
-    rule: str = S.DEFAULT_RULE  # probe | probe_accuracy | middle | curve | linear
-    method: str = "scl"  # a one-block method: layer | scl | lora-block
-    candidates: list[str] | None = None  # block indices or names; default: within the budget
-    max_trainable_percent: float | None = S.MAX_TRAINABLE_PERCENT  # % trainable at most (null: any)
-    lr: float | str = S.PROBE_LR  # the probes' lr; auto: chosen with the block by short probes
-    probe_steps: int = S.PROBE_STEPS  # optimizer steps of each probe fine-tune
-    bn: str | None = None  # BatchNorm statistics: update | frozen (null = update)
-    # probes: null = accelerate's choice, as finetune.py takes it (fp16: fp32) | no | bf16 |
-    # auto (bf16 where the device computes it natively)
-    mixed_precision: str | None = None
-    select_max_images: int = 5000  # a class-balanced sample of the training subset, as finetune.py
-    output_dir: str = "runs/select_block"  # block_selection.json / .png and config.yaml
+    rule: str = key(S.DEFAULT_RULE, " | ".join(S.RULES))
+    method: str = key("scl", "a one-block method: layer | scl | lora-block")
+    candidates: list[str] | None = key(None, "block indices or names; default: within the budget")
+    max_trainable_percent: float | None = key(
+        S.MAX_TRAINABLE_PERCENT, "% of the parameters trainable at most (null: any)"
+    )
+    lr: float | str = key(S.PROBE_LR, "the probes' lr; auto: chosen with the block by short probes")
+    probe_steps: int = key(S.PROBE_STEPS, "optimizer steps of each probe fine-tune")
+    bn: str | None = key(None, "BatchNorm statistics: update | frozen (null = update)")
+    select_max_images: int = key(
+        5000, "a class-balanced sample of the training subset, as finetune's --block auto"
+    )
 
     def validate(self) -> list[str]:
-        p = super().validate()
+        p = []
         if self.rule not in S.RULES:
             p.append(f"rule {self.rule!r} is not one of {', '.join(S.RULES)}")
         one_block = [n for n, c in ncfinetune.tuning.methods.METHODS.items() if c.tunes_block]
@@ -62,42 +55,70 @@ class SelectConfig(DownstreamConfig):
             p.append(f"probe_steps must be >= 1, got {self.probe_steps}")
         if self.lr != "auto" and not (isinstance(self.lr, float) and self.lr > 0):
             p.append(f"lr must be a number > 0 or auto, got {self.lr!r}")
-        if problem := precision_problem(self.mixed_precision, ("auto", *LOOP_PRECISIONS)):
-            p.append(problem)
-        p += output_problems("output_dir", self.output_dir)
         if self.select_max_images < 1:
             p.append(f"select_max_images must be >= 1, got {self.select_max_images}")
         return p
 
 
+@dataclass
+class SelectRun:
+    """The run: seed, the probes' precision, output."""
+
+    seed: int = key(0, "seeds the split, the subset and the probes (as finetune's)")
+    mixed_precision: str | None = key(
+        None,
+        "probes: null = accelerate's choice, as finetune takes it (fp16: fp32) | no | bf16 | "
+        "auto (bf16 where the device computes it natively)",
+    )
+    output_dir: str = key("runs/select_block", "block_selection.json / .png and config.yaml")
+
+    def validate(self) -> list[str]:
+        p = seed_problems(self.seed)
+        if problem := precision_problem(self.mixed_precision, ("auto", *LOOP_PRECISIONS)):
+            p.append(problem)
+        return p + output_problems("output_dir", self.output_dir)
+
+
+@dataclass
+class SelectConfig(DownstreamConfig):
+    """The select recipe's keys by section; backbone and data as finetune's (only the training
+    split is read)."""
+
+    selection: SelectionSection = section(SelectionSection)
+    run: SelectRun = section(SelectRun)
+
+
 def main(argv: list[str] | None = None) -> ncfinetune.selection.BlockSelection:
     cfg = parse_config(SelectConfig, sys.argv[1:] if argv is None else argv)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     data = cfg.load_data()
     model = cfg.load_model(data.num_classes)
     rows = None
-    if cfg.per_class:
-        rows = nd.balanced_subset(data.labels("train"), per_class=cfg.per_class, seed=cfg.seed)
+    if cfg.data.per_class:
+        rows = nd.balanced_subset(
+            data.labels("train"), per_class=cfg.data.per_class, seed=cfg.run.seed
+        )
+    sc = cfg.selection
     sel = ncfinetune.selection.select_block_on_split(
         model,
         data,
-        nd.build_transforms(model, image_size=cfg.image_size),
+        nd.build_transforms(model, image_size=cfg.data.image_size),
         rows,
-        max_images=cfg.select_max_images,
-        rule=cfg.rule,
-        method=cfg.method,
-        candidates=[int(c) if str(c).lstrip("-").isdigit() else c for c in cfg.candidates]
-        if cfg.candidates
+        max_images=sc.select_max_images,
+        rule=sc.rule,
+        method=sc.method,
+        candidates=[int(c) if str(c).lstrip("-").isdigit() else c for c in sc.candidates]
+        if sc.candidates
         else None,
-        max_trainable_percent=cfg.max_trainable_percent,
-        lr=cfg.lr,
-        probe_steps=cfg.probe_steps,
-        bn=cfg.bn,
-        precision=cfg.mixed_precision,
-        device=launch_device_type(),  # where finetune.py would train
-        seed=cfg.seed,
+        max_trainable_percent=sc.max_trainable_percent,
+        lr=sc.lr,
+        probe_steps=sc.probe_steps,
+        bn=sc.bn,
+        precision=cfg.run.mixed_precision,
+        device=launch_device_type(),  # where finetune would train
+        seed=cfg.run.seed,
     )
-    out = Path(cfg.output_dir)
+    out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     report, png = sel.save(out)
