@@ -9,7 +9,7 @@ from conftest import TINY, images, labels, make_model
 from ncfinetune import TunedModel, full_wrap, layer_wrap, linear_wrap, scl_wrap
 from ncfinetune.errors import ConfigError
 from ncfinetune.training import build_optimizer
-from ncfinetune.tuning import lora_block_wrap, wrap
+from ncfinetune.tuning import get_tuned_model, lora_block_wrap
 
 FAMILIES = list(TINY) + ["resnet18", "deit_tiny_distilled_patch16_224"]
 METHODS = [
@@ -35,7 +35,7 @@ def train_steps(tuned, steps=3, lr=0.1):
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("method,block", METHODS)
 def test_only_the_trainable_set_changes(name, method, block):
-    tuned = wrap(make_model(name), method, block)
+    tuned = get_tuned_model(make_model(name), method, block=block)
     before = {n: p.detach().clone() for n, p in tuned.model.named_parameters()}
     trainable = {n for n, p in tuned.model.named_parameters() if p.requires_grad}
     train_steps(tuned)
@@ -81,6 +81,54 @@ def test_bn_frozen_keeps_pretrained_stats_outside_the_block(name):
     assert tuned.adapter.blocks[1].bn1.training is True
 
 
+def _frozen_buffers(tuned):
+    block = tuned.block_name + "."
+    return {n: b.clone() for n, b in tuned.model.named_buffers() if not n.startswith(block)}
+
+
+@pytest.mark.parametrize("via", ["tuned", "model", "a frozen block"])
+def test_bn_frozen_holds_whichever_modules_train_is_called(via):
+    """bn="frozen" is the wrapper's promise, not a property of ``TunedModel.train()``: the
+    running statistics outside the tuned block stay put after a forward in train mode set
+    through the wrapper, the wrapped timm model, or one of its blocks."""
+    tuned = layer_wrap(make_model("test_resnet"), 1, bn="frozen")
+    target = {"tuned": tuned, "model": tuned.model, "a frozen block": tuned.adapter.blocks[0]}
+    tuned.eval()
+    target[via].train()
+    before = _frozen_buffers(tuned)
+    with torch.no_grad():
+        tuned(images(8, seed=3))
+    after = _frozen_buffers(tuned)
+    assert all(torch.equal(after[n], before[n]) for n in before), via
+    assert tuned.model.bn1.training is False and tuned.adapter.blocks[0].bn1.training is False
+    if via != "a frozen block":
+        assert tuned.adapter.blocks[1].bn1.training is True  # the tuned block's BN trains
+        assert tuned.model.training is True
+
+
+def test_bn_holds_go_with_the_wrapper():
+    import copy
+    import gc
+
+    model = make_model("test_resnet")
+    tuned = layer_wrap(model, 1, bn="frozen")
+    twin = copy.deepcopy(model)  # not this wrapper's: its BatchNorms train as usual
+    twin.train()
+    assert twin.bn1.training is True
+    del tuned
+    gc.collect()
+    model.train()  # the wrapper is gone: its holds are released
+    assert model.bn1.training is True
+    again = layer_wrap(model, 1)  # bn="update": nothing held
+    again.model.train()
+    assert model.bn1.training is True
+    del again
+    gc.collect()
+    held = layer_wrap(model, 2, bn="frozen")  # a new frozen wrapper holds again
+    model.train()
+    assert model.bn1.training is False and held.adapter.blocks[2].bn1.training is True
+
+
 def test_bn_policy_on_a_model_without_bn_warns_once():
     with pytest.warns(UserWarning, match="bn='frozen' has no effect: test_vit has no BatchNorm"):
         layer_wrap(make_model("test_vit"), 0, bn="frozen")
@@ -93,7 +141,7 @@ def test_bn_policy_on_a_model_without_bn_warns_once():
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("method,block", METHODS)
 def test_prefix_builds_no_autograd_graph(name, method, block):
-    tuned = wrap(make_model(name), method, block).train()
+    tuned = get_tuned_model(make_model(name), method, block=block).train()
     x = images(2)
     h = tuned.forward_prefix(x)
     assert not h.requires_grad and h.grad_fn is None
@@ -149,20 +197,20 @@ def test_scl_block_wider_than_features_is_an_error():
 
 def test_config_errors_list_every_problem():
     with pytest.raises(ConfigError) as e:
-        wrap(make_model("test_resnet"), "adapter", bn="sometimes")
+        get_tuned_model(make_model("test_resnet"), "adapter", bn="sometimes")
     assert "method='adapter' is not one of linear, layer, scl, full, lora-block, lora" in str(
         e.value
     )
     assert "bn='sometimes' is not one of update, frozen" in str(e.value)
     with pytest.raises(ConfigError, match="method='scl' tunes one block: pass block=INDEX"):
-        wrap(make_model("test_resnet"), "scl")
+        get_tuned_model(make_model("test_resnet"), "scl")
     with pytest.raises(ConfigError, match="already a TunedModel"):
         TunedModel(linear_wrap(make_model("test_resnet")), None)
 
 
 def test_block_with_linear_probe_warns_and_is_ignored():
     with pytest.warns(UserWarning, match="block=3 has no effect with method='linear'"):
-        tuned = wrap(make_model("test_resnet"), "linear", 3)
+        tuned = get_tuned_model(make_model("test_resnet"), "linear", block=3)
     assert tuned.block_index is None
 
 
@@ -228,8 +276,8 @@ def test_lora_block_trains_low_rank_factors_only_and_starts_at_the_base_model(na
 
 def test_lora_config_errors():
     with pytest.raises(ConfigError, match="lora_rank=0 must be an integer >= 1"):
-        wrap(make_model("test_vit"), "lora-block", 1, lora_rank=0)
+        get_tuned_model(make_model("test_vit"), "lora-block", block=1, lora_rank=0)
     with pytest.raises(ConfigError, match="method='lora-block' tunes one block"):
-        wrap(make_model("test_vit"), "lora-block")
+        get_tuned_model(make_model("test_vit"), "lora-block")
     with pytest.warns(UserWarning, match="lora_skip=True has no effect with method='lora'"):
-        wrap(make_model("test_vit"), "lora", lora_skip=True)
+        get_tuned_model(make_model("test_vit"), "lora", lora_skip=True)

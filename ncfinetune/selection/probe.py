@@ -35,7 +35,7 @@ from ncfinetune.training.device import (
 )
 from ncfinetune.training.loop import evaluate_rows, train_steps
 from ncfinetune.tuning.methods import method_config
-from ncfinetune.tuning.model import TunedModel, wrap
+from ncfinetune.tuning.model import TunedModel, get_tuned_model
 from ncfinetune.tuning.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
 
 
@@ -176,7 +176,7 @@ class Prober:
         cache = self.caches[block]
         t1 = time.perf_counter()
         with own_rng(self.seed, device):
-            tuned = wrap(copy.deepcopy(self.model), self.method, block, bn=self.bn)
+            tuned = get_tuned_model(copy.deepcopy(self.model), self.method, block=block, bn=self.bn)
             if cache is None and use_channels_last(self.model):
                 tuned.to(memory_format=torch.channels_last)
             acc, nc = self._train_and_score(tuned, lr, cache)
