@@ -41,6 +41,7 @@ from ncfinetune.data.sources import load_image_dataset
 from ncfinetune.errors import CheckpointError, DataError
 from ncfinetune.metrics.collapse import nc1_or_none
 from ncfinetune.plotting import new_figure, save_figure
+from ncfinetune.training.device import default_device
 from ncfinetune.training.loop import predict_batches
 from ncfinetune.tuning.checkpoint import read_tuned_config
 from ncfinetune.tuning.model import TunedModel
@@ -109,12 +110,6 @@ def _as_tuned(tuned: TunedLike, **load: Any) -> tuple[TunedModel, dict]:
     if isinstance(tuned, TunedModel):
         return tuned, {}
     return load_tuned_folder(tuned, **load), read_tuned_config(tuned)
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # -- prediction ----------------------------------------------------------------------------------
@@ -233,7 +228,7 @@ def predict(
         items, names = [items[i] for i in keep], [names[i] for i in keep]
     transform = build_transforms(model.model, image_size=image_size or meta.get("image_size"))
     loader = DataLoader(_Images(items, transform), batch_size=batch_size, shuffle=False)
-    model.to(_device(device))
+    model.to(default_device(device))
     out = predict_batches(model, loader, precision=precision, logits=True)
     probs = torch.softmax(out["logits"], dim=1)
     best, ids = probs.max(dim=1)
@@ -369,7 +364,7 @@ def evaluate(
         image_column=data.image_column,
         label_column=data.label_column,
     )
-    model.to(_device(device))
+    model.to(default_device(device))
     out = predict_batches(model, loader, precision=precision, features=True)
     preds, labels = out["preds"].long(), to_model[out["labels"].long()]
     confusion = np.zeros((k, k), dtype=np.int64)
