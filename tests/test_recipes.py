@@ -155,15 +155,16 @@ def test_prefix_cache_true_where_illegal_says_why(tmp_path):
     assert 0 <= m["test_accuracy"] <= 1
 
 
-def test_fast_defaults_are_recorded_and_can_be_turned_off(tmp_path):
-    from ncfinetune.recipes.engine import native_bf16
-
+def test_fast_defaults_are_recorded_and_can_be_turned_off(tmp_path, monkeypatch):
     args = ["--epochs", 1, "--max_steps", 2, "--per_class", 10]
     fast = finetune(*args, "--output_dir", tmp_path / "a")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as `accelerate launch` exports
     plain = finetune(
         *args, "--mixed_precision", "no", "--channels_last", "false", "--output_dir", tmp_path / "b"
     )
-    assert fast["mixed_precision"] == ("bf16" if native_bf16("cpu") else "no")
+    # no mixed_precision key: accelerate's choice, fp32 when nothing chose (no launcher here)
+    assert (fast["mixed_precision"], fast["mixed_precision_from"]) == ("no", "accelerate")
+    assert plain["mixed_precision_from"] == "recipe"  # the recipe's key wins over accelerate's
     assert (fast["channels_last"], plain["channels_last"]) == (True, False)  # auto: conv net
     assert (plain["mixed_precision"], fast["compile"]) == ("no", "no")
     # both train and evaluate the same rows; bf16 rounds the same computation differently
@@ -172,6 +173,7 @@ def test_fast_defaults_are_recorded_and_can_be_turned_off(tmp_path):
     assert loss_a == pytest.approx(loss_b, rel=0.05)
     vit = finetune("--model", "test_vit", *args, "--output_dir", tmp_path / "c")
     assert vit["channels_last"] is False  # auto: off for a ViT (one convolution)
+    assert (vit["mixed_precision"], vit["mixed_precision_from"]) == ("bf16", "accelerate")
 
 
 def test_compile_flag_compiles_the_training_step_and_saves_plain_weights(tmp_path):
@@ -297,8 +299,8 @@ def test_two_process_cpu_run_counts_each_test_sample_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["num_processes"] == 2
-    # the launcher was given --mixed_precision no: the recipe's 'auto' follows it
-    assert (saved["mixed_precision"], saved["mixed_precision_from"]) == ("no", "launcher")
+    # no mixed_precision key: what the launcher was given (--mixed_precision no) runs
+    assert (saved["mixed_precision"], saved["mixed_precision_from"]) == ("no", "accelerate")
     # OMP_NUM_THREADS=1 from the environment is overridden: cores split between the 2 processes
     assert saved["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     # 360 test images in batches of 48 over 2 processes: the last round is padded, and the
