@@ -10,7 +10,7 @@ costs less than a full-FT step (and with the frozen-prefix cache much less), so 
 steps in the same time.
 
 How the steps are set (``calibrate``, once per backbone, target and size, in one process, one
-variant after the other; written to ``results/budget/calibration/``):
+variant after the other; one line each of ``results/budget/calibration.jsonl``):
 
 - ``tau``: seconds per optimizer step, measured over ``TIMED_STEPS`` steps after 3 warm-up steps
   (with a filled prefix cache where the variant uses one);
@@ -64,17 +64,20 @@ from common import (
     load_data,
     lr_runs,
     mean_sd,
+    read_record,
+    read_records,
     run_all,
     run_for,
     subset,
+    upsert_record,
 )
 
-import ncfinetune.tuning
-from ncfinetune.files import write_json, write_text
+import ncfinetune
 from ncfinetune.backbones.hub import create_backbone
+from ncfinetune.files import write_json, write_text
 from ncfinetune.plotting import new_figure, save_figure
-from ncfinetune.tuning.prefix_cache import PrefixCache, fill_shared, prefix_blocker
 from ncfinetune.training import train_steps
+from ncfinetune.tuning.prefix_cache import PrefixCache, fill_shared, prefix_blocker
 
 OUT = RESULTS / "budget"
 BUDGETS = [0.25, 0.5, 1.0, 2.0]
@@ -121,18 +124,22 @@ def wrapped(backbone: str, data: dict, variant: Variant, selected: int | None):
     torch.manual_seed(0)
     model = create_backbone(BACKBONES[backbone]["model"], data["num_classes"])
     block = variant.block_index(backbone, selected)
-    return ncfinetune.tuning.wrap(model, variant.method, block, bn=variant.bn)
+    return ncfinetune.get_tuned_model(model, variant.method, block=block, bn=variant.bn)
 
 
-def calibration_path(backbone: str, target: str, n: int):
-    return OUT / "calibration" / f"{backbone}_{target}_n{n}.json"
+def calibration_key(backbone: str, target: str, n: int) -> str:
+    return f"{backbone}_{target}_n{n}"
+
+
+def saved_calibration(backbone: str, target: str, n: int) -> dict | None:
+    """The calibration of a backbone, target and size (a line of ``calibration.jsonl``), or None."""
+    return read_record(OUT / "calibration.jsonl", calibration_key(backbone, target, n))
 
 
 def calibrate(backbone: str, target: str, n: int) -> dict:
     """Seconds per step and prefix-fill seconds of every variant, and the selected block."""
-    path = calibration_path(backbone, target, n)
-    if path.is_file():
-        return json.loads(path.read_text())
+    if (cal := saved_calibration(backbone, target, n)) is not None:
+        return cal
     data = load_data(backbone, target)
     fetch = data["train"].__getitems__
     rows = subset(data, n, 0)
@@ -146,7 +153,8 @@ def calibrate(backbone: str, target: str, n: int) -> dict:
     )
     selected = {"block": selection.chosen, "rule": selection.rule, "max_trainable_percent": limit,
                 "seconds": time.perf_counter() - t0}  # fmt: skip
-    out = {"backbone": backbone, "target": target, "per_class": n, "rows": len(rows),
+    out = {"key": calibration_key(backbone, target, n),
+           "backbone": backbone, "target": target, "per_class": n, "rows": len(rows),
            "selected": selected, "timed_steps": TIMED_STEPS,
            "loadavg_1min": os.getloadavg()[0], "variants": {}}  # fmt: skip
     for v in variants(backbone):
@@ -164,7 +172,7 @@ def calibrate(backbone: str, target: str, n: int) -> dict:
         out["variants"][v.name] = {"tau": tau, "fill": fill, "cache": cache is not None}
         print(f"calibrate {backbone}/{target}/n{n} {v.name}: {tau * 1000:.1f} ms/step, "
               f"fill {fill:.2f}s", flush=True)  # fmt: skip
-    write_json(path, out)
+    upsert_record(OUT / "calibration.jsonl", out)
     return out
 
 
@@ -279,11 +287,10 @@ def _memory_child(backbone: str, target: str, name: str) -> None:
 
 # -- report -------------------------------------------------------------------------------------
 def load_budget_records() -> list[dict]:
+    """The budget runs' records (``Run.file``: ``OUT/runs/<backbone>/<target>.jsonl``)."""
     recs = []
-    for p in sorted((RESULTS / "runs").rglob("*budget*.json")):
-        rec = json.loads(p.read_text())
-        if rec["run"].get("budget") is not None:
-            recs.append(rec)
+    for path in sorted((OUT / "runs").rglob("*.jsonl")):
+        recs += [rec for rec in read_records(path) if rec["run"].get("budget") is not None]
     return recs
 
 
@@ -308,8 +315,8 @@ def report(out=None) -> dict:
     lines += [
         "`python benchmarks/budget.py measure` then `python benchmarks/budget.py report`. "
         "Budgets are multiples of the time full FT takes for 150 steps, measured per backbone, "
-        "target and size in one process (`results/budget/calibration/`); each cell is the mean "
-        "± sd test accuracy (%) over seeds, then the mean measured training seconds and the "
+        "target and size in one process (`results/budget/calibration.jsonl`); each cell is the "
+        "mean ± sd test accuracy (%) over seeds, then the mean measured training seconds and the "
         "optimizer steps the budget gave. The "
         "prefix cache is used wherever legal; its fill time is inside the run's seconds.",
         "",
@@ -318,9 +325,7 @@ def report(out=None) -> dict:
     cals: dict[tuple, dict] = {}
     for rec in recs:
         run = rec["run"]
-        cal = json.loads(
-            calibration_path(run["backbone"], run["target"], run["per_class"]).read_text()
-        )
+        cal = saved_calibration(run["backbone"], run["target"], run["per_class"])
         key = (run["backbone"], run["target"], run["per_class"])
         cals[key] = cal
         for name in variant_of(rec, cal):
@@ -449,7 +454,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.pause is not None and args.command != "calibrate":
         ap.error(f"--pause is for the calibrate command, not {args.command!r}")
-    if args.command == "calibrate":  # existing calibrations are kept: delete a file to redo it
+    if args.command == "calibrate":  # existing calibrations are kept: delete a line to redo it
         with paused(args.pause):
             for b in args.backbones:
                 for t in args.targets:

@@ -1,10 +1,13 @@
 """Shared settings and the one fine-tuning run every benchmark question is made of.
 
-Each run is a record: a JSON file under ``benchmarks/results/runs/<backbone>/<target>/`` named by
-its settings, holding the config, the metrics, trainable parameters, wall time, images/s,
-package versions and the seed. A run whose record exists is skipped (``force=True`` redoes
-it), so every script can be stopped and started again and only the missing runs are done.
-Full fine-tuning is just another method.
+Each run is a record: one line of a JSON Lines file per benchmark, backbone and target
+(``Run.file``: ``benchmarks/results/runs/<backbone>/<target>.jsonl`` for the method benchmarks),
+keyed by its settings (``Run.key``), holding the config, the metrics, trainable parameters, wall
+time, images/s, package versions and the seed. Lines are sorted by key, so a new run is a
+one-line diff. A run whose record exists is skipped (``force=True`` redoes it), so every script
+can be stopped and started again and only the missing runs are done; records are written with
+``upsert_record`` (atomic, under a lock, so benchmark processes may run side by side). Full
+fine-tuning is just another method.
 
 Protocol (SPEC section 5): class-balanced nested subsets of the downstream training split
 (``ncfinetune.data.balanced_subset``), the full test split, SGD momentum 0.9, weight decay 1e-4,
@@ -23,8 +26,10 @@ keep the paper's BN policy (statistics adapt, ``bn="update"``), so they never us
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -35,13 +40,13 @@ import torch
 
 import ncfinetune
 from ncfinetune import data as nd
-from ncfinetune.files import atomic_write, write_json
 from ncfinetune.backbones.hub import create_backbone
-from ncfinetune.recipes.engine import is_conv_net
-from ncfinetune.tuning.methods import method_class
+from ncfinetune.files import atomic_write, finite_json
 from ncfinetune.metrics import nc1_or_none
-from ncfinetune.tuning.prefix_cache import PrefixCache, prefix_blocker, prefix_stop
 from ncfinetune.training import evaluate_rows, train_steps
+from ncfinetune.training.device import is_conv_net
+from ncfinetune.tuning.methods import method_class
+from ncfinetune.tuning.prefix_cache import PrefixCache, prefix_blocker, prefix_stop
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -133,7 +138,7 @@ class Run:
     validate: bool = False  # also measure accuracy on a validation split outside the subset
     bn: str | None = None  # BatchNorm policy; None = the paper's "update"
     skip_norm: bool | None = None  # ViT SCL: None = the library default (skip through the norm)
-    precision: str = "no"  # "bf16": autocast (+ channels_last for conv nets), as the recipe's auto
+    precision: str = "no"  # "bf16": autocast (+ channels_last for conv nets); see training.device
     test_max: int | None = None  # evaluate on a fixed class-balanced sample of the test split
     # budget.py: the wall-clock budget (a multiple of full FT's 150 steps) that set ``steps``;
     # such a run fills its own prefix cache, so its training time includes the prefix outputs
@@ -156,10 +161,20 @@ class Run:
         )
 
     @property
-    def path(self) -> Path:
-        # --quick runs (shorter budget) live apart from the committed records
-        root = RUNS if self.steps == STEPS or self.budget is not None else RESULTS / "quick"
-        return root / self.backbone / self.target / f"{self.key}.json"
+    def file(self) -> Path:
+        """The JSON Lines file that holds this run's record, one per benchmark, backbone and
+        target: ``budget.py``'s runs, ``selection_loto.py``'s grid (scored on ``test_max``
+        test images), ``--quick`` runs (a shorter budget, not committed), and the rest (the
+        method benchmarks) under ``RUNS``."""
+        if self.budget is not None:
+            root = RESULTS / "budget" / "runs"
+        elif self.steps != STEPS:
+            root = RESULTS / "quick"
+        elif self.test_max is not None:
+            root = RESULTS / "selection_loto" / "runs"
+        else:
+            root = RUNS
+        return root / self.backbone / f"{self.target}.jsonl"
 
 
 def run_for(backbone, target, method, per_class, seed, lr, block=None, **kw) -> Run:
@@ -236,6 +251,57 @@ def shared_prefix(run: Run, tuned, split: str, fetch) -> PrefixCache | None:
     return _PREFIX[key]
 
 
+# -- records: JSON Lines files of one record per line, each with a unique "key" --------------------
+_LINES: dict[Path, tuple[tuple, dict[str, str]]] = {}  # file -> (its stat, key -> line)
+
+
+def _lines(path: Path, fresh: bool = False) -> dict[str, str]:
+    """The lines of a records file by key, in file order; re-read when its stat changed (or
+    ``fresh``), so a script that checks hundreds of runs parses each file once."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return {}
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if fresh or path not in _LINES or _LINES[path][0] != stamp:
+        lines = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                lines[json.loads(line)["key"]] = line
+        _LINES[path] = (stamp, lines)
+    return _LINES[path][1]
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every record of the JSON Lines file ``path``, in file order (by key, as
+    :func:`upsert_record` writes them); [] when there is no file."""
+    return [json.loads(line) for line in _lines(Path(path)).values()]
+
+
+def read_record(path: Path, key: str) -> dict | None:
+    """The record named ``key`` in the JSON Lines file ``path``, or None."""
+    line = _lines(Path(path)).get(key)
+    return None if line is None else json.loads(line)
+
+
+def upsert_record(path: Path, record: dict) -> None:
+    """Put ``record`` into the JSON Lines file ``path``: replace the line with its ``"key"`` or
+    add one, lines sorted by key (a new record is a one-line diff). The file is rewritten
+    atomically (``atomic_write``) under an exclusive lock on its folder, so benchmark processes
+    running side by side never drop each other's records. Strict JSON (NaN becomes null)."""
+    path = Path(path)
+    line = json.dumps(finite_json(record), allow_nan=False)  # one line: no indent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # released when the descriptor closes
+        lines = {**_lines(path, fresh=True), record["key"]: line}  # with other writers' lines
+        text = "".join(lines[k] + "\n" for k in sorted(lines))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    finally:
+        os.close(folder)
+
+
 # -- one run ------------------------------------------------------------------------------------------
 def versions() -> dict:
     import accelerate
@@ -260,7 +326,9 @@ def execute(run: Run) -> dict:
     idx = subset(data, run.per_class, run.seed)
     torch.manual_seed(run.seed)
     model = create_backbone(BACKBONES[run.backbone]["model"], data["num_classes"])
-    tuned = ncfinetune.tuning.wrap(model, run.method, run.block, bn=run.bn, skip_norm=run.skip_norm)
+    tuned = ncfinetune.get_tuned_model(
+        model, run.method, block=run.block, bn=run.bn, skip_norm=run.skip_norm
+    )
     if run.precision == "bf16" and is_conv_net(model):
         tuned.to(memory_format=torch.channels_last)
     if run.budget is None:
@@ -341,7 +409,12 @@ def execute(run: Run) -> dict:
 
 def saved(run: Run) -> dict | None:
     """The saved record of ``run``, or None when it has not been run."""
-    return json.loads(run.path.read_text()) if run.path.is_file() else None
+    return read_record(run.file, run.key)
+
+
+def recorded(run: Run) -> bool:
+    """Whether ``run`` has a saved record (finished or diverged)."""
+    return run.key in _lines(run.file)
 
 
 def diverged(rec: dict) -> bool:
@@ -354,7 +427,7 @@ def ensure(run: Run, *, force: bool = False, log=print) -> dict:
     if not force and (rec := saved(run)) is not None:
         return rec
     rec = execute(run)
-    write_json(run.path, rec, indent=None)  # compact: one line per record
+    upsert_record(run.file, rec)
     m = rec["metrics"]
     if diverged(rec):
         log(f"{run.backbone}/{run.target}/{run.key}: diverged ({m['diverged']})")
@@ -369,11 +442,11 @@ def ensure(run: Run, *, force: bool = False, log=print) -> dict:
 
 def run_all(runs: list[Run], *, force: bool = False) -> list[dict]:
     """Ensure every run, in order, with a progress line per run; returns the records."""
-    todo = sum(1 for r in runs if force or not r.path.is_file())
+    todo = sum(1 for r in runs if force or not recorded(r))
     print(f"{len(runs)} runs, {todo} to do", flush=True)
     out, done, t0 = [], 0, time.time()
     for r in runs:
-        fresh = force or not r.path.is_file()
+        fresh = force or not recorded(r)
         out.append(ensure(r, force=force, log=lambda s: print(s, flush=True)))
         if fresh:
             done += 1

@@ -22,6 +22,7 @@ from common import (
     lr_runs,
     parse_common,
     run_all,
+    saved,
 )
 
 
@@ -39,8 +40,8 @@ def report(backbones, targets, out=None) -> dict:
             for m in METHODS + ["lora-block"]:
                 val = {}
                 for r in lr_runs(b, t, m):
-                    if r.path.is_file():
-                        val[r.lr] = json.loads(r.path.read_text())["metrics"]["val_accuracy"]
+                    if (rec := saved(r)) is not None:
+                        val[r.lr] = rec["metrics"]["val_accuracy"]
                 rows.append(
                     {
                         "backbone": b,

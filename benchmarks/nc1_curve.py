@@ -23,9 +23,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ncfinetune.tuning.features import collect_block_features, plot_layerwise_nc1
 from ncfinetune.backbones.hub import create_backbone
 from ncfinetune.metrics import nc1
+from ncfinetune.tuning.features import collect_block_features, plot_layerwise_nc1
 
 
 def batches(cache, rows, size=500):

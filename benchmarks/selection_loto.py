@@ -46,9 +46,12 @@ from common import (
     SEEDS,
     TABLE_SIZES,
     load_data,
+    read_record,
     run_all,
     run_for,
+    saved,
     subset,
+    upsert_record,
     versions,
 )
 
@@ -71,7 +74,10 @@ LR_GRID = (0.1, 0.03)  # = ncfinetune.selection.LR_GRID (the signal records also
 PROBE_STEPS = (10,)  # 3 lrs x 10 steps = 20% of a 150-step fine-tune
 PRECISION = "no"  # measured: bf16 autocast was no faster at 32 px, batch 32 on this CPU
 TEST_MAX = 2000  # a fixed class-balanced sample of the 5,000-image Fashion-MNIST test splits
-SIGNALS = RESULTS / "selection_loto"  # one record per (pair, size, seed, probe length)
+# one JSON Lines file per pair: the signals per (size, seed, probe length), "n10-s0-p10"; full
+# FT's probed lr, "full-n10-s0-p10"; selection against fine-tune time per size, "cost-n10-p10".
+# The grid's runs are common.Run records in selection_loto/runs/<backbone>/<target>.jsonl.
+SIGNALS = RESULTS / "selection_loto" / "signals"
 
 
 def pair_name(b: str, t: str) -> str:
@@ -112,19 +118,26 @@ def _head(b: str, t: str, n: int, s: int, steps: int) -> dict:
     return {"backbone": b, "target": t, "per_class": n, "seed": s, "probe_steps": steps}
 
 
-def _save(path, rec: dict) -> dict:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1) + "\n")
-    tmp.replace(path)
+def signals_file(b: str, t: str) -> Path:
+    return SIGNALS / b / f"{t}.jsonl"
+
+
+def _load(b: str, t: str, key: str) -> dict | None:
+    """The pair's selection record named ``key``, or None."""
+    return read_record(signals_file(b, t), key)
+
+
+def _save(b: str, t: str, key: str, rec: dict) -> dict:
+    rec = {"key": key, **rec}
+    upsert_record(signals_file(b, t), rec)
     return rec
 
 
 def signal_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
     """select_block's measurements on one training subset (every probe), cached on disk."""
-    path = SIGNALS / b / t / f"n{n}-s{s}-p{steps}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    key = f"n{n}-s{s}-p{steps}"
+    if (rec := _load(b, t, key)) is not None:
+        return rec
     cache, model = _subset_data(b, t, n, s)
     t0 = time.perf_counter()
     sel = ncfinetune.select_block(
@@ -150,20 +163,20 @@ def signal_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
         "num_train": len(cache),
         "versions": versions(),
     }
-    return _save(path, rec)
+    return _save(b, t, key, rec)
 
 
 def full_lr_record(b: str, t: str, n: int, s: int, steps: int) -> dict:
     """Full FT's lr by the same procedure (``ncfinetune.selection.select_lr``), cached on disk."""
-    path = SIGNALS / b / t / f"full-n{n}-s{s}-p{steps}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    key = f"full-n{n}-s{s}-p{steps}"
+    if (rec := _load(b, t, key)) is not None:
+        return rec
     cache, model = _subset_data(b, t, n, s)
     sel = ncfinetune.selection.select_lr(
         model, cache, method="full", lr_grid=LR_GRID, probe_steps=steps, precision=PRECISION, seed=s
     )
     rec = {**_head(b, t, n, s, steps), **asdict(sel), "versions": versions()}
-    return _save(path, rec)
+    return _save(b, t, key, rec)
 
 
 def cost_record(b: str, t: str, n: int, steps: int, warm: list) -> dict:
@@ -171,9 +184,9 @@ def cost_record(b: str, t: str, n: int, steps: int, warm: list) -> dict:
     inference pass + linear probes, every (block, lr) probe, and the 150-step SCL fine-tune at
     the middle block. The signal records' own times were taken with 2-3 benchmark processes
     sharing the CPU and are not comparable with the grid's."""
-    path = SIGNALS / b / t / f"cost-n{n}-p{steps}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    key = f"cost-n{n}-p{steps}"
+    if (rec := _load(b, t, key)) is not None:
+        return rec
     cache, model = _subset_data(b, t, n, 0)
     kw = dict(method="scl", lr_grid=LR_GRID, probe_steps=steps, precision=PRECISION, seed=0)
     if not warm:  # imports and first-call set-up are not part of a selection's cost
@@ -199,7 +212,7 @@ def cost_record(b: str, t: str, n: int, steps: int, warm: list) -> dict:
         "finetune": run.key,
         "versions": versions(),
     }
-    return _save(path, rec)
+    return _save(b, t, key, rec)
 
 
 def measure(pairs: list[tuple[str, str]], what: str) -> None:
@@ -249,42 +262,36 @@ def load_subsets(pairs, steps: int = PROBE_STEPS[0]) -> list[dict]:
     out = []
     for b, t in pairs:  # from the records alone: no data or backbone needed
         for n, s in product(SIZES, SEEDS):
-            sig = SIGNALS / b / t / f"n{n}-s{s}-p{steps}.json"
-            full_sig = SIGNALS / b / t / f"full-n{n}-s{s}-p{steps}.json"
-            if not (sig.is_file() and full_sig.is_file()):
+            sig = _load(b, t, f"n{n}-s{s}-p{steps}")
+            full_sig = _load(b, t, f"full-n{n}-s{s}-p{steps}")
+            if sig is None or full_sig is None:
                 continue
-            cands = [r["index"] for r in json.loads(sig.read_text())["rows"]]
+            cands = [r["index"] for r in sig["rows"]]
             kw = {"precision": PRECISION, "test_max": TEST_MAX}
             scl = {
                 (k, lr): run_for(b, t, "scl", n, s, lr, block=k, **kw)
                 for k in cands
                 for lr in LR_GRID
             }
-            full_lr = json.loads(full_sig.read_text())["lr"]
-            full = {full_lr: run_for(b, t, "full", n, s, full_lr, **kw)}
-            runs = [*scl.values(), *full.values()]
-            if not all(r.path.is_file() for r in runs):
+            full = {full_sig["lr"]: run_for(b, t, "full", n, s, full_sig["lr"], **kw)}
+            recs = {key: saved(r) for key, r in scl.items()}
+            full_recs = {lr: saved(r) for lr, r in full.items()}
+            if None in recs.values() or None in full_recs.values():
                 continue
-            read = lambda r: json.loads(r.path.read_text())  # noqa: E731
-            recs = {key: read(r) for key, r in scl.items()}
             out.append(
                 {
                     "pair": pair_name(b, t),
                     "per_class": n,
                     "seed": s,
-                    "signals": json.loads(sig.read_text()),
-                    "full_lr": json.loads(full_sig.read_text()),
+                    "signals": sig,
+                    "full_lr": full_sig,
                     "acc": {key: _acc(rec) for key, rec in recs.items()},
                     "train_s": {key: rec["train_seconds"] for key, rec in recs.items()},
-                    "full_acc": {lr: _acc(read(r)) for lr, r in full.items()},
-                    "cost": _read(SIGNALS / b / t / f"cost-n{n}-p{steps}.json"),
+                    "full_acc": {lr: _acc(rec) for lr, rec in full_recs.items()},
+                    "cost": _load(b, t, f"cost-n{n}-p{steps}"),
                 }
             )
     return out
-
-
-def _read(path):
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _acc(rec: dict) -> float:

@@ -46,8 +46,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ncfinetune
-from ncfinetune.tuning.prefix_cache import PrefixCache, prefix_blocker
 from ncfinetune.training import build_cosine_schedule, build_optimizer, fit_batches
+from ncfinetune.tuning.prefix_cache import PrefixCache, prefix_blocker
 
 OUT = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -75,7 +75,7 @@ def build(name: str, px: int, method: str, block: int | None, bn: str | None = N
     if "vit" in name:
         kwargs["img_size"] = px
     model = timm.create_model(name, num_classes=NUM_CLASSES, **kwargs)
-    return ncfinetune.tuning.wrap(model, method, block, bn=bn)
+    return ncfinetune.get_tuned_model(model, method, block=block, bn=bn)
 
 
 def part_flops(name: str, px: int) -> dict:

@@ -2,9 +2,10 @@
 
     python benchmarks/summarize.py
 
-Reads ``results/runs/**.json`` (full-budget runs only) and ``results/lr_grid.json``; writes
-``results/summary.{md,json}`` and ``results/small_data_<backbone>_<target>.png``. Reading only:
-it never trains, so it can run at any time on whatever records exist.
+Reads the run records in ``results/runs/<backbone>/<target>.jsonl`` (full-budget runs only)
+and ``results/lr_grid.json``; writes ``results/summary.{md,json}`` and
+``results/small_data_<backbone>_<target>.png``. Reading only: it never trains, so it can run at
+any time on whatever records exist.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from common import (
     TABLE_SIZES,
     chosen_lr,
     mean_sd,
+    read_records,
 )
 from scipy.stats import spearmanr
 
@@ -33,20 +35,20 @@ NAMES = {"linear": "linear probe", "layer": "Layer FT", "scl": "SCL FT", "full":
 
 
 def load_records() -> list[dict]:
+    """The records of the main tables, in file and key order: full budget, not the lr grid,
+    default BN policy and skip (no ablations), the whole test split."""
     recs = []
-    for p in sorted(RUNS.rglob("*.json")):
-        rec = json.loads(p.read_text())
-        run = rec["run"]
-        # the main tables: full budget, not lr-grid, default BN policy and skip (no ablations),
-        # not a wall-clock budget run (budget.py)
-        if (
-            run["steps"] == STEPS
-            and not run["validate"]
-            and not run.get("bn")
-            and run.get("budget") is None
-            and run.get("test_max") is None  # the main tables score the whole test split
-        ):
-            if run.get("skip_norm") is None:
+    for path in sorted(RUNS.rglob("*.jsonl")):
+        for rec in read_records(path):
+            run = rec["run"]
+            if (
+                run["steps"] == STEPS
+                and not run["validate"]
+                and not run.get("bn")
+                and run.get("skip_norm") is None
+                and run.get("budget") is None  # budget.py's runs live elsewhere anyway
+                and run.get("test_max") is None  # so do selection_loto.py's
+            ):
                 recs.append(rec)
     return recs
 

@@ -39,28 +39,63 @@ def test_run_keys_name_every_setting_and_normalise_the_block():
         for lr in common.LR_GRID
     }
     assert len(keys) == 4 * 2 * 2 * len(common.LR_GRID)
+    assert a.file == common.RUNS / "resnet18" / "digits.jsonl"  # one file per backbone/target
     quick = common.run_for("resnet18", "digits", "scl", 10, 0, 0.1, steps=20)
-    assert "quick" in quick.path.parts and "runs" not in quick.path.parts
+    assert "quick" in quick.file.parts and "runs" not in quick.file.parts
+    timed = common.run_for("resnet18", "digits", "scl", 10, 0, 0.1, budget=1.0)
+    grid = common.run_for("resnet18", "digits", "scl", 10, 0, 0.1, test_max=2000)
+    assert timed.file.parts[-4:] == ("budget", "runs", "resnet18", "digits.jsonl")
+    assert grid.file.parts[-4:] == ("selection_loto", "runs", "resnet18", "digits.jsonl")
 
 
 def test_a_run_writes_its_record_and_is_not_redone(harness):
     run = common.run_for("tiny", "digits", "scl", 5, 0, 0.05, steps=3, batch=16, validate=True)
     rec = common.ensure(run)
-    assert run.path.is_file() and not list(harness.rglob("*.tmp"))
+    assert run.file.is_file() and not [p for p in harness.rglob("*") if ".tmp" in p.name]
+    assert run.file.read_text().count("\n") == 1 and common.recorded(run)
     assert rec["num_train"] == 50 and rec["num_test"] == 360  # 5 per class x 10 classes
     m = rec["metrics"]
     assert 0 <= m["test_accuracy"] <= 1 and 0 <= m["val_accuracy"] <= 1 and m["nc1_train"] > 0
     assert rec["trainable_percent"] == pytest.approx(100 * 37_354 / 373_658)
-    run.path.write_text(json.dumps({**rec, "metrics": {**m, "test_accuracy": -1.0}}))
+    common.upsert_record(run.file, {**rec, "metrics": {**m, "test_accuracy": -1.0}})
     assert common.ensure(run)["metrics"]["test_accuracy"] == -1.0  # read back, not re-run
     assert common.ensure(run, force=True)["metrics"]["test_accuracy"] == m["test_accuracy"]
+    assert [r["key"] for r in common.read_records(run.file)] == [run.key]  # replaced, not added
+
+
+def _writer(path, prefix: str) -> None:
+    for i in range(20):
+        common.upsert_record(path, {"key": f"{prefix}{i:02d}"})
+
+
+def test_records_are_upserted_sorted_by_key_and_survive_concurrent_writers(tmp_path):
+    """upsert_record keeps one line per key, sorted (small diffs), and several processes
+    writing the same file at once lose none of each other's records (the lock)."""
+    import multiprocessing
+
+    path = tmp_path / "b" / "t.jsonl"
+    for key in ("c", "a", "b", "a"):
+        common.upsert_record(path, {"key": key, "value": key.upper(), "nan": float("nan")})
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["a", "b", "c"]
+    assert common.read_record(path, "b") == {"key": "b", "value": "B", "nan": None}  # strict
+    assert common.read_record(path, "z") is None and common.read_records(tmp_path / "no") == []
+    fork = multiprocessing.get_context("fork")  # the modules are loaded already: cheap
+    procs = [fork.Process(target=_writer, args=(path, w)) for w in "pqr"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    keys = [rec["key"] for rec in common.read_records(path)]
+    assert keys == sorted(["a", "b", "c", *(f"{w}{i:02d}" for w in "pqr" for i in range(20))])
 
 
 def test_a_diverged_run_is_recorded_not_raised_and_ablation_keys_differ(harness):
     run = common.run_for("tiny", "digits", "layer", 5, 0, 1e30, steps=4, batch=16)
     rec = common.ensure(run)  # lr 1e30: the loss becomes non-finite
     assert "diverged" in rec["metrics"]["diverged"] and rec["metrics"]["test_accuracy"] is None
-    assert json.loads(run.path.read_text())["metrics"]["diverged"] == rec["metrics"]["diverged"]
+    assert common.saved(run)["metrics"]["diverged"] == rec["metrics"]["diverged"]
     base = common.run_for("vit_tiny", "digits", "scl", 10, 0, 0.03)
     raw = common.run_for("vit_tiny", "digits", "scl", 10, 0, 0.03, skip_norm=False)
     frozen = common.run_for("resnet18", "digits", "scl", 10, 0, 0.03, bn="frozen")
@@ -69,7 +104,6 @@ def test_a_diverged_run_is_recorded_not_raised_and_ablation_keys_differ(harness)
 
 
 def _fake(run, **metrics):
-    run.path.parent.mkdir(parents=True, exist_ok=True)
     base = {"test_accuracy": 0.5, "nc1_train": 1.0, "nc1_test": 1.0}
     rec = {
         "run": {**run.__dict__},
@@ -79,7 +113,7 @@ def _fake(run, **metrics):
         "train_seconds": 1.0,
         "eval_seconds": 1.0,
     }
-    run.path.write_text(json.dumps(rec))
+    common.upsert_record(run.file, rec)
 
 
 def test_chosen_lr_is_the_best_validation_accuracy_and_needs_the_whole_grid(harness):
@@ -104,7 +138,7 @@ def test_test_max_and_precision_name_their_records():
     a = common.run_for("resnet18", "fmnist59", "scl", 10, 0, 0.1)
     b = common.run_for("resnet18", "fmnist59", "scl", 10, 0, 0.1, test_max=2000)
     c = common.run_for("resnet18", "fmnist59", "scl", 10, 0, 0.1, precision="bf16")
-    assert len({a.path, b.path, c.path}) == 3
+    assert len({a.key, b.key, c.key}) == 3 and a.file == c.file != b.file  # b: selection_loto's
     assert b.key.endswith("-test2000") and c.key.endswith("-bf16")
 
 
@@ -201,15 +235,15 @@ def test_budget_steps_follow_the_calibration_and_runs_are_recorded(harness, monk
     names = [v.name for v in budget.variants("tiny")]
     assert set(cal["variants"]) == set(names) and "SCL FT mid, bn frozen" not in names
     assert cal["selected"]["block"] in (0, 1, 2, 3)
-    assert budget.calibration_path("tiny", "digits", 5).is_file()  # reused, not re-measured
+    assert budget.saved_calibration("tiny", "digits", 5) == cal  # reused, not re-measured
+    assert budget.calibrate("tiny", "digits", 5) == cal
     full_s = 0.1 * 150 * cal["variants"]["full FT"]["tau"]
     for name, v in cal["variants"].items():  # the budget's seconds, less the fill, in steps
         assert budget.steps_for(cal, name, 0.1) == max(1, round((full_s - v["fill"]) / v["tau"]))
     assert budget.steps_for(cal, "full FT", 0.1) == 15
     _, runs = budget.plan(["tiny"], ["digits"], [5], [0])
-    assert {r.budget for r in runs} == {0.05, 0.1} and all(
-        r.path.parent.name == "digits" for r in runs
-    )
+    assert {r.budget for r in runs} == {0.05, 0.1}
+    assert {r.file for r in runs} == {harness / "budget" / "runs" / "tiny" / "digits.jsonl"}
     assert all("budget" in r.key for r in runs) and len({r.key for r in runs}) == len(runs)
     full = [r for r in runs if r.method == "full"]
     common.run_all(full)
@@ -224,10 +258,11 @@ def test_budget_steps_follow_the_calibration_and_runs_are_recorded(harness, monk
     (short,) = [r for r in full if r.budget == 0.05]
     (long,) = [r for r in full if r.budget == 0.1]
     for run, seed in ((short, 0), (long, 1)):  # 0.05: the record replaced; 0.1: a second seed
-        rec = json.loads(run.path.read_text())
+        rec = common.saved(run)
         rec["run"]["seed"] = seed
+        rec["key"] = common.Run(**rec["run"]).key
         rec["metrics"] = {"test_accuracy": None, "diverged": "the loss became nan at step 3"}
-        run.path.with_name(run.path.name.replace("-s0-", f"-s{seed}-")).write_text(json.dumps(rec))
+        common.upsert_record(run.file, rec)
     out = budget.report()["tiny/digits/5"]["full FT"]
     assert out["0.05"] == {"n": 0, "diverged": 1}
     assert (out["0.1"]["n"], out["0.1"]["diverged"]) == (1, 1)

@@ -1,7 +1,8 @@
 """The committed benchmark tables are made from the committed run records, and nothing else.
 
-``summarize.py`` and ``budget.py report`` run here on the records under
-``benchmarks/results/runs`` (as a fresh clone has them) and write into a temporary folder; the
+``summarize.py``, ``lr_grid.py``, ``ablations.py``, ``budget.py report`` and
+``selection_loto.py report`` (in ``test_benchmarks.py``) run here on the JSON Lines records
+under ``benchmarks/results`` (as a fresh clone has them) and write into a temporary folder; the
 markdown and JSON they write must equal the committed files byte for byte, and every plot the
 committed markdown refers to must be made again. A table edited by hand, or made from a record
 that was never committed, fails here.
@@ -21,14 +22,40 @@ import common  # noqa: E402
 import summarize  # noqa: E402
 
 
-def test_records_are_compact_and_under_the_size_cap():
-    files = sorted((RESULTS / "runs").rglob("*.json"))
-    assert len(files) > 500, len(files)
+def test_records_are_json_lines_sorted_by_key_and_under_the_size_cap():
+    """One JSON Lines file per benchmark and backbone/target, one record per line, each line
+    named by a unique "key" and sorted by it; a run record lies where ``Run.file`` looks."""
+    files = sorted(RESULTS.rglob("*.jsonl"))
     total = sum(p.stat().st_size for p in files)
     assert total < 20 * 2**20, f"{total / 2**20:.1f} MiB of records (cap 20 MiB)"
-    for p in files[::50]:  # compact: one line, no indentation
-        text = p.read_text()
-        assert text.count("\n") <= 1 and json.loads(text)["run"], p
+    runs = 0
+    for path in files:
+        lines = path.read_text().splitlines()
+        recs = [json.loads(line) for line in lines]
+        keys = [rec["key"] for rec in recs]
+        assert keys == sorted(set(keys)), f"{path}: keys not unique and sorted"
+        assert common.read_records(path) == recs
+        for rec in recs:
+            if "run" in rec:
+                run = common.Run(**rec["run"])
+                assert (run.key, run.file) == (rec["key"], path), (path, rec["key"])
+                runs += 1
+    assert runs > 1800, runs  # 1,905 when the records became JSON Lines
+    per_run = [
+        p for p in RESULTS.rglob("*.json") if {"runs", "signals", "calibration"} & set(p.parts)
+    ]
+    assert not per_run, f"one file per record is back: {per_run[:3]}"
+
+
+def test_no_weights_under_results():
+    """A backbone worth keeping is bundled (ncfinetune/assets) or rebuilt by a command that
+    benchmarks/README.md gives."""
+    heavy = [
+        p
+        for p in RESULTS.rglob("*")
+        if p.suffix in {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
+    ]
+    assert not heavy, heavy
 
 
 def test_summary_tables_are_regenerated_byte_for_byte(tmp_path, monkeypatch):
