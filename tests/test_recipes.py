@@ -17,6 +17,7 @@ from ncfinetune import load_tuned
 from ncfinetune.backbones.hub import create_backbone
 from ncfinetune.errors import BlockError, ConfigError, DataError, TrainingDiverged
 from ncfinetune.recipes import finetune as FINETUNE
+from ncfinetune.recipes import finetune_setup
 from ncfinetune.recipes import pretrain as PRETRAIN
 from ncfinetune.recipes.config import parse_config
 
@@ -463,14 +464,14 @@ def test_pretrain_starts_from_a_pretrained_backbone_of_the_same_architecture(tmp
 def test_pretrain_distils_from_a_teacher_whose_head_is_a_linear_probe(tmp_path, monkeypatch):
     fresh_accelerate()
     seen = []
-    original = PRETRAIN._Targets.__iter__
+    original = PRETRAIN.Targets.__iter__
 
     def spy(self):  # the targets the student trains on
         for x, y in original(self):
             seen.append(y)
             yield x, y
 
-    monkeypatch.setattr(PRETRAIN._Targets, "__iter__", spy)
+    monkeypatch.setattr(PRETRAIN.Targets, "__iter__", spy)
     args = ["--model", "test_vit", "--img_size", "32", "--model_kwargs", "{depth: 2}",
             "--dataset", "digits", "--classes", "0,1,2", "--epochs", "1", "--max_steps", "2",
             "--batch_size", "16", "--nc1_samples", "60", "--teacher", "resnet18_fmnist04",
@@ -614,6 +615,6 @@ def test_evaluation_test_and_checkpoint_cadence(tmp_path):
     # validation by default: 100 rows of the training split outside the 50-image subset
     assert m["num_val"] == 100 and 0 <= m["val_accuracy"] <= 1
     labels = parse_config(FINETUNE.FinetuneConfig, TINY_RUN).load_data().labels("train")
-    train, val = FINETUNE.validation_rows(labels, np.arange(0, 1437, 10), None, 0)
+    train, val = finetune_setup.validation_rows(labels, np.arange(0, 1437, 10), None, 0)
     assert len(val) == 144 and not set(val) & set(train)  # as many as the subset (144 > 100)
-    assert FINETUNE.validation_rows(labels, None, None, 0) == (None, None)
+    assert finetune_setup.validation_rows(labels, None, None, 0) == (None, None)

@@ -324,18 +324,7 @@ def parse_config(
             raw[name] = (value, True)
         else:
             problems.append(f"unexpected argument {arg!r} (use --key value)")
-    known = leaves(cls)
-    kwargs: dict[str, dict[str, Any]] = {name: {} for name, _ in sections(cls)}
-    for name, (value, from_cli) in raw.items():
-        if name not in known:
-            near = difflib.get_close_matches(name, list(known), n=3)
-            hint = f" (did you mean {', '.join(near)}?)" if near else ""
-            problems.append(f"unknown key {name!r}{hint}")
-            continue
-        try:
-            kwargs[known[name][0]][name] = _convert(value, known[name][2], from_cli)
-        except (TypeError, ValueError) as e:
-            problems.append(f"{name}: {e}")
+    kwargs = _typed(cls, raw, problems)
     if not problems:
         top = kwargs.pop(None, {})
         config = cls(
@@ -347,9 +336,28 @@ def parse_config(
         raise ConfigError(
             f"{len(problems)} problem(s) in the config{where}:\n  - "
             + "\n  - ".join(problems)
-            + f"\nValid keys: {', '.join(known)} (--help describes each)."
+            + f"\nValid keys: {', '.join(leaves(cls))} (--help describes each)."
         )
     return config
+
+
+def _typed(cls: type, raw: Mapping[str, tuple[Any, bool]], problems: list[str]) -> dict:
+    """``{section: {key: value}}`` of config class ``cls`` from ``{key: (value, from the
+    command line)}``, each value converted to its field's type; an unknown key or a value of
+    the wrong type is added to ``problems``."""
+    known = leaves(cls)
+    kwargs: dict[str | None, dict[str, Any]] = {name: {} for name, _ in sections(cls)}
+    for name, (value, from_cli) in raw.items():
+        if name not in known:
+            near = difflib.get_close_matches(name, list(known), n=3)
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            problems.append(f"unknown key {name!r}{hint}")
+            continue
+        try:
+            kwargs[known[name][0]][name] = _convert(value, known[name][2], from_cli)
+        except (TypeError, ValueError) as e:
+            problems.append(f"{name}: {e}")
+    return kwargs
 
 
 def config_file_arg(argv: list[str]) -> str | None:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from ncfinetune.files import write_json
 from ncfinetune.inference import Evaluation, evaluate, recorded_data
+from ncfinetune.recipes.checks import output_problems, seed_problems
 from ncfinetune.recipes.config import key, parse_config, run_cli
-from ncfinetune.recipes.sections import TunedConfig, output_problems, seed_problems
+from ncfinetune.recipes.sections import TunedConfig
 from ncfinetune.tuning.checkpoint import read_tuned_config
 
 DATA_KEYS = ("dataset", "data_dir", "image_column", "label_column", "classes", "test_fraction",

@@ -26,9 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
-import ncfinetune
 import ncfinetune.data as nd
-import ncfinetune.selection
 from ncfinetune.files import finite_json, write_json
 from ncfinetune.metrics.modules import load_metric
 from ncfinetune.recipes import launch, runs
@@ -44,12 +42,17 @@ from ncfinetune.recipes.engine import (
     Stopwatch,
     build_schedule,
     collect_nc1,
-    latest_training_state,
     load_training_state,
     predict,
     save_training_state,
     set_cpu_threads,
     train_epoch,
+)
+from ncfinetune.recipes.finetune_setup import (
+    build_loaders,
+    build_tuned,
+    training_rows,
+    tuned_metadata,
 )
 from ncfinetune.recipes.sections import (
     DownstreamConfig,
@@ -61,11 +64,9 @@ from ncfinetune.recipes.sections import (
 from ncfinetune.training.device import (
     choose_precision,
     launch_device_type,
-    loop_precision,
     use_channels_last,
 )
 from ncfinetune.training.loop import build_optimizer, diverged
-from ncfinetune.tuning.prefix_cache import CacheTooLarge, prefix_blocker, prefix_loader
 
 DEFAULTS = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -103,139 +104,12 @@ def load_config(argv: list[str]) -> FinetuneConfig:
     return dataclasses.replace(cfg, tuning=cfg.tuning.without_unused())
 
 
-def choose_block_and_lr(acc, cfg, model, data, train_idx, eval_tf, precision, out: Path):
-    """--block auto and/or --lr auto, on (a class-balanced sample of) the training subset only,
-    through the same code path as ``ncfinetune.select_block`` and ``recipes/select_block.py``.
-    The main process selects; the others receive its choice. Returns (block, lr, record)."""
-    from accelerate.utils import broadcast_object_list
-
-    block = cfg.tuning.tuned_block()
-    found = [block, cfg.optim.lr, None]
-    if acc.is_main_process:
-        common = {
-            "max_images": cfg.tuning.select_max_images,
-            "method": cfg.tuning.method,
-            "bn": cfg.tuning.bn,
-            "seed": cfg.run.seed,
-            "precision": loop_precision(precision),  # the probes: as the fine-tune runs
-            "device": acc.device,  # where the fine-tune runs
-        }
-        if block == "auto":  # the probes run at the selection's default lr unless lr: auto
-            sel = ncfinetune.selection.select_block_on_split(
-                model,
-                data,
-                eval_tf,
-                train_idx,
-                rule=cfg.tuning.select_rule,
-                lr="auto" if cfg.optim.lr == "auto" else ncfinetune.selection.PROBE_LR,
-                max_trainable_percent=cfg.tuning.select_max_percent,
-                **common,
-            )
-            sel.save(out)
-            found = [
-                sel.chosen,
-                cfg.optim.lr if sel.lr is None else sel.lr,
-                {
-                    "rule": sel.rule,
-                    "block": sel.chosen,
-                    "lr": sel.lr,
-                    "seconds": sel.seconds,
-                    "images_processed": sel.images_processed,
-                },
-            ]
-        else:
-            sel = ncfinetune.selection.select_lr_on_split(
-                model, data, eval_tf, train_idx, block=block, **common
-            )
-            found = [
-                block,
-                sel.lr,
-                {"lr": sel.lr, "seconds": sel.seconds, "images_processed": sel.images_processed},
-            ]
-        print(sel, flush=True)
-    if acc.num_processes > 1:
-        broadcast_object_list(found)
-    return found
-
-
-def read_selection(out: Path, block, lr):
-    """The block and lr chosen before an interruption (``selection.json``)."""
-    path = out / "selection.json"
-    if not path.is_file():
-        raise ncfinetune.errors.ConfigError(
-            f"--resume with block/lr auto needs {path}, written when the choice was made; "
-            "it is missing. Start afresh (without --resume) or pass the block and lr."
-        )
-    saved = json.loads(path.read_text())
-    return (saved["block"] if block == "auto" else block), (saved["lr"] if lr == "auto" else lr)
-
-
-def tuned_metadata(cfg: FinetuneConfig, data) -> dict:
-    """What ``tuned/tuned_config.json`` records beside the weights so that the folder alone
-    rebuilds the model and its inputs (``ncfinetune.inference``, ``recipes/eval.py``)."""
-    keys = flat_config(cfg)
-    return {
-        "base_model_kwargs": {"pretrained": keys["pretrained"], "checkpoint": keys["checkpoint"]},
-        "image_size": cfg.data.image_size,
-        "class_names": list(data.class_names),
-        "data": {
-            k: keys[k]
-            for k in ("dataset", "data_dir", "image_column", "label_column", "classes")
-            + ("test_fraction", "seed", "allow_outside_paths", "skip_unreadable")
-        },
-    }
-
-
-def cached_loaders(tuned, loaders: Loaders) -> Loaders:
-    """The loaders as prefix outputs computed once per image (raises where that is not legal:
-    a BatchNorm adapting in the prefix, augmentation, data too large)."""
-    blocker = prefix_blocker(tuned)
-    if blocker is not None:
-        raise ncfinetune.errors.ConfigError(blocker)
-    train = prefix_loader(loaders.train, tuned)
-    cached = Loaders(
-        train,
-        prefix_loader(loaders.train_eval, tuned, share_with=train),  # same rows, same positions
-        prefix_loader(loaders.test, tuned),
-        None if loaders.val is None else prefix_loader(loaders.val, tuned),
-    )
-    tuned.prefix_inputs = True
-    return cached
-
-
 def evaluate(acc, tuned, loader, metric, name: str, split: str, channels_last: bool) -> dict:
     """``{split}_{name}`` (the metric) and ``{split}_samples`` over every sample of a prepared
     ``loader``, each counted once over all processes."""
     res = predict(acc, tuned, loader, channels_last=channels_last, progress=split)
     score = metric.compute(predictions=res["preds"], references=res["labels"])[name]
     return {f"{split}_{name}": score, f"{split}_samples": len(res["labels"])}
-
-
-def validation_rows(labels, train_idx, fraction: float | None, seed: int):
-    """(training rows, validation rows or None), both from the training split (never the test
-    split). ``fraction`` None (auto): with a subset, as many rows outside it as it holds (at
-    least 100, as available; none when fewer than 2 per class remain); without, none."""
-    if fraction == 0 or (fraction is None and train_idx is None):
-        return train_idx, None
-    if train_idx is None:  # the whole split: hold the share out of training
-        return nd.validation_split(labels, fraction, seed=seed)
-    if fraction is None:
-        free = len(labels) - len(train_idx)
-        if free < 2 * len(set(labels.tolist())):
-            return train_idx, None
-        fraction = min(max(len(train_idx), 100), free - 1)
-    return train_idx, nd.validation_split(labels, fraction, seed=seed, exclude=train_idx)[1]
-
-
-@dataclass
-class Loaders:
-    """The run's loaders: training (shuffled), the training rows in order (NC1), test and
-    validation (None without validation rows)."""
-
-    train: Any
-    train_eval: Any
-    test: Any
-    val: Any
 
 
 @dataclass
@@ -255,7 +129,7 @@ class Run:
     opt: Any
     sched: Any
     plan: Any
-    loaders: Loaders
+    loaders: Any  # finetune_setup.Loaders
     channels_last: bool
     block: Any
     lr: float
@@ -314,68 +188,6 @@ def start_accelerator(cfg: FinetuneConfig) -> tuple[Accelerator, str, int]:
     )
     set_seed(cfg.run.seed)
     return acc, precision_source, set_cpu_threads(acc, cfg.run.cpu_threads)
-
-
-def training_rows(cfg: FinetuneConfig, data):
-    """(training rows or None for all, validation rows or None), from the training split only:
-    the test split stays whole."""
-    labels = data.labels("train")
-    train_idx = None
-    if cfg.data.per_class or cfg.data.train_size:
-        train_idx = nd.balanced_subset(
-            labels, per_class=cfg.data.per_class, total=cfg.data.train_size, seed=cfg.run.seed
-        )
-    return validation_rows(labels, train_idx, cfg.data.val_fraction, cfg.run.seed)
-
-
-def build_tuned(acc, cfg: FinetuneConfig, data, train_idx, precision: str):
-    """The backbone on the accelerator's device and the tuned model, the block and lr chosen
-    first where they are auto (or read back when resuming). Returns (model, tuned, block, lr,
-    selection record or None)."""
-    out = Path(cfg.run.output_dir)
-    model = cfg.load_model(data.num_classes).to(acc.device)  # selection probes run there too
-    eval_tf = nd.build_transforms(model, image_size=cfg.data.image_size, augment=False)
-    block, lr, selection = cfg.tuning.tuned_block(), cfg.optim.lr, None
-    if (block == "auto" or lr == "auto") and not (
-        cfg.run.resume and latest_training_state(out / "checkpoints")
-    ):
-        block, lr, selection = choose_block_and_lr(
-            acc, cfg, model, data, train_idx, eval_tf, precision, out
-        )
-    elif block == "auto" or lr == "auto":  # resuming: the choice made before the interruption
-        block, lr = read_selection(out, block, lr)
-    t = cfg.tuning
-    tuned = ncfinetune.get_tuned_model(
-        model, t.method, block=block, bn=t.bn, skip_norm=t.skip_norm, lora_rank=t.lora_rank,
-        lora_alpha=t.lora_alpha, lora_skip=t.lora_skip,
-    )  # fmt: skip
-    return model, tuned, block, lr, selection
-
-
-def build_loaders(cfg: FinetuneConfig, model, tuned, data, train_idx, val_idx, batch_size):
-    """The run's :class:`Loaders` (as frozen-prefix outputs where that is legal and not turned
-    off) and a note saying whether the prefix cache is on and why."""
-    eval_tf = nd.build_transforms(model, image_size=cfg.data.image_size, augment=False)
-    train_tf = nd.build_transforms(model, image_size=cfg.data.image_size, augment=cfg.data.augment)
-    kw = {"batch_size": batch_size, "num_workers": cfg.run.num_workers}
-    loaders = Loaders(
-        nd.build_loader(
-            data.train, train_tf, shuffle=True, seed=cfg.run.seed, indices=train_idx, **kw
-        ),
-        nd.build_loader(data.train, eval_tf, shuffle=False, indices=train_idx, **kw),
-        nd.build_loader(data.test, eval_tf, shuffle=False, **kw),
-        None
-        if val_idx is None
-        else nd.build_loader(data.train, eval_tf, shuffle=False, indices=val_idx, **kw),
-    )
-    if cfg.run.prefix_cache is False:
-        return loaders, "off (prefix_cache: false)"
-    try:
-        return cached_loaders(tuned, loaders), "on: the frozen prefix runs once per image"
-    except (ncfinetune.errors.ConfigError, ncfinetune.errors.DataError, CacheTooLarge) as err:
-        if cfg.run.prefix_cache:
-            raise ncfinetune.errors.ConfigError(f"prefix_cache: true, but {err}") from err
-        return loaders, f"off ({err})"
 
 
 def setup(cfg: FinetuneConfig) -> Run:

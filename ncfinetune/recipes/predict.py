@@ -18,8 +18,9 @@ from pathlib import Path
 
 from ncfinetune.files import atomic_write
 from ncfinetune.inference import ImagePrediction, predict
+from ncfinetune.recipes.checks import output_problems
 from ncfinetune.recipes.config import key, parse_config, run_cli
-from ncfinetune.recipes.sections import TunedConfig, output_problems
+from ncfinetune.recipes.sections import TunedConfig
 
 
 @dataclass

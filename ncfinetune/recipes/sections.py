@@ -10,8 +10,6 @@ one error); the tuning section asks the method registry (:mod:`ncfinetune.tuning
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,120 +18,21 @@ import ncfinetune.selection as S
 from ncfinetune.backbones.hub import DEFAULT_BACKBONE
 from ncfinetune.errors import ConfigError
 from ncfinetune.messages import warn_once
+from ncfinetune.recipes.checks import (
+    bound_problems,
+    every_problems,
+    model_problems,
+    output_problems,
+    seed_problems,
+    tracker_problems,
+)
 from ncfinetune.recipes.config import key, section
 from ncfinetune.training.device import LOOP_PRECISIONS, precision_problem
 from ncfinetune.tuning.methods import BN_POLICIES, method_class, method_config, method_names
 
-SEED_MAX = 2**32 - 1
-"""Largest seed every generator a run seeds accepts (numpy's legacy seeding is 32-bit)."""
 RESUME_OVERRIDABLE = ("epochs", "lr")
 """The keys ``resume_override`` may name: the schedule can be rebuilt for new values of these."""
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")  # torch.compile, via accelerate
-
-
-# -- checks ---------------------------------------------------------------------------------------
-def bound_problems(config: Any, **bounds: str) -> list[str]:
-    """Problems with numeric keys of ``config``: ``bounds`` maps a key to a rule, one of
-    ``">=0"``, ``">=1"``, ``">0"``, ``"[0,1)"``, ``"(0,100]"``; a None value always passes (the
-    keys' null means auto or not set)."""
-    rules = {
-        ">=0": lambda v: v >= 0,
-        ">=1": lambda v: v >= 1,
-        ">0": lambda v: v > 0,
-        "[0,1)": lambda v: 0 <= v < 1,
-        "(0,100]": lambda v: 0 < v <= 100,
-    }
-    problems = []
-    for name, rule in bounds.items():
-        value = getattr(config, name)
-        if value is not None and not isinstance(value, str) and not rules[rule](value):
-            what = {">=0": ">= 0", ">=1": ">= 1", ">0": "> 0"}.get(rule, f"in {rule}")
-            problems.append(f"{name} must be {what}, got {value}")
-    return problems
-
-
-def model_problems(model: str, checkpoint: str | None = None) -> list[str]:
-    """A problem when ``model`` names no backbone ``create_backbone`` can build, or the
-    ``checkpoint`` file is missing (checked before anything loads)."""
-    import timm
-
-    from ncfinetune.backbones.hub import bundled_backbones
-
-    problems = []
-    bundled = bundled_backbones()
-    if not (model in bundled or (Path(model) / "backbone.json").is_file() or timm.is_model(model)):
-        close = difflib.get_close_matches(model, [*bundled, *timm.list_models()], n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        problems.append(
-            f"model {model!r} is not a bundled backbone ({', '.join(bundled)}), a folder with "
-            f"backbone.json from recipes/pretrain.py, or a timm architecture{hint}"
-        )
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        problems.append(f"checkpoint {checkpoint} is not a file: pass a local weights file")
-    return problems
-
-
-def seed_problems(seed: int, name: str = "seed") -> list[str]:
-    """A problem when ``seed`` is outside what torch, numpy and random all accept."""
-    if not 0 <= seed <= SEED_MAX:
-        return [f"{name} must be in [0, 2**32 - 1] (what numpy accepts), got {seed}"]
-    return []
-
-
-def output_problems(name: str, path: str | None, *, folder: bool = True) -> list[str]:
-    """Problems writing to ``path`` (the value of config key ``name``), found before any data
-    or model is loaded: a file where a folder is needed (or the reverse), a parent that is a
-    file, or no permission to create or write it."""
-    if path is None:
-        return []
-    target = Path(path)
-    if folder and target.exists() and not target.is_dir():
-        return [
-            f"{name} {path} is a file, not a folder: pass a folder path (the run writes "
-            "several files into it)"
-        ]
-    if not folder and target.is_dir():
-        return [f"{name} {path} is a folder: pass a file path, e.g. {target / 'predictions.csv'}"]
-    existing = next((a for a in (target, *target.parents) if a.exists()), Path("."))
-    if not existing.is_dir():
-        return [f"{name} {path} cannot be created: {existing} is a file, not a folder"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [
-            f"{name} {path} cannot be written: no write permission on {existing}; pick a "
-            "folder you can write to"
-        ]
-    return []
-
-
-def tracker_problems(tracker: str | None) -> list[str]:
-    """A problem when ``tracker`` is not an accelerate tracker installed here (or none)."""
-    import importlib.util
-
-    from accelerate.utils import LoggerType, imports
-
-    if tracker in (None, "none"):
-        return []
-    names = [t.value for t in LoggerType if t.value != "all"]
-    if tracker not in names:
-        return [f"tracker {tracker!r} is not one of none, {', '.join(names)} (accelerate's)"]
-    check = getattr(imports, f"is_{tracker}_available", None)
-    available = check() if check else importlib.util.find_spec(tracker) is not None
-    if not available:
-        return [
-            f"tracker {tracker!r} is not installed here: pip install {tracker}, or use "
-            "tensorboard or none"
-        ]
-    return []
-
-
-def every_problems(config: Any, names: tuple[str, ...], null: bool = True) -> list[str]:
-    """``name must be >= 1[ or null]`` for each of the count keys ``names`` below 1."""
-    found = []
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            found.append(f"{name} must be >= 1{' or null' if null else ''}, got {value}")
-    return found
 
 
 # -- the downstream sections: finetune and select -------------------------------------------------

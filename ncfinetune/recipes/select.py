@@ -22,8 +22,9 @@ import torch
 import ncfinetune
 import ncfinetune.data as nd
 import ncfinetune.selection as S
+from ncfinetune.recipes.checks import output_problems, seed_problems
 from ncfinetune.recipes.config import key, parse_config, run_cli, save_config, section
-from ncfinetune.recipes.sections import DownstreamConfig, output_problems, seed_problems
+from ncfinetune.recipes.sections import DownstreamConfig
 from ncfinetune.training.device import LOOP_PRECISIONS, launch_device_type, precision_problem
 
 
