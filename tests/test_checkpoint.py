@@ -8,14 +8,14 @@ from test_tuning import train_steps
 
 import ncfinetune
 from ncfinetune import load_tuned
+from ncfinetune.errors import CheckpointError
+from ncfinetune.tuning import get_tuned_model
 from ncfinetune.tuning.checkpoint import (
     CONFIG_NAME,
     PEFT_CONFIG_NAME,
     PEFT_WEIGHTS_NAME,
     WEIGHTS_NAME,
 )
-from ncfinetune.errors import CheckpointError
-from ncfinetune.tuning import wrap
 
 CASES = [
     ("test_resnet", "scl", 1, None),
@@ -31,7 +31,7 @@ CASES = [
 
 def tuned_and_fresh_base(name, method, block, bn):
     base = make_model(name, seed=0)
-    tuned = wrap(base, method, block, bn=bn)
+    tuned = get_tuned_model(base, method, block=block, bn=bn)
     train_steps(tuned)
     return tuned, make_model(name, seed=0)
 

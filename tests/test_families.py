@@ -18,7 +18,7 @@ from torch import nn
 from ncfinetune import load_tuned
 from ncfinetune.backbones import TimmAdapter, get_adapter
 from ncfinetune.errors import ConfigError, UnsupportedModelError
-from ncfinetune.tuning import wrap
+from ncfinetune.tuning import get_tuned_model
 
 SIZE = 32
 _VIT = dict(depth=2, embed_dim=64, num_heads=2, img_size=SIZE, patch_size=8)
@@ -206,10 +206,10 @@ def test_head_that_is_not_the_classifier_is_rejected():
 def test_block_wider_than_penultimate_features_names_blocks_that_fit():
     model = make("convnext", head_hidden_size=40)  # pre-logits 64 -> 40: stages 2-3 are wider
     with pytest.raises(ConfigError) as err:
-        wrap(model, "scl", "stages.3.blocks.0")
+        get_tuned_model(model, "scl", block="stages.3.blocks.0")
     msg = str(err.value)
     assert "64 channels" in msg and "2 stages.1.blocks.1" in msg and "stages.2.blocks.0" not in msg
-    wrap(make("convnext", head_hidden_size=40), "scl", "stages.1.blocks.1")  # fits
+    get_tuned_model(make("convnext", head_hidden_size=40), "scl", block="stages.1.blocks.1")  # fits
 
 
 # -- the methods through the wrapper ----------------------------------------------------------
@@ -233,7 +233,7 @@ def test_methods(family, method, tmp_path):
     model = make(family)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     block = _block(family)
-    tuned = wrap(model, method, block, bn="frozen" if has_bn else None)
+    tuned = get_tuned_model(model, method, block=block, bn="frozen" if has_bn else None)
     adapter = tuned.adapter
     x, y = images(4), labels(4)
 

@@ -97,9 +97,9 @@ def test_build_schedule_ends_at_min_lr_and_is_checkpointed_as_json(tmp_path):
 def test_collect_nc1_shards_rows_once_and_merges_to_the_one_shot_value():
     from ncfinetune.metrics import nc1
     from ncfinetune.training import predict_batches
-    from ncfinetune.tuning import wrap
+    from ncfinetune.tuning import get_tuned_model
 
-    tuned = wrap(make_model("test_resnet", num_classes=3), "scl", 1)
+    tuned = get_tuned_model(make_model("test_resnet", num_classes=3), "scl", block=1)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(23, 3, 32, 32, generator=g), torch.arange(23) % 3
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)

@@ -7,8 +7,9 @@ from conftest import images, labels, make_model
 
 import ncfinetune
 from ncfinetune.errors import ConfigError
-from ncfinetune.tuning.prefix_cache import CacheTooLarge, PrefixCache, prefix_blocker
 from ncfinetune.training import evaluate_rows, train_steps
+from ncfinetune.tuning import get_tuned_model
+from ncfinetune.tuning.prefix_cache import CacheTooLarge, PrefixCache, prefix_blocker
 
 N = 24
 
@@ -25,9 +26,7 @@ def data_fetch():
 
 def tuned_pair(arch, method, block, bn):
     """Two identically initialised wrapped models (the uncached and the cached run)."""
-    return [
-        ncfinetune.tuning.wrap(make_model(arch, seed=0), method, block, bn=bn) for _ in range(2)
-    ]
+    return [get_tuned_model(make_model(arch, seed=0), method, block=block, bn=bn) for _ in range(2)]
 
 
 @pytest.mark.parametrize(
@@ -64,9 +63,7 @@ def test_blockers_name_the_reason():
     resnet = make_model("test_resnet")
     assert "bn='frozen'" in prefix_blocker(ncfinetune.scl_wrap(resnet, 1))
     assert "no frozen prefix" in prefix_blocker(ncfinetune.full_wrap(make_model("test_vit")))
-    assert "no frozen prefix" in prefix_blocker(
-        ncfinetune.tuning.wrap(make_model("test_vit"), "lora")
-    )
+    assert "no frozen prefix" in prefix_blocker(get_tuned_model(make_model("test_vit"), "lora"))
     vit = make_model("test_vit")
     vit.blocks[0].drop_path1 = torch.nn.Dropout(0.1)
     assert "random in train mode" in prefix_blocker(ncfinetune.layer_wrap(vit, 1))

@@ -13,7 +13,6 @@ from ncfinetune.tuning.model import (
     load_tuned,
     lora_block_wrap,
     scl_wrap,
-    wrap,
 )
 
 __all__ = [
@@ -26,5 +25,4 @@ __all__ = [
     "load_tuned",
     "lora_block_wrap",
     "scl_wrap",
-    "wrap",
 ]

@@ -445,11 +445,6 @@ def get_tuned_model(model: nn.Module, config: MethodLike, **settings) -> TunedMo
     return TunedModel(model, config)
 
 
-def wrap(model: nn.Module, method: str, block: int | str | None = None, **settings) -> TunedModel:
-    """Prepare ``model`` for ``method`` by name: ``wrap(model, "scl", 4, bn="frozen")``."""
-    return get_tuned_model(model, method, block=block, **settings)
-
-
 def scl_wrap(
     model: nn.Module, block: int | str, *, bn: str | None = None, skip_norm: bool | None = None
 ) -> TunedModel:
@@ -508,5 +503,4 @@ __all__ = [
     "load_tuned",
     "lora_block_wrap",
     "scl_wrap",
-    "wrap",
 ]
