@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import os
-import types
 import weakref
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncfinetune.tuning import checkpoint
+from ncfinetune.tuning.batchnorm import hold_batchnorms
 from ncfinetune.backbones import BackboneAdapter, get_adapter
 from ncfinetune.backbones.base import Prediction, arch_name
 from ncfinetune.errors import ConfigError
@@ -93,7 +93,7 @@ class TunedModel(nn.Module):
         """BatchNorms outside the trained modules (kept in eval mode under ``bn="frozen"``)."""
         self._freeze()
         if owns_model:  # last: only a complete wrapper owns it (and holds its BatchNorms)
-            _hold_batchnorms(self)
+            hold_batchnorms(self)
             model.__dict__[_OWNER] = weakref.ref(self)
 
     # -- construction helpers -------------------------------------------------------------
@@ -171,7 +171,7 @@ class TunedModel(nn.Module):
     def train(self, mode: bool = True) -> TunedModel:
         """Set train/eval mode; with ``bn="frozen"`` frozen BatchNorms always stay in eval mode
         (also when ``train()`` is called on the wrapped model or a part of it: the wrapper
-        holds them, see :func:`_hold_batchnorms`)."""
+        holds them: :func:`~ncfinetune.tuning.batchnorm.hold_batchnorms`)."""
         super().train(mode)
         if mode and self.bn == "frozen":
             for m in self.frozen_batchnorms:
@@ -358,46 +358,6 @@ class TunedModel(nn.Module):
 
 
 _OWNER = "_ncfinetune_owner"
-_HELD_BY = "_ncfinetune_bn_held_by"
-
-
-def _hold_batchnorms(tuned: TunedModel) -> None:
-    """Make ``bn="frozen"`` hold whichever module's ``train()`` is called.
-
-    ``model.train()`` reaches each submodule through its ``train`` attribute, so the frozen
-    BatchNorms of a ``bn="frozen"`` wrapper get an instance ``train`` that keeps them in eval
-    mode while that wrapper lives (a weak reference: a dropped wrapper releases them, and a
-    new wrapper of the same model replaces the holds first). Their running statistics then
-    never move, whether ``tuned.train()``, ``tuned.model.train()`` or a block's ``train()``
-    was called.
-    """
-    for m in tuned.model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            _release(m)
-    if tuned.bn != "frozen":
-        return
-    held = weakref.ref(tuned)
-    for m in tuned.frozen_batchnorms:
-        m.__dict__[_HELD_BY] = held
-        m.__dict__["train"] = types.MethodType(_held_train, m)
-        m.eval()
-
-
-def _held_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    """``train()`` of a BatchNorm held by a ``bn="frozen"`` wrapper: eval mode while the
-    wrapper lives and lists it among its frozen BatchNorms; plain ``train()`` otherwise."""
-    ref = self.__dict__.get(_HELD_BY)
-    owner = ref() if ref is not None else None
-    held = owner is not None and any(m is self for m in owner.frozen_batchnorms)
-    if not held:
-        _release(self)
-    return type(self).train(self, mode and not held)
-
-
-def _release(bn: nn.Module) -> None:
-    """Drop a hold installed by :func:`_hold_batchnorms` (nothing when there is none)."""
-    bn.__dict__.pop("train", None)
-    bn.__dict__.pop(_HELD_BY, None)
 
 
 def _check_unowned(model: nn.Module) -> None:
