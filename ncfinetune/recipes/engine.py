@@ -1,8 +1,8 @@
 """The recipes' side of training on accelerate: CPU threads, the optimizer-step
 count and cosine schedule of a run, an epoch through the shared loop of
-:mod:`ncfinetune.training.loop` (a diverged loss stops every process), prediction gathered over
-processes, NC1 streamed and merged across processes, strict JSON, and atomic checkpoints for
-resume.
+:mod:`ncfinetune.training.loop` (a diverged loss stops every process; prediction gathered over
+processes is its ``predict_batches(..., accelerator=...)``), NC1 streamed and merged across
+processes, strict JSON, and atomic checkpoints for resume.
 
 A model here is anything with ``forward(x) -> logits`` and ``forward_with_features(x) ->
 (logits, features)`` (a :class:`~ncfinetune.tuning.model.TunedModel`, or the pretraining network).
@@ -33,7 +33,6 @@ from ncfinetune.training.loop import (
     build_cosine_schedule,
     diverged,
     fit_batches,
-    predict_batches,
 )
 
 
@@ -203,28 +202,6 @@ def train_epoch(
         fit.optimizer_steps,
         per_step.tolist(),
         list(fit.lrs),
-    )
-
-
-def predict(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    loader,
-    *,
-    features: bool = False,
-    channels_last: bool = False,
-    progress: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Predictions (and optionally classifier-input features) for every sample of ``loader``,
-    gathered from all processes so that each sample appears exactly once (through
-    :func:`ncfinetune.training.loop.predict_batches`); ``progress``: a bar's description."""
-    return predict_batches(
-        model,
-        loader,
-        accelerator=accelerator,
-        features=features,
-        channels_last=channels_last,
-        progress=progress,
     )
 
 

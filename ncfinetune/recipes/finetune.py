@@ -43,7 +43,6 @@ from ncfinetune.recipes.engine import (
     build_schedule,
     collect_nc1,
     load_training_state,
-    predict,
     save_training_state,
     set_cpu_threads,
     train_epoch,
@@ -66,7 +65,7 @@ from ncfinetune.training.device import (
     launch_device_type,
     use_channels_last,
 )
-from ncfinetune.training.loop import build_optimizer, diverged
+from ncfinetune.training.loop import build_optimizer, diverged, predict_batches
 
 DEFAULTS = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -107,7 +106,9 @@ def load_config(argv: list[str]) -> FinetuneConfig:
 def evaluate(acc, tuned, loader, metric, name: str, split: str, channels_last: bool) -> dict:
     """``{split}_{name}`` (the metric) and ``{split}_samples`` over every sample of a prepared
     ``loader``, each counted once over all processes."""
-    res = predict(acc, tuned, loader, channels_last=channels_last, progress=split)
+    res = predict_batches(
+        tuned, loader, accelerator=acc, channels_last=channels_last, progress=split
+    )
     score = metric.compute(predictions=res["preds"], references=res["labels"])[name]
     return {f"{split}_{name}": score, f"{split}_samples": len(res["labels"])}
 

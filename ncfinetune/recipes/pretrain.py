@@ -39,11 +39,10 @@ import ncfinetune.data as nd
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import atomic_write, write_json, write_text
 from ncfinetune.recipes.checks import bound_problems, output_problems, seed_problems
-from ncfinetune.recipes.config import key, parse_config, run_cli, save_config
+from ncfinetune.recipes.config import flat_config, key, parse_config, run_cli, save_config, section
 from ncfinetune.recipes.engine import (
     build_schedule,
     collect_nc1,
-    predict,
     set_cpu_threads,
     train_epoch,
 )
@@ -57,16 +56,47 @@ from ncfinetune.recipes.pretrain_parts import (
     model_card,
 )
 from ncfinetune.training.device import choose_precision, launch_device_type, precision_problem
+from ncfinetune.training.loop import predict_batches
 
 
 @dataclass
-class PretrainConfig:
-    """The pretrain recipe's keys (``--help`` lists them with their defaults)."""
+class PretrainBackbone:
+    """The backbone: a timm architecture, from scratch or from another backbone's weights."""
 
     model: str = key("resnet18", "any timm architecture, trained from scratch")
     img_size: int | None = key(None, "ViT only: positional-embedding grid (timm img_size)")
     patch_size: int | None = key(None, "ViT only")
     model_kwargs: dict = key({}, "more timm.create_model args, e.g. depth")
+    init_from: str | None = key(
+        None,
+        "start from this backbone's weights (bundled name or pretrain folder) of the same "
+        "architecture and model_kwargs, and keep its normalisation; null = random init",
+    )
+
+    def validate(self) -> list[str]:
+        p = []
+        clash = {"num_classes", "pretrained", "img_size", "patch_size"} & set(self.model_kwargs)
+        if clash:
+            p.append(
+                f"model_kwargs may not set {sorted(clash)}: use the img_size/patch_size keys "
+                "(the classifier and weights are the recipe's own)"
+            )
+        if not timm.is_model(self.model):
+            p.append(f"model {self.model!r} is not a timm architecture")
+        elif self.init_from:
+            p += init_problems(self.init_from, self.model, self.timm_kwargs())
+        return p + bound_problems(self, img_size=">=1", patch_size=">=1")
+
+    def timm_kwargs(self) -> dict:
+        """The ``timm.create_model`` arguments: img_size, patch_size, model_kwargs."""
+        sizes = (("img_size", self.img_size), ("patch_size", self.patch_size))
+        return {**{k: v for k, v in sizes if v}, **self.model_kwargs}
+
+
+@dataclass
+class PretrainData:
+    """The source data and its batches."""
+
     dataset: str = key("fashion_mnist", "the source data: any spec the recipes accept")
     data_dir: str | None = key(None, "fashion_mnist: folder of the IDX files; hub: its data_dir")
     classes: list[int] = key([0, 1, 2, 3, 4], "source classes kept")
@@ -78,6 +108,40 @@ class PretrainConfig:
     )
     image_size: int = key(32, "input size in pixels (recorded in the backbone's data config)")
     augment: bool = key(True, "batch-level random flip + 2-pixel translation (cheap, tensor ops)")
+
+    def validate(self) -> list[str]:
+        p = [f"image_size must be >= 1, got {self.image_size}"] if self.image_size < 1 else []
+        if len(set(self.classes)) < 2 or len(set(self.classes)) != len(self.classes):
+            p.append(f"classes must name at least 2 distinct classes, got {self.classes}")
+        return p
+
+
+@dataclass
+class Objective:
+    """What the network learns: cross-entropy (label smoothing), optionally distilled from a
+    teacher, optionally through a projector dropped afterwards."""
+
+    label_smoothing: float = key(0.0, "cross-entropy label smoothing in [0, 1)")
+    teacher: str | None = key(None, "distil from this backbone (bundled name or pretrain folder)")
+    distill_alpha: float = key(
+        0.5, "weight of the teacher's probabilities in the target, in (0, 1]"
+    )
+    projector: bool = key(False, "train through an MLP projector (FC-BN-ReLU-FC), then drop it")
+    projector_dim: int = key(2048, "hidden width of that projector")
+
+    def validate(self) -> list[str]:
+        p = []
+        if not 0 < self.distill_alpha <= 1:
+            p.append(f"distill_alpha must be in (0, 1], got {self.distill_alpha}")
+        if not 0 <= self.label_smoothing < 1:
+            p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        return p + bound_problems(self, projector_dim=">=1")
+
+
+@dataclass
+class PretrainOptim:
+    """Optimisation: the optimizer, the cosine schedule and the batches."""
+
     epochs: int = key(12, "passes over the source training split")
     batch_size: int = key(128, "images per process per step (x processes per update)")
     optimizer: str = key("sgd", "sgd (momentum) | adamw")
@@ -85,83 +149,66 @@ class PretrainConfig:
     min_lr: float = key(0.0, "the cosine schedule's final lr")
     momentum: float = key(0.9, "SGD momentum")
     weight_decay: float = key(5e-4, "on every parameter")
-    label_smoothing: float = key(0.0, "cross-entropy label smoothing in [0, 1)")
-    init_from: str | None = key(
-        None,
-        "start from this backbone's weights (bundled name or pretrain folder) of the same "
-        "architecture and model_kwargs, and keep its normalisation; null = random init",
-    )
-    teacher: str | None = key(None, "distil from this backbone (bundled name or pretrain folder)")
-    distill_alpha: float = key(
-        0.5, "weight of the teacher's probabilities in the target, in (0, 1]"
-    )
-    projector: bool = key(False, "train through an MLP projector (FC-BN-ReLU-FC), then drop it")
-    projector_dim: int = key(2048, "hidden width of that projector")
-    nc1_samples: int = key(5000, "source training samples used for the per-epoch NC1")
+    max_steps: int | None = key(None, "per epoch; for smoke tests")
+
+    def validate(self) -> list[str]:
+        p = []
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.optimizer not in ("sgd", "adamw"):
+            p.append(f"optimizer {self.optimizer!r} is not one of sgd, adamw")
+        if self.max_steps is not None and self.max_steps < 1:
+            p.append(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.lr <= 0:
+            p.append(f"lr must be > 0, got {self.lr}")
+        p += bound_problems(self, weight_decay=">=0", min_lr=">=0", momentum="[0,1)")
+        if self.min_lr > self.lr:
+            p.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        return p
+
+
+@dataclass
+class PretrainRun:
+    """The run: seed, precision and threads, the NC1 sample, output."""
+
+    seed: int = key(0, "seeds the initialisation, the shuffling and the NC1 sample")
     mixed_precision: str | None = key(
         None,
         "no | fp16 | bf16 | auto (bf16 where native); null = accelerate's choice (accelerate "
         "launch --mixed_precision, its config file or ACCELERATE_MIXED_PRECISION; none: no)",
     )
     cpu_threads: int | None = key(None, "CPU only; null = cores / processes on this machine")
-    seed: int = key(0, "seeds the initialisation, the shuffling and the NC1 sample")
-    max_steps: int | None = key(None, "per epoch; for smoke tests")
+    nc1_samples: int = key(5000, "source training samples used for the per-epoch NC1")
     output_dir: str = key("runs/pretrain", "backbone.{safetensors,json,md}; never overwritten")
     bundle_as: str | None = key(None, "removed: use tools/bundle_backbone.py (a maintainer step)")
 
     def validate(self) -> list[str]:
-        problems = []
+        p = []
         if self.bundle_as is not None:
-            problems.append(
+            p.append(
                 f"bundle_as ({self.bundle_as!r}) was removed: a recipe never writes into the "
                 "installed package. Pretrain into output_dir, then (maintainers) run "
                 f"`python tools/bundle_backbone.py {self.output_dir} NAME`; drop bundle_as."
             )
-        if not 0 < self.distill_alpha <= 1:
-            problems.append(f"distill_alpha must be in (0, 1], got {self.distill_alpha}")
-        clash = {"num_classes", "pretrained", "img_size", "patch_size"} & set(self.model_kwargs)
-        if clash:
-            problems.append(
-                f"model_kwargs may not set {sorted(clash)}: use the img_size/patch_size keys "
-                "(the classifier and weights are the recipe's own)"
-            )
         if self.cpu_threads is not None and self.cpu_threads < 1:
-            problems.append(f"cpu_threads must be >= 1 or null (auto), got {self.cpu_threads}")
-        if not timm.is_model(self.model):
-            problems.append(f"model {self.model!r} is not a timm architecture")
-        for name in ("epochs", "batch_size", "image_size", "nc1_samples"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.optimizer not in ("sgd", "adamw"):
-            problems.append(f"optimizer {self.optimizer!r} is not one of sgd, adamw")
+            p.append(f"cpu_threads must be >= 1 or null (auto), got {self.cpu_threads}")
+        if self.nc1_samples < 1:
+            p.append(f"nc1_samples must be >= 1, got {self.nc1_samples}")
         if problem := precision_problem(self.mixed_precision):
-            problems.append(problem)
-        if not 0 <= self.label_smoothing < 1:
-            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        problems += bound_problems(
-            self, weight_decay=">=0", min_lr=">=0", momentum="[0,1)", projector_dim=">=1",
-            img_size=">=1", patch_size=">=1",
-        )  # fmt: skip
-        if self.min_lr > self.lr:
-            problems.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
-        if len(set(self.classes)) < 2 or len(set(self.classes)) != len(self.classes):
-            problems.append(f"classes must name at least 2 distinct classes, got {self.classes}")
-        if self.init_from and timm.is_model(self.model):
-            problems += init_problems(self.init_from, self.model, self.timm_kwargs())
-        problems += seed_problems(self.seed)
-        problems += output_problems("output_dir", self.output_dir)
-        return problems
+            p.append(problem)
+        return p + seed_problems(self.seed) + output_problems("output_dir", self.output_dir)
 
-    def timm_kwargs(self) -> dict:
-        """The ``timm.create_model`` arguments of the backbone: img_size, patch_size, model_kwargs."""
-        kwargs = {
-            k: v for k, v in (("img_size", self.img_size), ("patch_size", self.patch_size)) if v
-        }
-        return {**kwargs, **self.model_kwargs}
+
+@dataclass
+class PretrainConfig:
+    """The pretrain recipe's keys by section (``--help`` lists them with their defaults)."""
+
+    backbone: PretrainBackbone = section(PretrainBackbone)
+    data: PretrainData = section(PretrainData)
+    objective: Objective = section(Objective)
+    optim: PretrainOptim = section(PretrainOptim)
+    run: PretrainRun = section(PretrainRun)
 
 
 @dataclass
@@ -200,20 +247,23 @@ def start(cfg: PretrainConfig) -> tuple[PretrainConfig, Accelerator]:
     """Refuse an output_dir that holds a backbone, start accelerate (the recipe's precision
     when set, else accelerate's own choice), seed; returns the config recording the precision
     as it runs, and the accelerator."""
-    if (Path(cfg.output_dir) / "backbone.json").is_file():
+    if (Path(cfg.run.output_dir) / "backbone.json").is_file():
         raise ConfigError(
-            f"output_dir {cfg.output_dir} already holds a pretrained backbone (backbone.json); "
+            f"output_dir {cfg.run.output_dir} already holds a pretrained backbone (backbone.json); "
             "a run never overwrites another. Pass a new --output_dir, or delete the folder."
         )
-    precision, _ = choose_precision(cfg.mixed_precision, launch_device_type())
+    precision, _ = choose_precision(cfg.run.mixed_precision, launch_device_type())
     acc = Accelerator(
         mixed_precision=precision,
         # accelerate's seedable sampler: epoch e is shuffled by (seed, e) on every process
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=cfg.run.seed
+        ),
     )
-    cfg = dataclasses.replace(cfg, mixed_precision=acc.mixed_precision)  # recorded as it ran
-    set_seed(cfg.seed)
-    set_cpu_threads(acc, cfg.cpu_threads)
+    ran = dataclasses.replace(cfg.run, mixed_precision=acc.mixed_precision)
+    cfg = dataclasses.replace(cfg, run=ran)  # recorded as it ran
+    set_seed(cfg.run.seed)
+    set_cpu_threads(acc, cfg.run.cpu_threads)
     return cfg, acc
 
 
@@ -221,7 +271,7 @@ def build_backbone(cfg: PretrainConfig, data) -> tuple[nn.Module, dict]:
     """The timm backbone (no classifier) and its data config: normalised with the source
     data's own statistics, or with those of the ``init_from`` backbone whose weights it takes."""
     data_cfg = {
-        "input_size": (3, cfg.image_size, cfg.image_size),
+        "input_size": (3, cfg.data.image_size, cfg.data.image_size),
         "mean": (0.0,) * 3,
         "std": (1.0,) * 3,
         "crop_pct": 1.0,
@@ -229,10 +279,13 @@ def build_backbone(cfg: PretrainConfig, data) -> tuple[nn.Module, dict]:
         "num_classes": 0,
     }
     backbone = timm.create_model(
-        cfg.model, num_classes=0, pretrained_cfg_overlay=data_cfg, **cfg.timm_kwargs()
+        cfg.backbone.model,
+        num_classes=0,
+        pretrained_cfg_overlay=data_cfg,
+        **cfg.backbone.timm_kwargs(),
     )
-    if cfg.init_from:
-        data_cfg["mean"], data_cfg["std"] = load_init(cfg.init_from, backbone)
+    if cfg.backbone.init_from:
+        data_cfg["mean"], data_cfg["std"] = load_init(cfg.backbone.init_from, backbone)
     else:  # recorded in the card for fine-tuning
         data_cfg["mean"], data_cfg["std"] = channel_stats(backbone, data.train)
     backbone.pretrained_cfg.update(mean=data_cfg["mean"], std=data_cfg["std"])
@@ -244,39 +297,54 @@ def setup(cfg: PretrainConfig) -> Pretraining:
     optional projector and a classifier, loaders, optimizer and schedule, the teacher."""
     cfg, acc = start(cfg)
     loaded = nd.load_image_dataset(
-        cfg.dataset, data_dir=cfg.data_dir, allow_outside_paths=cfg.allow_outside_paths,
-        skip_unreadable=cfg.skip_unreadable,
+        cfg.data.dataset, data_dir=cfg.data.data_dir, allow_outside_paths=cfg.data.allow_outside_paths,
+        skip_unreadable=cfg.data.skip_unreadable,
     )  # fmt: skip
-    data = nd.select_classes(loaded, cfg.classes)
+    data = nd.select_classes(loaded, cfg.data.classes)
     backbone, data_cfg = build_backbone(cfg, data)
-    net = PretrainNet(backbone, data.num_classes, cfg.projector, cfg.projector_dim)
+    net = PretrainNet(
+        backbone, data.num_classes, cfg.objective.projector, cfg.objective.projector_dim
+    )
     tf = nd.build_transforms(backbone, augment=False)
     train = nd.build_loader(
-        data.train, tf, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True
+        data.train,
+        tf,
+        batch_size=cfg.optim.batch_size,
+        shuffle=True,
+        seed=cfg.run.seed,
+        drop_last=True,
     )
-    g = torch.Generator().manual_seed(cfg.seed)
-    probe_idx = torch.randperm(len(data.train), generator=g)[: cfg.nc1_samples].tolist()
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    probe_idx = torch.randperm(len(data.train), generator=g)[: cfg.run.nc1_samples].tolist()
     probe = nd.build_loader(data.train, tf, batch_size=512, shuffle=False, indices=probe_idx)
     test = nd.build_loader(data.test, tf, batch_size=512, shuffle=False)
     params = list(net.parameters())
-    acc.print(f"pretraining {cfg.model} on {nd.describe(data)}; {sum(p.numel() for p in params):,} parameters")  # fmt: skip
-    if cfg.optimizer == "sgd":
+    acc.print(f"pretraining {cfg.backbone.model} on {nd.describe(data)}; {sum(p.numel() for p in params):,} parameters")  # fmt: skip
+    if cfg.optim.optimizer == "sgd":
         opt = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            params,
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
         )
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     net, opt, train, test = acc.prepare(net, opt, train, test)  # probe: NC1 shards it itself
     # as long as the run's optimizer steps, counted on the prepared (per-process) loader
     sched, plan = build_schedule(
-        acc, opt, train, epochs=cfg.epochs, min_lr=cfg.min_lr, max_steps=cfg.max_steps
+        acc,
+        opt,
+        train,
+        epochs=cfg.optim.epochs,
+        min_lr=cfg.optim.min_lr,
+        max_steps=cfg.optim.max_steps,
     )
     teacher, teacher_note = None, None
-    if cfg.teacher:
+    if cfg.objective.teacher:
         teacher, teacher_note = fit_teacher(cfg, acc, data, backbone)
-        acc.print(f"teacher {cfg.teacher}: {teacher_note}")
+        acc.print(f"teacher {cfg.objective.teacher}: {teacher_note}")
     batches = Targets(
-        train, augment=cfg.augment, teacher=teacher, alpha=cfg.distill_alpha,
+        train, augment=cfg.data.augment, teacher=teacher, alpha=cfg.objective.distill_alpha,
         num_classes=data.num_classes, autocast=acc.autocast,
     )  # fmt: skip
     return Pretraining(
@@ -290,14 +358,14 @@ def train(run: Pretraining) -> None:
     features on the NC1 sample (streamed, merged across processes)."""
     cfg, acc = run.cfg, run.acc
     start = time.time()
-    for epoch in range(cfg.epochs):
+    for epoch in range(cfg.optim.epochs):
         run.train.set_epoch(epoch)
         stats = train_epoch(
-            acc, run.net, run.batches, run.opt, run.sched, label_smoothing=cfg.label_smoothing,
-            max_steps=cfg.max_steps, desc=f"epoch {epoch + 1}",
+            acc, run.net, run.batches, run.opt, run.sched, label_smoothing=cfg.objective.label_smoothing,
+            max_steps=cfg.optim.max_steps, desc=f"epoch {epoch + 1}",
             steps_before=epoch * run.plan.steps_per_epoch,
         )  # fmt: skip
-        res = predict(acc, run.net, run.test)
+        res = predict_batches(run.net, run.test, accelerator=acc)
         row = {
             "epoch": epoch + 1,
             "train_loss": stats.loss,
@@ -315,17 +383,19 @@ def backbone_card(run: Pretraining, argv: list[str]) -> dict:
     """What ``backbone.json`` records: architecture, data config, source, training, results."""
     cfg, data, last = run.cfg, run.data, run.history[-1]
     return {
-        "architecture": cfg.model,
-        "model_kwargs": cfg.timm_kwargs(),
+        "architecture": cfg.backbone.model,
+        "model_kwargs": cfg.backbone.timm_kwargs(),
         "pretrained_cfg": run.data_cfg,
         "source": {
-            "dataset": cfg.dataset,
-            "classes": cfg.classes,
+            "dataset": cfg.data.dataset,
+            "classes": cfg.data.classes,
             "class_names": data.class_names,
             "train_size": len(data.train),
             "test_size": len(data.test),
         },
-        "training": {k: v for k, v in vars(cfg).items() if k not in ("output_dir", "bundle_as")},
+        "training": {
+            k: v for k, v in flat_config(cfg).items() if k not in ("output_dir", "bundle_as")
+        },
         "teacher": run.teacher_note,
         "source_test_accuracy": last["test_accuracy"],
         "source_nc1_train": last["nc1_train"],
@@ -344,7 +414,7 @@ def backbone_card(run: Pretraining, argv: list[str]) -> dict:
 def finish(run: Pretraining, argv: list[str]) -> None:
     """Write the backbone in float16 safetensors, its JSON card (last: its presence marks a
     finished run) and model card, then end accelerate."""
-    acc, out = run.acc, Path(run.cfg.output_dir)
+    acc, out = run.acc, Path(run.cfg.run.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(run.cfg, out / "config.yaml")
