@@ -103,7 +103,10 @@ class _Renormalized(nn.Module):
 
 def init_problems(name: str, model: str, kwargs: dict) -> list[str]:
     """Why backbone ``name`` cannot start a run that builds ``model`` with ``kwargs``."""
-    found = ncfinetune.backbones.hub.backbone_files(name)
+    try:
+        found = ncfinetune.backbones.hub.backbone_files(name)
+    except ConfigError as err:  # a folder without its weights: one problem among the others
+        return [f"init_from {name!r}: {err}"]
     if found is None:
         return [
             f"init_from {name!r} is neither a bundled backbone "
@@ -137,15 +140,15 @@ def fit_teacher(cfg, acc, data, student: nn.Module) -> tuple[nn.Module, dict]:
     from sklearn.linear_model import LogisticRegression
 
     model = (
-        ncfinetune.backbones.hub.create_backbone(cfg.teacher, data.num_classes)
+        ncfinetune.backbones.hub.create_backbone(cfg.objective.teacher, data.num_classes)
         .eval()
         .requires_grad_(False)
     )
     size = tuple(model.pretrained_cfg["input_size"])
-    if size != (3, cfg.image_size, cfg.image_size):
+    if size != (3, cfg.data.image_size, cfg.data.image_size):
         raise ConfigError(
-            f"teacher {cfg.teacher!r} takes input {size}, the student (3, {cfg.image_size}, "
-            f"{cfg.image_size}); pick a teacher pretrained at image_size {cfg.image_size}."
+            f"teacher {cfg.objective.teacher!r} takes input {size}, the student (3, {cfg.data.image_size}, "
+            f"{cfg.data.image_size}); pick a teacher pretrained at image_size {cfg.data.image_size}."
         )
     tf = nd.build_transforms(model, augment=False)  # the teacher's own normalisation
     splits = {}
@@ -165,10 +168,10 @@ def fit_teacher(cfg, acc, data, student: nn.Module) -> tuple[nn.Module, dict]:
     student_stats = (tuple(student.pretrained_cfg["mean"]), tuple(student.pretrained_cfg["std"]))
     teacher = _Renormalized(model, student_stats, stats).to(acc.device).eval()
     note = {
-        "backbone": cfg.teacher,
+        "backbone": cfg.objective.teacher,
         "classifier": "logistic regression on its source training features",
         "source_test_accuracy": round(float(probe.score(*splits["test"])), 4),
-        "distill_alpha": cfg.distill_alpha,
+        "distill_alpha": cfg.objective.distill_alpha,
     }
     return teacher, note
 
