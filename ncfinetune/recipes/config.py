@@ -140,6 +140,11 @@ def _convert(value: Any, tp: Any, from_cli: bool) -> Any:
                 f"expected a mapping with string keys such as {{depth: 6}}, got {value!r}"
             )
         return dict(value)
+    return _scalar(value, tp, from_cli)
+
+
+def _scalar(value: Any, tp: Any, from_cli: bool) -> Any:
+    """Convert ``value`` to a bool, int, float or str (``from_cli``: written as text)."""
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -137,32 +137,9 @@ def check_resume(
             f"--resume: {out / CONFIG_FILE} is missing, so the checkpoint in {path} cannot be "
             "checked against the current config. Restore the file, or start a new run."
         )
-    diffs = config_differences(saved, config, ignore=ignore)
     now = flat_config(config)
     allowed = {k for k in override if k in RESUME_OVERRIDABLE}
-    blocking = [d for d in diffs if d.split(":", 1)[0] not in allowed]
-    if now["lr"] == "auto" and saved.get("lr") != "auto":
-        blocking.append(
-            f"lr: {show_value(saved.get('lr'))} -> auto (lr auto is chosen only when a run "
-            "starts; pass a number)"
-        )
-    if blocking:
-        hint = ""
-        if any(d.split(":", 1)[0] in RESUME_OVERRIDABLE for d in blocking):
-            hint = (
-                " To change only the epoch count or the lr, add --resume_override "
-                + ",".join(
-                    k for k in RESUME_OVERRIDABLE if any(d.startswith(k + ":") for d in blocking)
-                )
-                + "."
-            )
-        raise ConfigError(
-            f"--resume: the config differs from the run's saved {out / CONFIG_FILE} in "
-            f"{len(blocking)} key(s) that change training:\n  - "
-            + "\n  - ".join(blocking)
-            + f"\nResume with the saved values (drop these options: --resume alone reuses the "
-            f"saved config), or start a new run with a new --output_dir.{hint}"
-        )
+    check_same_training(out, saved, config, ignore=ignore, allowed=allowed)
     if epoch >= now["epochs"]:
         more = (
             f"it finished all {epoch} epochs"
@@ -181,6 +158,38 @@ def check_resume(
         if before != after:
             changed[key] = (before, after)
     return Resume(path, epoch, history, changed)
+
+
+def check_same_training(
+    out: Path, saved: dict[str, Any], config: Any, *, ignore: Iterable[str], allowed: set[str]
+) -> None:
+    """Raise listing every key that changes training whose value differs from the ``saved``
+    config (except the ``allowed`` overrides), with how to go on."""
+    diffs = config_differences(saved, config, ignore=ignore)
+    blocking = [d for d in diffs if d.split(":", 1)[0] not in allowed]
+    if flat_config(config)["lr"] == "auto" and saved.get("lr") != "auto":
+        blocking.append(
+            f"lr: {show_value(saved.get('lr'))} -> auto (lr auto is chosen only when a run "
+            "starts; pass a number)"
+        )
+    if not blocking:
+        return
+    hint = ""
+    if any(d.split(":", 1)[0] in RESUME_OVERRIDABLE for d in blocking):
+        hint = (
+            " To change only the epoch count or the lr, add --resume_override "
+            + ",".join(
+                k for k in RESUME_OVERRIDABLE if any(d.startswith(k + ":") for d in blocking)
+            )
+            + "."
+        )
+    raise ConfigError(
+        f"--resume: the config differs from the run's saved {out / CONFIG_FILE} in "
+        f"{len(blocking)} key(s) that change training:\n  - "
+        + "\n  - ".join(blocking)
+        + f"\nResume with the saved values (drop these options: --resume alone reuses the "
+        f"saved config), or start a new run with a new --output_dir.{hint}"
+    )
 
 
 def record_override(out: Path, resume: Resume) -> list[dict]:
