@@ -4,13 +4,12 @@ from conftest import make_model
 
 from ncfinetune import scl_wrap
 from ncfinetune.errors import ConfigError
+from ncfinetune.metrics import nc1
 from ncfinetune.tuning.features import (
     collect_block_features,
-    format_layerwise,
     layerwise_nc1,
     plot_layerwise_nc1,
 )
-from ncfinetune.metrics import nc1
 
 
 def batches(n_batches=4, bs=10, k=3, seed=0):
@@ -76,14 +75,14 @@ def test_mode_is_restored_even_on_error():
     assert model.training
 
 
-def test_table_plot_and_errors(tmp_path):
+def test_rows_plot_and_errors(tmp_path):
     model = make_model("test_vit")
     rows = layerwise_nc1(model, batches(), metrics=["numerical_rank", "class_separation_r2"])
     assert [r["index"] for r in rows] == [0, 1, 2, 3, 4, 5, None]
     got = collect_block_features(model, batches())
     assert rows[2]["nc1"] == pytest.approx(nc1(got.features["blocks.2"], got.labels), rel=1e-12)
-    table = format_layerwise(rows)
-    assert "blocks.5" in table and "penultimate" in table and "numerical_rank" in table
+    assert rows[5]["name"] == "blocks.5" and rows[6]["name"] == "penultimate"
+    assert set(rows[0]) >= {"nc1", "numerical_rank", "class_separation_r2"}
     png = plot_layerwise_nc1({"test_vit": rows}, tmp_path / "nc1.png", mark=2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ConfigError, match="unknown metrics \\['nc2'\\]"):

@@ -5,8 +5,8 @@ import safetensors.torch
 import torch
 
 import ncfinetune
-from ncfinetune.errors import ConfigError
 from ncfinetune.backbones.hub import ASSETS, bundled_backbones, create_backbone
+from ncfinetune.errors import ConfigError
 
 BUNDLED = ["resnet18_fmnist04", "vit_tiny_fmnist04", "vit_tiny_p4_fmnist04"]
 

@@ -20,9 +20,9 @@ from ncfinetune import (
     scl_wrap,
 )
 from ncfinetune.errors import ConfigError
+from ncfinetune.training import train_steps
 from ncfinetune.tuning.features import collect_block_features
 from ncfinetune.tuning.methods import METHODS, MethodConfig, method_config, register
-from ncfinetune.training import train_steps
 
 
 def fetcher(n=24, k=5, seed=0):

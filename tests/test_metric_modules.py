@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ncfinetune.errors import ConfigError
-from ncfinetune.metrics.modules import SHIPPED_METRICS, load_metric, metric_path
 from ncfinetune.metrics import nc1
+from ncfinetune.metrics.modules import SHIPPED_METRICS, load_metric, metric_path
 
 
 @pytest.mark.parametrize("name", SHIPPED_METRICS)

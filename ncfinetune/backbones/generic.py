@@ -128,10 +128,6 @@ class TimmAdapter(BackboneAdapter):
         # module of the group (EfficientNet's bn2) after construction
         return [self.model.get_submodule(n) for n in self._groups[index].modules]
 
-    def block_module_names(self, index: int) -> list[str]:
-        """Names of :meth:`block_modules`, in registration order."""
-        return list(self._groups[index].modules)
-
     def describe_blocks(self) -> list[BlockInfo]:
         """One :class:`BlockInfo` per block; ``num_params`` counts the whole timm group."""
         return [

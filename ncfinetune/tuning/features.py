@@ -195,20 +195,6 @@ def layerwise_nc1(
     return rows
 
 
-def format_layerwise(rows: list[dict]) -> str:
-    """The rows of :func:`layerwise_nc1` as an aligned text table."""
-    keys = [k for k in rows[0] if k not in ("index", "name", "channels")]
-    head = f"{'idx':>4}  {'block':<12} {'ch':>5}  " + "  ".join(f"{k:>19}" for k in keys)
-    lines = [head]
-    for r in rows:
-        idx = "" if r["index"] is None else r["index"]
-        lines.append(
-            f"{idx:>4}  {r['name']:<12} {r['channels']:>5}  "
-            + "  ".join(f"{r[k]:>19.4f}" for k in keys)
-        )
-    return "\n".join(lines)
-
-
 def plot_layerwise_nc1(
     curves: dict[str, list[dict]],
     path: str | Path,

@@ -76,11 +76,6 @@ class MethodConfig:
         """True when the classifier input gets the SCL skip from the tuned block."""
         return False
 
-    @property
-    def trains_every_block(self) -> bool:
-        """True when no block is frozen (full FT, LoRA everywhere): no prefix to cache."""
-        return False
-
     def prefix_stop(self, num_blocks: int, block_index: int | None) -> int | None:
         """Index of the first block that is not in the frozen prefix; ``None`` when there is no
         frozen prefix (the stem itself trains or adapts)."""
@@ -213,10 +208,6 @@ class FullConfig(MethodConfig):
             warn_once("bn='frozen' has no effect with method='full': every layer is trained.")
         return super()._problems()
 
-    @property
-    def trains_every_block(self) -> bool:
-        return True
-
     def prefix_stop(self, num_blocks: int, block_index: int | None) -> int | None:
         return None
 
@@ -345,10 +336,6 @@ class LoRAConfig(_LoRAMixin, MethodConfig):
 
     def _problems(self) -> list[str]:
         return super()._problems() + self._lora_problems()
-
-    @property
-    def trains_every_block(self) -> bool:
-        return True
 
     def prefix_stop(self, num_blocks: int, block_index: int | None) -> int | None:
         return None
