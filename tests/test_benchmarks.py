@@ -48,6 +48,7 @@ def test_run_keys_name_every_setting_and_normalise_the_block():
     assert grid.file.parts[-4:] == ("selection_loto", "runs", "resnet18", "digits.jsonl")
 
 
+@pytest.mark.slow  # trains, or regenerates the committed tables
 def test_a_run_writes_its_record_and_is_not_redone(harness):
     run = common.run_for("tiny", "digits", "scl", 5, 0, 0.05, steps=3, batch=16, validate=True)
     rec = common.ensure(run)
@@ -91,6 +92,7 @@ def test_records_are_upserted_sorted_by_key_and_survive_concurrent_writers(tmp_p
     assert keys == sorted(["a", "b", "c", *(f"{w}{i:02d}" for w in "pqr" for i in range(20))])
 
 
+@pytest.mark.slow  # trains, or regenerates the committed tables
 def test_a_diverged_run_is_recorded_not_raised_and_ablation_keys_differ(harness):
     run = common.run_for("tiny", "digits", "layer", 5, 0, 1e30, steps=4, batch=16)
     rec = common.ensure(run)  # lr 1e30: the loss becomes non-finite
@@ -210,6 +212,7 @@ def test_rules_on_records_and_leave_one_target_out_never_sees_the_held_out_pair(
     assert out["p2"]["full"] == [0.6]  # full FT's procedure chosen on p0, p1: lr 0.03
 
 
+@pytest.mark.slow  # trains, or regenerates the committed tables
 def test_selection_report_regenerates_from_the_committed_records(tmp_path, monkeypatch):
     """results/selection_loto.md is made from committed records alone, byte for byte."""
     import selection_loto as L
@@ -222,12 +225,14 @@ def test_selection_report_regenerates_from_the_committed_records(tmp_path, monke
     assert out["subsets"] == len(L.PAIRS) * len(L.SIZES) * len(L.SEEDS)
 
 
+@pytest.mark.slow  # trains, or regenerates the committed tables
 def test_budget_steps_follow_the_calibration_and_runs_are_recorded(harness, monkeypatch):
     import budget
 
     monkeypatch.setattr(budget, "OUT", harness / "budget")
     monkeypatch.setattr(budget, "RESULTS", harness)
     monkeypatch.setattr(budget, "TIMED_STEPS", 2)
+    monkeypatch.setattr(budget, "BATCH", 8)  # the arithmetic, not the speed, is under test
     monkeypatch.setattr(budget, "lr_for", lambda b, t, m: 0.05)
     monkeypatch.setattr(budget, "BUDGETS", [0.05, 0.1])
     monkeypatch.setattr(common, "STEPS", 150)
@@ -275,6 +280,7 @@ def test_budget_steps_follow_the_calibration_and_runs_are_recorded(harness, monk
     assert budget.verdict({"full FT": full_ft, "Layer FT mid": {"1.0": layer}}).startswith("No ")
 
 
+@pytest.mark.slow  # trains, or regenerates the committed tables
 def test_summarize_regenerates_its_tables_byte_for_byte_from_the_records(harness, monkeypatch):
     """The committed tables are a pure function of the committed records: summarizing the same
     records in a fresh folder gives identical markdown, JSON and PNG bytes."""

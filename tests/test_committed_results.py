@@ -21,6 +21,8 @@ import budget  # noqa: E402
 import common  # noqa: E402
 import summarize  # noqa: E402
 
+pytestmark = pytest.mark.slow  # reads ~1,900 records and redraws the plots
+
 
 def test_records_are_json_lines_sorted_by_key_and_under_the_size_cap():
     """One JSON Lines file per benchmark and backbone/target, one record per line, each line
