@@ -108,3 +108,16 @@ def test_grad_accum_is_validated_and_an_accumulating_accelerator_is_refused():
     with pytest.raises(ConfigError, match="build it with gradient_accumulation_steps=1"):
         fit_batches(model, [], opt, sched, accelerator=acc)
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_library_loop_runs_fp32_or_bf16_and_says_so_for_anything_else():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = build_cosine_schedule(opt, 10)
+    loader = DataLoader(data(8), batch_size=4)
+    with pytest.raises(
+        ConfigError, match=r"precision 'fp16' is not one of no, bf16; .*loss scaler"
+    ):
+        fit_batches(model, loader, opt, sched, precision="fp16")
+    fit = fit_batches(model, loader, opt, sched, precision="bf16")  # CPU bf16 autocast
+    assert fit.steps == 2 and torch.isfinite(fit.losses).all()
