@@ -89,8 +89,8 @@ def test_build_schedule_ends_at_min_lr_and_is_checkpointed_as_json(tmp_path):
         opt.step()
         again.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
-    (path / "scheduler.json").unlink()  # a checkpoint of an older version (pickled schedule)
-    with pytest.raises(ConfigError, match="no scheduler.json.*older ncfinetune.*new run"):
+    (path / "scheduler.json").unlink()  # an incomplete checkpoint
+    with pytest.raises(ConfigError, match="no scheduler.json.*incomplete.*new run"):
         load_training_state(acc, path, again)
 
 

@@ -386,8 +386,8 @@ def load_training_state(accelerator: Accelerator, path: Path, scheduler) -> None
     ``weights_only=True``: nothing is unpickled) and the scheduler's JSON state.
 
     Raises:
-        ConfigError: the checkpoint has no scheduler state (written by an older ncfinetune,
-            which pickled it).
+        ConfigError: the checkpoint holds pickles, or has no scheduler state (incomplete, or
+            not written by ncfinetune).
     """
     file = Path(path) / SCHEDULER_FILE
     pickles = sorted(p.name for p in Path(path).glob("custom_checkpoint_*"))
@@ -399,9 +399,9 @@ def load_training_state(accelerator: Accelerator, path: Path, scheduler) -> None
         )
     if not file.is_file():
         raise ConfigError(
-            f"checkpoint {path} has no {SCHEDULER_FILE}: it was written by an older ncfinetune "
-            "that pickled the schedule, which is no longer unpickled. Start a new run (a new "
-            "--output_dir), or resume with the version that wrote it."
+            f"checkpoint {path} has no {SCHEDULER_FILE}: it is incomplete or was not written by "
+            "ncfinetune, so the learning-rate schedule cannot be restored. Start a new run (a "
+            "new --output_dir)."
         )
     accelerator.load_state(str(path))
     scheduler.load_state_dict(json.loads(file.read_text()))

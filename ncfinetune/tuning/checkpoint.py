@@ -39,8 +39,9 @@ from ncfinetune.messages import warn_once
 WEIGHTS_NAME = "tuned.safetensors"
 CONFIG_NAME = "tuned_config.json"
 FORMAT = "ncfinetune-tuned"
-FORMAT_VERSION = 2
-"""2: method config under "config", LoRA adapters in peft's format. 1 is still read."""
+FORMAT_VERSION = 1
+"""The one format so far: the method config under "config", the recipe inside the weights
+file, LoRA adapters in peft's format. A newer version is refused with "upgrade ncfinetune"."""
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 
@@ -208,9 +209,8 @@ def _schema_problems(meta: dict) -> list[str]:
         "method": (str,),
         "weights_sha256": (str,),
         "base_fingerprint": (str,),
+        "config": (dict,),
     }
-    if meta.get("format_version") >= 2:
-        expect["config"] = (dict,)
     for key, types in expect.items():
         if key not in meta:
             problems.append(f"required key {key!r} is missing")
@@ -289,15 +289,6 @@ def read_tuned_config(path: str | os.PathLike) -> dict:
             + ". Was it edited? Restore the file written with the checkpoint, or save again."
         )
     return meta
-
-
-def flat_settings(meta: dict) -> dict:
-    """The method settings of a format-1 checkpoint (flat keys, before method configs)."""
-    settings = {"block": meta.get("block"), "bn": meta.get("bn_requested", meta.get("bn"))}
-    for key in ("skip_norm", "lora_rank", "lora_alpha", "lora_skip"):
-        if meta.get(key) is not None:
-            settings[key] = meta[key]
-    return settings
 
 
 def check_base(path: str | os.PathLike, meta: dict, arch: str, base_model: nn.Module) -> None:
@@ -388,16 +379,20 @@ def load_weights(
     state = model.state_dict()
     device = next(iter(state.values())).device if state else "cpu"
     tensors, metadata = _read_tensors(weights, device)
-    if _EMBEDDED in metadata:
-        saved = json.loads(metadata[_EMBEDDED])
-        now = {k: meta.get(k) for k in RECIPE_KEYS}
-        diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in RECIPE_KEYS if saved.get(k) != now[k]]
-        if diff:
-            raise CheckpointError(
-                f"{root / CONFIG_NAME} does not describe the weights saved beside it "
-                f"(weights file -> config: {'; '.join(diff)}): the config was edited. Restore "
-                "it, or tune the model again with the new settings."
-            )
+    if _EMBEDDED not in metadata:
+        raise CheckpointError(
+            f"{weights} carries no ncfinetune recipe in its metadata: it was not written by "
+            "TunedModel.save_pretrained (or was re-saved without its metadata). Save it again."
+        )
+    saved = json.loads(metadata[_EMBEDDED])
+    now = {k: meta.get(k) for k in RECIPE_KEYS}
+    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RECIPE_KEYS if saved.get(k) != now[k]]
+    if diff:
+        raise CheckpointError(
+            f"{root / CONFIG_NAME} does not describe the weights saved beside it "
+            f"(weights file -> config: {'; '.join(diff)}): the config was edited. Restore "
+            "it, or tune the model again with the new settings."
+        )
     wanted = {k: tuple(v.shape) for k, v in expected.items() if not _is_lora_key(k)}
     if adapter_file is None:
         wanted = {k: tuple(v.shape) for k, v in expected.items()}

@@ -347,7 +347,7 @@ class TunedModel(nn.Module):
         """
         meta = checkpoint.read_tuned_config(path)
         checkpoint.check_base(path, meta, arch_name(base_model), base_model)
-        settings = meta.get("config") or checkpoint.flat_settings(meta)
+        settings = meta["config"]
         settings = {**settings, "block": meta["block"]} if "block" in settings else settings
         # wrap first: the LoRA methods add modules (and state keys) the checkpoint fills
         tuned = cls(base_model, method_config(meta["method"], **settings))
