@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import ncfinetune
 import ncfinetune.data as nd
 import ncfinetune.selection
 from ncfinetune.errors import ConfigError, DataError
 from ncfinetune.recipes.config import flat_config
 from ncfinetune.recipes.engine import latest_training_state
 from ncfinetune.training.device import loop_precision
+from ncfinetune.tuning.model import get_tuned_model
 from ncfinetune.tuning.prefix_cache import CacheTooLarge, prefix_blocker, prefix_loader
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def build_tuned(acc, cfg: FinetuneConfig, data, train_idx, precision: str):
     elif block == "auto" or lr == "auto":  # resuming: the choice made before the interruption
         block, lr = read_selection(out, block, lr)
     t = cfg.tuning
-    tuned = ncfinetune.get_tuned_model(
+    tuned = get_tuned_model(
         model, t.method, block=block, bn=t.bn, skip_norm=t.skip_norm, lora_rank=t.lora_rank,
         lora_alpha=t.lora_alpha, lora_skip=t.lora_skip,
     )  # fmt: skip

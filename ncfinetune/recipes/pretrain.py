@@ -33,9 +33,8 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 
-import ncfinetune
-import ncfinetune.backbones.hub
 import ncfinetune.data as nd
+from ncfinetune._version import __version__
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import atomic_write, write_json, write_text
 from ncfinetune.recipes.checks import bound_problems, output_problems, seed_problems
@@ -404,7 +403,7 @@ def backbone_card(run: Pretraining, argv: list[str]) -> dict:
         "wall_time_s": round(run.seconds, 1),
         "command": "accelerate launch recipes/pretrain.py " + shlex.join(argv),  # quoted
         "versions": {
-            "ncfinetune": ncfinetune.__version__,
+            "ncfinetune": __version__,
             "timm": timm.__version__,
             "torch": torch.__version__,
         },

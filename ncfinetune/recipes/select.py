@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-import ncfinetune
 import ncfinetune.data as nd
 import ncfinetune.selection as S
+import ncfinetune.tuning.methods
 from ncfinetune.recipes.checks import output_problems, seed_problems
 from ncfinetune.recipes.config import key, parse_config, run_cli, save_config, section
 from ncfinetune.recipes.sections import DownstreamConfig
