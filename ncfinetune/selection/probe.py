@@ -90,6 +90,8 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 
 
 
 def training_cache(data, transform, rows, max_images, seed):
+    """``rows`` of ``data``'s training split (all by default; a seeded class-balanced sample of
+    ``max_images`` when more), decoded once into a ``TensorCache``."""
     from ncfinetune.data.loaders import TensorCache
 
     labels = data.labels("train")
