@@ -140,7 +140,9 @@ def private_names(root: Path, package: str) -> list[str]:
     """``file:line name`` for each private name one module of the package takes from another.
 
     Private *modules* are import-linter's (``private_modules``); here only names: ``from m
-    import _x`` and ``alias._x`` where ``alias`` is a module of the package bound by an import.
+    import _x``, and ``m._x`` where ``m`` is a module of the package reached through a name an
+    import bound (``import pkg.m as m``, ``from pkg import m``, or ``pkg.m._x`` after
+    ``import pkg.m``).
     """
     files = sorted((root / package).rglob("*.py"))
     modules = {}
@@ -168,16 +170,23 @@ def private_names(root: Path, package: str) -> list[str]:
                         found.append(f"{rel}:{node.lineno} {alias.name} (from {base})")
             elif isinstance(node, ast.Import):
                 for alias in node.names:
-                    if alias.asname and alias.name in modules:
+                    if alias.name in modules and alias.asname:
                         aliases[alias.asname] = alias.name
+                    elif alias.name in modules:  # ``import pkg.m`` binds ``pkg``
+                        aliases[package] = package
         for node in ast.walk(tree):
-            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
+            if not (isinstance(node, ast.Attribute) and _is_private(node.attr)):
                 continue
-            target = aliases.get(node.value.id)
-            if target and target != module and _is_private(node.attr):
-                if f"{target}.{node.attr}" not in modules:
-                    found.append(f"{rel}:{node.lineno} {node.attr} (attribute of {target})")
-    return sorted(set(found), key=lambda f: (f.split(":")[0], int(f.split(":")[1].split()[0])))
+            chain, value = [], node.value
+            while isinstance(value, ast.Attribute):
+                chain.insert(0, value.attr)
+                value = value.value
+            if not isinstance(value, ast.Name) or value.id not in aliases:
+                continue
+            target = ".".join([aliases[value.id], *chain])
+            if target in modules and target != module and f"{target}.{node.attr}" not in modules:
+                found.append(f"{rel}:{node.lineno} {node.attr} (attribute of {target})")
+    return sorted(set(found), key=lambda f: (f.split(":")[0], int(f.split(":")[1].split()[0]), f))
 
 
 def public_api_problems(pkg: ModuleType) -> list[str]:
@@ -266,7 +275,8 @@ def broken_copy(tmp_path_factory) -> Path:
                     from ncfinetune.data.loaders import _secret
                     import ncfinetune
                     import ncfinetune.data.sources as src
-                    return engine, _core, _secret, ncfinetune, src._hidden
+                    import ncfinetune.data.labels
+                    return engine, _core, _secret, src._hidden, ncfinetune.data.labels._odd
             """,
             # a cycle through the sub-package's own __init__ (invisible to acyclic_siblings)
             "ncfinetune/tuning/__init__.py": "from ncfinetune.tuning.ring import x\nSIZE = 1\n",
@@ -305,7 +315,8 @@ def test_cycle_check_can_fail(broken_copy):
 def test_private_name_check_can_fail(broken_copy):
     assert private_names(broken_copy, PACKAGE) == [
         "ncfinetune/data/spy.py:8 _secret (from ncfinetune.data.loaders)",
-        "ncfinetune/data/spy.py:11 _hidden (attribute of ncfinetune.data.sources)",
+        "ncfinetune/data/spy.py:12 _hidden (attribute of ncfinetune.data.sources)",
+        "ncfinetune/data/spy.py:12 _odd (attribute of ncfinetune.data.labels)",
     ]
 
 
