@@ -418,13 +418,13 @@ def config_differences(
     ``saved`` (a run's ``config.yaml``, sectioned or flat), in key order. A key the saved file
     lacks (written by an older version) counts as its default."""
     skip = set(ignore)
-    before_all = flat_values(type(now), saved, [])
+    before_all, after_all = flat_values(type(now), saved, []), flat_config(now)
     diffs = []
     for name, (_, f, _) in leaves(type(now)).items():
         if name in skip:
             continue
         before = before_all.get(name, _field_default(f))
-        after = flat_config(now)[name]
+        after = after_all[name]
         if isinstance(before, tuple):
             before = list(before)
         if before != after or isinstance(before, bool) != isinstance(after, bool):
