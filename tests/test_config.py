@@ -208,3 +208,31 @@ def test_run_cli_prints_the_message_and_exits_2(capsys, monkeypatch):
         run_cli(main, [])
     assert e.value.code == 2 and capsys.readouterr().err == ""
     assert run_cli(lambda argv: argv, ["--a", "1"]) == ["--a", "1"]
+
+
+def test_the_tuning_section_is_checked_by_the_method_registry(monkeypatch):
+    import warnings
+    from typing import ClassVar
+
+    from ncfinetune.recipes.sections import TuningSection
+    from ncfinetune.tuning import methods
+
+    assert TuningSection(method="lora", block=None).validate() == []
+    assert TuningSection(method="layer", block=None).validate() == [
+        "method 'layer' needs a block (index, name or auto)"
+    ]
+    assert (
+        "method 'adapter' is not one of linear, layer, scl"
+        in TuningSection("adapter").validate()[0]
+    )
+
+    @dataclass
+    class ProbeOnly(methods.LinearConfig):  # a method registered later is valid at once
+        name: ClassVar[str] = "probe-only"
+
+    monkeypatch.setitem(methods.METHODS, "probe-only", ProbeOnly)
+    assert TuningSection(method="probe-only", block=None).validate() == []
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        used = TuningSection(method="probe-only", block="3").without_unused()
+    assert used.block is None and used.settings() == {"bn": None}
