@@ -307,7 +307,9 @@ def parse_config(
         ConfigError: listing every problem found.
     """
     asked_help = wants_help(argv or [])
-    argv = _argparse_ready([a for a in argv or [] if a != "-h"])
+    # --debug belongs to run_cli (the traceback), -h/--help is answered below
+    argv = [a for a in _argparse_ready([a for a in argv or [] if a != "-h"])
+            if not a.startswith(("--debug=", "--help="))]  # fmt: skip
     config_file = config_file_arg(argv) or defaults_file
     problems: list[str] = []
     values = flat_values(cls, read_config_file(config_file) if config_file else {}, problems)
