@@ -49,14 +49,55 @@ FINER_MARKERS = {
     "multiprocess": "launches 2 gloo CPU processes with accelerate launch",
     "readme": "runs a README block as written",
     "results": "regenerates the committed benchmark tables from the committed records",
+    "subprocess": "starts a fresh Python (about 10 s of imports on 2 cores: torch, timm, evaluate)",
 }
 # module -> the finer markers of every test in it
 SLOW_MODULES: dict[str, tuple[str, ...]] = {
     "test_readme.py": ("readme", "e2e"),
     "test_committed_results.py": ("results",),
+    "test_inference.py": ("e2e",),  # its module fixture fine-tunes once for every test
 }
-# module -> {test function name (without parameters): its finer markers}
-SLOW_TESTS: dict[str, dict[str, tuple[str, ...]]] = {}
+E2E, MULTI, SUB = ("e2e",), ("multiprocess",), ("subprocess",)
+# module -> {test function name (without parameters): its finer markers}. Left fast on purpose:
+# config and error tests that stop before loading data, and the unit tests of each layer.
+SLOW_TESTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "test_recipes.py": {
+        "test_finetune_smoke_writes_metrics_and_loadable_weights": E2E,
+        "test_lora_block_recipe_run_saves_and_reloads_its_adapters": E2E,
+        "test_prefix_cache_is_automatic_where_legal_and_changes_no_number": E2E,
+        "test_prefix_cache_under_bf16_stays_within_bf16_rounding_of_uncached": E2E,
+        "test_prefix_cache_true_where_illegal_says_why": E2E,
+        "test_fast_defaults_are_recorded_and_can_be_turned_off": E2E,
+        "test_compile_flag_compiles_the_training_step_and_saves_plain_weights": E2E,
+        "test_interrupt_and_resume_gives_the_same_final_numbers": E2E,
+        "test_two_process_block_and_lr_auto_select_once_and_agree": MULTI,
+        "test_two_process_interrupt_and_resume_gives_the_same_history": MULTI,
+        "test_two_process_cpu_run_counts_each_test_sample_once": MULTI,
+        "test_pretrain_smoke_then_finetune_from_its_checkpoint": E2E,
+        "test_pretrain_starts_from_a_pretrained_backbone_of_the_same_architecture": E2E,
+        "test_pretrain_distils_from_a_teacher_whose_head_is_a_linear_probe": E2E,
+        "test_block_auto_chooses_the_same_everywhere_and_tunes_the_choice": E2E,
+        "test_lr_auto_for_full_fine_tuning_and_resume_keeps_the_choice": E2E,
+        "test_select_block_recipe_writes_report_and_plot": E2E,
+        "test_a_diverged_run_stops_with_an_error_naming_the_lr_and_step_and_saves_nothing": E2E,
+        "test_evaluation_test_and_checkpoint_cadence": E2E,
+    },
+    "test_runs.py": {
+        "test_a_run_is_never_started_over_and_resume_alone_reuses_its_config": E2E,
+        "test_resume_lists_every_change_that_affects_training": E2E,
+        "test_resume_override_trains_the_new_schedule_and_records_it": E2E,
+    },
+    "test_cli.py": {
+        "test_python_m_ncfinetune_finetune_help": SUB,
+        "test_errors_exit_2_with_the_message_and_a_traceback_only_with_debug": SUB,
+        "test_two_processes_print_a_config_error_once": MULTI,
+    },
+    "test_launch.py": {"test_an_accelerator_without_a_setting_takes_the_launchers_choice": SUB},
+    "test_plotting.py": {"test_plotting_leaves_the_backend_alone_and_never_imports_pyplot": SUB},
+    "test_bad_inputs.py": {
+        "test_a_kill_at_any_moment_of_a_save_leaves_a_checkpoint_that_loads": SUB
+    },
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
