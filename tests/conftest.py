@@ -72,7 +72,6 @@ SLOW_TESTS: dict[str, dict[str, tuple[str, ...]]] = {
         "test_interrupt_and_resume_gives_the_same_final_numbers": E2E,
         "test_two_process_block_and_lr_auto_select_once_and_agree": MULTI,
         "test_two_process_interrupt_and_resume_gives_the_same_history": MULTI,
-        "test_two_process_cpu_run_counts_each_test_sample_once": MULTI,
         "test_pretrain_smoke_then_finetune_from_its_checkpoint": E2E,
         "test_pretrain_starts_from_a_pretrained_backbone_of_the_same_architecture": E2E,
         "test_pretrain_distils_from_a_teacher_whose_head_is_a_linear_probe": E2E,
