@@ -63,20 +63,34 @@ def test_python_m_ncfinetune_finetune_help():
     assert "\ntuning:\n" in proc.stdout and "--lr " in proc.stdout
 
 
+def start(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env or checkout_env(),
+                            cwd=ROOT)  # fmt: skip
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def script(*args, env=None):
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env or checkout_env(), cwd=ROOT)  # fmt: skip
+    return finish(start(*args, env=env))
 
 
 def test_errors_exit_2_with_the_message_and_a_traceback_only_with_debug(tmp_path):
     finetune = ROOT / "recipes" / "finetune.py"
-    proc = script(finetune, "--epochs", 0, "--method", "nope", "--output_dir", tmp_path)
+    # the three interpreters start together: each spends seconds importing, on its own core
+    plain = start(finetune, "--epochs", 0, "--method", "nope", "--output_dir", tmp_path)
+    debug = start(finetune, "--epochs", 0, "--debug", "--output_dir", tmp_path)
+    help_ = start(ROOT / "recipes" / "eval.py", "--tuned", tmp_path / "none", "--help")
+    proc = finish(plain)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: 2 problem(s) in the config")
     assert "epochs must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
-    proc = script(finetune, "--epochs", 0, "--debug", "--output_dir", tmp_path)
+    proc = finish(debug)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
-    proc = script(ROOT / "recipes" / "eval.py", "--tuned", tmp_path / "none", "--help")
+    proc = finish(help_)
     assert proc.returncode == 0 and "--tuned" in proc.stdout
 
 
