@@ -131,3 +131,37 @@ def test_recipes_block_runs_top_to_bottom(tmp_path):
         ran = sum(pool.map(run_chain, sorted(chains(lines), key=len, reverse=True)))
     assert ran == len(lines) >= 8
     assert (tmp_path / "preds.csv").is_file()
+
+
+HEADLINE = re.compile(
+    r"\*\*([\d.]+)% test accuracy\*\*.*?\*\*NC1 ([\d.]+)\*\*, \*\*([\d.]+)% trainable\*\*", re.S
+)
+PRINTED = re.compile(
+    r"test accuracy ([\d.]+)%\s+penultimate NC1 \(train\) ([\d.]+)\s+trainable ([\d.]+)%"
+)
+
+
+def test_readme_headline_is_what_the_default_run_prints(tmp_path):
+    """The numbers at the top of the README are the default run's output, re-run here: the
+    bundled default with no flags but an output folder (the README's first command), from a
+    folder outside the checkout."""
+    intro = (ROOT / "README.md").read_text().split("## Use")[0]
+    quoted = HEADLINE.search(intro)
+    assert quoted, "the README's headline (**A% test accuracy** ... **NC1 N**, **T% trainable**)"
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ncfinetune", "finetune", "--output_dir", str(tmp_path / "run")],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = PRINTED.search(proc.stdout)
+    assert printed, proc.stdout[-2000:]
+    assert printed.groups() == quoted.groups(), (
+        f"README says {quoted.groups()} (accuracy %, NC1, trainable %), the default run printed "
+        f"{printed.groups()}: re-run it and update the README's headline"
+    )
