@@ -51,7 +51,13 @@ def test_every_recipe_has_help_grouped_by_section_with_every_key_described(name,
 def test_finetune_keys_are_in_sections_and_unique():
     from ncfinetune.recipes.finetune import FinetuneConfig
 
-    assert [s for s, _ in sections(FinetuneConfig)] == ["backbone", "data", "tuning", "optim", "run"]
+    assert [s for s, _ in sections(FinetuneConfig)] == [
+        "backbone",
+        "data",
+        "tuning",
+        "optim",
+        "run",
+    ]
     names = [f.name for _, c in sections(FinetuneConfig) for f in dataclasses.fields(c)]
     assert len(names) == len(set(names)) == len(leaves(FinetuneConfig)) == 54
 

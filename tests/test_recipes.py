@@ -488,9 +488,11 @@ def test_block_auto_chooses_the_same_everywhere_and_tunes_the_choice(tmp_path):
     the same defaults, the same choice on the same data and seed; with lr auto as well."""
     import ncfinetune
     from ncfinetune import data as nd
+
     data_args = ["--model", "test_resnet", "--image_size", "32", "--per_class", "6",
                  "--seed", "1"]  # fmt: skip
     from ncfinetune.recipes import select as recipe
+
     cfg = parse_config(recipe.SelectConfig, data_args)
     torch.manual_seed(1)  # as the recipes do: the new classifier's init follows the seed
     data = cfg.load_data()
@@ -541,6 +543,7 @@ def test_lr_auto_for_full_fine_tuning_and_resume_keeps_the_choice(tmp_path):
 
 def test_select_block_recipe_writes_report_and_plot(tmp_path, capsys):
     from ncfinetune.recipes import select as recipe
+
     sel = recipe.main(
         [
             "--model",

@@ -16,8 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from ncfinetune.files import atomic_write
 from ncfinetune.backbones.hub import ASSETS
+from ncfinetune.files import atomic_write
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ import difflib
 import math
 import os
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -434,6 +435,10 @@ def config_differences(
     return diffs
 
 
+# How long a rank other than 0 waits before exiting on an error (see run_cli).
+NON_MAIN_GRACE_S = 10.0
+
+
 def is_main_process() -> bool:
     """False on every process but rank 0 of a launched run (``accelerate launch`` and torchrun
     set ``RANK``); True for a plain process. Readable before any Accelerator exists."""
@@ -458,6 +463,10 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
             raise
         if is_main_process():
             print(f"error: {err}\n(--debug shows the traceback)", file=sys.stderr, flush=True)
+        else:
+            # torchrun stops every process as soon as one exits: the other ranks give rank 0
+            # time to print the message (it fails the same way and then ends them all).
+            time.sleep(NON_MAIN_GRACE_S)
         raise SystemExit(2) from None
 
 

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ncfinetune.tuning import checkpoint
-from ncfinetune.tuning.batchnorm import hold_batchnorms
 from ncfinetune.backbones import BackboneAdapter, get_adapter
 from ncfinetune.backbones.base import Prediction, arch_name
-from ncfinetune.errors import ConfigError
 from ncfinetune.backbones.hub import BASE_ATTRIBUTE
+from ncfinetune.errors import ConfigError
 from ncfinetune.messages import warn_once
+from ncfinetune.tuning import checkpoint
+from ncfinetune.tuning.batchnorm import hold_batchnorms
 from ncfinetune.tuning.methods import (
     BN_POLICIES,
     FullConfig,
