@@ -12,6 +12,7 @@ import ncfinetune.backbones.hub
 import ncfinetune.data as nd
 from ncfinetune.backbones.base import Prediction
 from ncfinetune.errors import ConfigError
+from ncfinetune.training.device import model_device
 
 
 class PretrainNet(nn.Module):
@@ -75,14 +76,10 @@ class Targets:
                 x = jitter(x)
             if self.teacher is not None:
                 with torch.no_grad(), self.autocast():
-                    soft = self.teacher(x.to(_device(self.teacher))).float().softmax(-1)
+                    soft = self.teacher(x.to(model_device(self.teacher))).float().softmax(-1)
                 hard = nn.functional.one_hot(y, self.num_classes).float()
                 y = (1 - self.alpha) * hard.to(soft.device) + self.alpha * soft
             yield x, y
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 class _Renormalized(nn.Module):
