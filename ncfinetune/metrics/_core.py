@@ -31,6 +31,7 @@ __all__ = [
     "chunk_rows",
     "class_means",
     "class_sums",
+    "class_variances",
     "float64_chunks",
     "ldexp",
     "max_abs",
@@ -39,6 +40,7 @@ __all__ = [
     "scale_exponent",
     "scratch",
     "shown_rows",
+    "unit_rows",
     "unit_scale",
 ]
 
@@ -169,6 +171,27 @@ def unit_scale(h: torch.Tensor, what: str = "features") -> torch.Tensor:
     return h
 
 
+def unit_rows(h: torch.Tensor, what: str = "features") -> torch.Tensor:
+    """The rows of ``h`` L2-normalised, float64, at any magnitude (for cosine similarities).
+
+    Each row is divided by its largest magnitude before it is normalised, so no square overflows
+    or underflows (1e-200 and 1e200 rows come out as the same unit vectors). Raises on NaN/inf,
+    all-zero features and any all-zero row (its cosine similarity is undefined).
+    """
+    if max_abs(h, what) == 0.0:  # also raises on NaN/inf
+        raise_all_zero(h, what)
+    u = h.to(torch.float64)
+    row_max = u.abs().amax(1, keepdim=True)
+    zero = torch.nonzero(row_max.flatten() == 0).flatten()
+    if zero.numel():
+        raise MetricInputError(
+            f"{zero.numel()} {what.removesuffix('s')} row(s) are all zero (first: row {int(zero[0])}); cosine "
+            "similarity is undefined for them. Drop those rows."
+        )
+    u = u / row_max  # each row's largest entry is now +-1: its norm cannot under/overflow
+    return u / torch.linalg.vector_norm(u, dim=1, keepdim=True)
+
+
 def raise_all_zero(h: torch.Tensor, what: str = "features") -> None:
     """Raise the error for features whose values are all zero (``h`` is N x d)."""
     n, d = h.shape
@@ -262,6 +285,25 @@ def class_means(
             "Rescale the features, e.g. divide by their largest absolute value."
         )
     return sums / counts.to(sums)[:, None], float(fro2)
+
+
+def class_variances(
+    h: torch.Tensor, y: torch.Tensor, k: int, counts: torch.Tensor, means: torch.Tensor
+) -> torch.Tensor:
+    """Per-class mean squared distance to the class mean (K,), float64, one pass over ``h``.
+
+    ``means`` are the float64 class means of the same (already scaled) ``h``.
+    """
+    n, d = h.shape
+    within = torch.zeros(k, dtype=torch.float64, device=h.device)
+    rows = min(n, chunk_rows(d, h.device))
+    buf, gathered = scratch(h.device, (rows, d), (rows, d))
+    for s, e, b in float64_chunks(h, buf):
+        g = gathered[: e - s]
+        torch.index_select(means, 0, y[s:e], out=g)
+        dev = b.sub_(g) if h.dtype != torch.float64 else b - g
+        within.index_add_(0, y[s:e], dev.square_().sum(1))
+    return within / counts.to(within)
 
 
 def between_directions(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,12 +48,14 @@ from ncfinetune.metrics._core import (
     check_features,
     chunk_rows,
     class_means,
+    class_variances,
     float64_chunks,
     ldexp,
     max_abs,
     raise_all_zero,
     scale_exponent,
     scratch,
+    unit_rows,
     unit_scale,
 )
 from ncfinetune.metrics._labels import check_labels
@@ -202,15 +204,7 @@ def cdnv(features: Any, labels: Any, num_classes: int | None = None) -> float:
     y, k, counts, names = check_labels(labels, n, h.device, num_classes)
     h = unit_scale(h)
     means, _ = class_means(h, y, k, counts)
-    within = torch.zeros(k, dtype=torch.float64, device=h.device)
-    rows = min(n, chunk_rows(d, h.device))
-    buf, gathered = scratch(h.device, (rows, d), (rows, d))
-    for s, e, b in float64_chunks(h, buf):
-        g = gathered[: e - s]
-        torch.index_select(means, 0, y[s:e], out=g)
-        dev = b.sub_(g) if h.dtype != torch.float64 else b - g
-        within.index_add_(0, y[s:e], dev.square_().sum(1))
-    var = within / counts.to(within)
+    var = class_variances(h, y, k, counts, means)
     return cdnv_from_stats(means, var, names)
 
 
@@ -291,18 +285,7 @@ def class_separation_r2(features: Any, labels: Any, num_classes: int | None = No
     h = check_features(features)
     n, d = h.shape
     y, k, counts, _ = check_labels(labels, n, h.device, num_classes)
-    if max_abs(h) == 0.0:  # also raises on NaN/inf
-        raise_all_zero(h)
-    u = h.to(torch.float64)
-    row_max = u.abs().amax(1, keepdim=True)
-    zero = torch.nonzero(row_max.flatten() == 0).flatten()
-    if zero.numel():
-        raise MetricInputError(
-            f"{zero.numel()} feature row(s) are all zero (first: row {int(zero[0])}); cosine "
-            "similarity is undefined for them. Drop those rows."
-        )
-    u = u / row_max  # each row's largest entry is now +-1: its norm cannot under/overflow
-    u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True)
+    u = unit_rows(h)
     m = torch.zeros(k, d, dtype=torch.float64, device=h.device).index_add_(0, y, u)
     m /= counts.to(m)[:, None]
     within = torch.zeros(k, dtype=torch.float64, device=h.device)
