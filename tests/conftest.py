@@ -81,6 +81,11 @@ SLOW_TESTS: dict[str, dict[str, tuple[str, ...]]] = {
         "test_a_diverged_run_stops_with_an_error_naming_the_lr_and_step_and_saves_nothing": E2E,
         "test_evaluation_test_and_checkpoint_cadence": E2E,
     },
+    "test_monitor.py": {
+        "test_a_target_too_small_for_the_subsets_says_which_keys_to_lower": E2E,
+        "test_monitor_logs_every_epoch_and_keeps_the_best_transferring_backbone": E2E,
+        "test_the_monitor_changes_no_weight_and_every_n_epochs_plus_the_last": E2E,
+    },
     "test_runs.py": {
         "test_a_run_is_never_started_over_and_resume_alone_reuses_its_config": E2E,
         "test_resume_lists_every_change_that_affects_training": E2E,

@@ -9,8 +9,14 @@ distillation from a teacher backbone (``--teacher resnet18_fmnist04``): its clas
 linear probe fitted on the source training features, and the student's target is
 ``(1 - distill_alpha) * one_hot(label) + distill_alpha * softmax(teacher logits)``.
 
+Transfer monitor (``--transfer_targets digits,fashion_mnist:5-9 --transfer_every N``, see
+:mod:`ncfinetune.recipes.monitor`): every N epochs the frozen backbone's linear-probe accuracy,
+R@1, NMI and NC1 on each target's held-out training rows, logged with the epoch; the backbone
+that transferred best is written to ``output_dir/best_transfer/`` beside the last one.
+
 Writes the backbone (without classifier or projector) in float16 safetensors plus a JSON card
-and a markdown model card, into ``output_dir`` only: the recipe never writes into the installed
+and a markdown model card, and ``metrics.json`` (the per-epoch history, after every epoch) and
+TensorBoard logs, into ``output_dir`` only: the recipe never writes into the installed
 package. Shipping a backbone with the package is a separate maintainer step
 (``python tools/bundle_backbone.py runs/pretrain_x NAME``; see the README).
 """
@@ -19,14 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import timm
 import torch
 from accelerate import Accelerator
@@ -34,10 +38,14 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 
 import ncfinetune.data as nd
-from ncfinetune._version import __version__
 from ncfinetune.errors import ConfigError
-from ncfinetune.files import atomic_write, write_json, write_text
-from ncfinetune.recipes.checks import bound_problems, output_problems, seed_problems
+from ncfinetune.files import write_json
+from ncfinetune.recipes.checks import (
+    bound_problems,
+    output_problems,
+    seed_problems,
+    tracker_problems,
+)
 from ncfinetune.recipes.config import flat_config, key, parse_config, run_cli, save_config, section
 from ncfinetune.recipes.engine import (
     build_schedule,
@@ -45,14 +53,25 @@ from ncfinetune.recipes.engine import (
     set_cpu_threads,
     train_epoch,
 )
+from ncfinetune.recipes.monitor import (
+    TransferMonitor,
+    TransferTarget,
+    epoch_scalars,
+    load_target,
+    mean_probe_accuracy,
+    measure,
+    run_metrics,
+)
 from ncfinetune.recipes.pretrain_parts import (
     PretrainNet,
     Targets,
+    backbone_card,
     channel_stats,
     fit_teacher,
+    fp16_state,
     init_problems,
     load_init,
-    model_card,
+    write_backbone,
 )
 from ncfinetune.training.device import choose_precision, launch_device_type, precision_problem
 from ncfinetune.training.loop import predict_batches
@@ -180,6 +199,12 @@ class PretrainRun:
     cpu_threads: int | None = key(None, "CPU only; null = cores / processes on this machine")
     nc1_samples: int = key(5000, "source training samples used for the per-epoch NC1")
     output_dir: str = key("runs/pretrain", "backbone.{safetensors,json,md}; never overwritten")
+    tracker: str | None = key(
+        "tensorboard", "tensorboard (logs under output_dir), none, or another accelerate tracker"
+    )
+    save_every: int | None = key(
+        None, "also keep every N-th epoch's backbone as output_dir/epochs/epoch_N/; null = off"
+    )
     bundle_as: str | None = key(None, "removed: use tools/bundle_backbone.py (a maintainer step)")
 
     def validate(self) -> list[str]:
@@ -196,6 +221,7 @@ class PretrainRun:
             p.append(f"nc1_samples must be >= 1, got {self.nc1_samples}")
         if problem := precision_problem(self.mixed_precision):
             p.append(problem)
+        p += tracker_problems(self.tracker) + bound_problems(self, save_every=">=1")
         return p + seed_problems(self.seed) + output_problems("output_dir", self.output_dir)
 
 
@@ -207,6 +233,7 @@ class PretrainConfig:
     data: PretrainData = section(PretrainData)
     objective: Objective = section(Objective)
     optim: PretrainOptim = section(PretrainOptim)
+    monitor: TransferMonitor = section(TransferMonitor)
     run: PretrainRun = section(PretrainRun)
 
 
@@ -230,13 +257,17 @@ class Pretraining:
     probe: Any  # the NC1 sample (unprepared: NC1 shards it itself)
     test: Any
     teacher_note: dict | None = None
+    targets: list[TransferTarget] = field(default_factory=list)  # main process only
     history: list = field(default_factory=list)
+    best_transfer: dict | None = None  # {"epoch", "score", "state"}: the best-transferring weights
     seconds: float = 0.0
+    argv: list[str] = field(default_factory=list)  # the command line, for the cards
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     run = setup(parse_config(PretrainConfig, argv))
+    run.argv = list(argv)
     train(run)
     finish(run, argv)
     return {"history": run.history}
@@ -254,6 +285,8 @@ def start(cfg: PretrainConfig) -> tuple[PretrainConfig, Accelerator]:
     precision, _ = choose_precision(cfg.run.mixed_precision, launch_device_type())
     acc = Accelerator(
         mixed_precision=precision,
+        log_with=None if cfg.run.tracker in (None, "none") else cfg.run.tracker,
+        project_dir=cfg.run.output_dir,
         # accelerate's seedable sampler: epoch e is shuffled by (seed, e) on every process
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True, data_seed=cfg.run.seed
@@ -263,6 +296,8 @@ def start(cfg: PretrainConfig) -> tuple[PretrainConfig, Accelerator]:
     cfg = dataclasses.replace(cfg, run=ran)  # recorded as it ran
     set_seed(cfg.run.seed)
     set_cpu_threads(acc, cfg.run.cpu_threads)
+    if cfg.run.tracker not in (None, "none"):
+        acc.init_trackers("pretrain", config={k: str(v) for k, v in flat_config(cfg).items()})
     return cfg, acc
 
 
@@ -346,9 +381,17 @@ def setup(cfg: PretrainConfig) -> Pretraining:
         train, augment=cfg.data.augment, teacher=teacher, alpha=cfg.objective.distill_alpha,
         num_classes=data.num_classes, autocast=acc.autocast,
     )  # fmt: skip
+    m = cfg.monitor
+    targets = [
+        load_target(t, tf, fit_per_class=m.transfer_fit_per_class,
+                    held_per_class=m.transfer_held_per_class, seed=cfg.run.seed)
+        for t in (m.transfer_targets if acc.is_main_process else [])
+    ]  # fmt: skip
+    for t in targets:
+        acc.print(f"transfer target {t.name}: {t.num_classes} classes, fit {len(t.fit)} / held-out {len(t.held)} training rows")  # fmt: skip
     return Pretraining(
         cfg, acc, data, backbone, data_cfg, net, opt, sched, plan, train, batches, probe, test,
-        teacher_note,
+        teacher_note, targets,
     )  # fmt: skip
 
 
@@ -358,6 +401,7 @@ def train(run: Pretraining) -> None:
     cfg, acc = run.cfg, run.acc
     start = time.time()
     for epoch in range(cfg.optim.epochs):
+        t0 = time.perf_counter()
         run.train.set_epoch(epoch)
         stats = train_epoch(
             acc, run.net, run.batches, run.opt, run.sched, label_smoothing=cfg.objective.label_smoothing,
@@ -372,42 +416,49 @@ def train(run: Pretraining) -> None:
             "test_accuracy": (res["preds"] == res["labels"]).float().mean().item(),
             "nc1_train": collect_nc1(acc, run.net, run.probe),
             "images_per_s": stats.images_per_s,
+            "epoch_seconds": round(time.perf_counter() - t0, 2),
         }
+        if cfg.monitor.due(epoch + 1, cfg.optim.epochs):
+            monitor_epoch(run, row)
         run.history.append(row)
         acc.print(json.dumps(row))
+        if acc.is_main_process:
+            acc.log(epoch_scalars(row), step=epoch + 1)
+            every = cfg.run.save_every
+            if every and (epoch + 1) % every == 0:
+                run.seconds = time.time() - start
+                folder = Path(cfg.run.output_dir) / "epochs" / f"epoch_{epoch + 1}"
+                card = backbone_card(run, run.argv) | {
+                    "selected": f"epoch {epoch + 1} (save_every)"
+                }
+                write_backbone(folder, fp16_state(acc.unwrap_model(run.net).backbone), card)
+            write_json(
+                Path(cfg.run.output_dir) / "metrics.json", run_metrics(run.history, cfg.monitor)
+            )
     run.seconds = time.time() - start
 
 
-def backbone_card(run: Pretraining, argv: list[str]) -> dict:
-    """What ``backbone.json`` records: architecture, data config, source, training, results."""
-    cfg, data, last = run.cfg, run.data, run.history[-1]
-    return {
-        "architecture": cfg.backbone.model,
-        "model_kwargs": cfg.backbone.timm_kwargs(),
-        "pretrained_cfg": run.data_cfg,
-        "source": {
-            "dataset": cfg.data.dataset,
-            "classes": cfg.data.classes,
-            "class_names": data.class_names,
-            "train_size": len(data.train),
-            "test_size": len(data.test),
-        },
-        "training": {
-            k: v for k, v in flat_config(cfg).items() if k not in ("output_dir", "bundle_as")
-        },
-        "teacher": run.teacher_note,
-        "source_test_accuracy": last["test_accuracy"],
-        "source_nc1_train": last["nc1_train"],
-        "final_lr": run.opt.param_groups[0]["lr"],  # the schedule's end: min_lr
-        "history": run.history,
-        "wall_time_s": round(run.seconds, 1),
-        "command": "accelerate launch recipes/pretrain.py " + shlex.join(argv),  # quoted
-        "versions": {
-            "ncfinetune": __version__,
-            "timm": timm.__version__,
-            "torch": torch.__version__,
-        },
-    }
+def monitor_epoch(run: Pretraining, row: dict) -> None:
+    """The transfer monitor after an epoch (main process; the others wait): every target's
+    scores into ``row["transfer"]``, and a copy of the weights when they transfer best so far."""
+    acc = run.acc
+    if acc.is_main_process:
+        backbone = acc.unwrap_model(run.net).backbone
+        scores, seconds = measure(backbone, run.targets, acc.autocast, run.cfg.run.seed)
+        score = mean_probe_accuracy(scores)
+        row |= {
+            "transfer": scores,
+            "transfer_mean_probe_accuracy": score,
+            "transfer_seconds": round(seconds, 2),
+        }
+        best = run.best_transfer
+        if score is not None and (best is None or score > best["score"]):
+            run.best_transfer = {
+                "epoch": row["epoch"],
+                "score": score,
+                "state": fp16_state(backbone),
+            }
+    acc.wait_for_everyone()
 
 
 def finish(run: Pretraining, argv: list[str]) -> None:
@@ -417,22 +468,26 @@ def finish(run: Pretraining, argv: list[str]) -> None:
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(run.cfg, out / "config.yaml")
-        state = {
-            k: v.detach().to(torch.float16).contiguous()
-            for k, v in acc.unwrap_model(run.net).backbone.state_dict().items()
-        }
-        atomic_write(
-            out / "backbone.safetensors",
-            lambda tmp: safetensors.torch.save_file(state, tmp, metadata={"format": "pt"}),
-        )
         card = backbone_card(run, argv)
-        write_text(out / "backbone.md", model_card(card))
-        write_json(out / "backbone.json", card)
+        write_json(out / "metrics.json", run_metrics(run.history, run.cfg.monitor))
+        best = run.best_transfer
+        if best is not None:
+            epoch = next(r for r in run.history if r["epoch"] == best["epoch"])
+            write_backbone(out / "best_transfer", best["state"], card | {
+                "selected": f"epoch {best['epoch']} of {len(run.history)}: the best mean "
+                "linear-probe accuracy over the transfer targets",
+                "epoch": best["epoch"],
+                "source_test_accuracy": epoch["test_accuracy"],
+                "source_nc1_train": epoch["nc1_train"],
+            })  # fmt: skip
+        write_backbone(out, fp16_state(acc.unwrap_model(run.net).backbone), card)
         last = run.history[-1]
         acc.print(
             f"source test accuracy {last['test_accuracy']:.4f}, NC1 {last['nc1_train']:.3f}, "
             f"{card['wall_time_s']}s; wrote {out}/backbone.safetensors"
-        )
+            + (f"; best transfer: epoch {best['epoch']} (mean probe accuracy "
+               f"{best['score']:.4f}) -> {out}/best_transfer/" if best else "")
+        )  # fmt: skip
     acc.end_training()
 
 

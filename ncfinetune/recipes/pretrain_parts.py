@@ -1,17 +1,26 @@
 """The pretrain recipe's pieces: the network (backbone, optional MLP projector, classifier),
 the source statistics, batch augmentation and distillation targets, the teacher (a backbone
-whose classifier is a linear probe), starting from another backbone, and the model card."""
+whose classifier is a linear probe), starting from another backbone, the cards and the
+backbone folder."""
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 import safetensors.torch
+import timm
 import torch
 from torch import nn
 
 import ncfinetune.backbones.hub
 import ncfinetune.data as nd
+from ncfinetune._version import __version__
 from ncfinetune.backbones.base import Prediction
 from ncfinetune.errors import ConfigError
+from ncfinetune.files import atomic_write, write_json, write_text
+from ncfinetune.recipes.config import flat_config
+from ncfinetune.recipes.monitor import best_epochs
 from ncfinetune.training.device import model_device
 
 
@@ -37,6 +46,14 @@ class PretrainNet(nn.Module):
 
     def forward(self, x):
         return self.forward_with_features(x).logits
+
+
+def fp16_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's weights as stored: float16 copies on the CPU."""
+    return {
+        k: v.detach().to("cpu", torch.float16).contiguous().clone()
+        for k, v in backbone.state_dict().items()
+    }
 
 
 def channel_stats(model: nn.Module, dataset, n: int = 5000) -> tuple[tuple[float, ...], ...]:
@@ -173,11 +190,61 @@ def fit_teacher(cfg, acc, data, student: nn.Module) -> tuple[nn.Module, dict]:
     return teacher, note
 
 
+def backbone_card(run, argv: list[str]) -> dict:
+    """What ``backbone.json`` records: architecture, data config, source, training, results."""
+    cfg, data, last = run.cfg, run.data, run.history[-1]
+    return {
+        "architecture": cfg.backbone.model,
+        "model_kwargs": cfg.backbone.timm_kwargs(),
+        "pretrained_cfg": run.data_cfg,
+        "source": {
+            "dataset": cfg.data.dataset,
+            "classes": cfg.data.classes,
+            "class_names": data.class_names,
+            "train_size": len(data.train),
+            "test_size": len(data.test),
+        },
+        "training": {
+            k: v for k, v in flat_config(cfg).items() if k not in ("output_dir", "bundle_as")
+        },
+        "teacher": run.teacher_note,
+        "source_test_accuracy": last["test_accuracy"],
+        "source_nc1_train": last["nc1_train"],
+        "final_lr": run.opt.param_groups[0]["lr"],  # the schedule's end: min_lr
+        "epoch": len(run.history),
+        **best_epochs(run.history),
+        "history": run.history,
+        "wall_time_s": round(run.seconds, 1),
+        "command": "accelerate launch recipes/pretrain.py " + shlex.join(argv),  # quoted
+        "versions": {
+            "ncfinetune": __version__,
+            "timm": timm.__version__,
+            "torch": torch.__version__,
+        },
+    }
+
+
 def model_card(card: dict) -> str:
     src, tr = card["source"], card["training"]
+    monitored = any("transfer" in h for h in card["history"])
+
+    def probe(h: dict) -> str:
+        score = h.get("transfer_mean_probe_accuracy")
+        return "" if not monitored else " - |" if score is None else f" {score:.4f} |"
+
     rows = "\n".join(
         f"| {h['epoch']} | {h['train_loss']:.4f} | {h['test_accuracy']:.4f} | {h['nc1_train']:.3f} |"
+        + probe(h)
         for h in card["history"]
+    )
+    transfer_line = (
+        f"- transfer monitor on {', '.join(tr['transfer_targets'])}: best mean linear-probe "
+        f"accuracy at epoch {card['best_transfer_epoch']} "
+        f"({card['best_transfer_mean_probe_accuracy']:.4f}, kept in `best_transfer/`); best "
+        f"source test accuracy at epoch {card['best_source_epoch']}"
+        f"{'; this folder holds epoch ' + str(card['epoch']) if 'selected' in card else ''}\n"
+        if card.get("best_transfer_epoch")
+        else ""
     )
     t = card.get("teacher")
     teacher_line = (
@@ -198,12 +265,24 @@ def model_card(card: dict) -> str:
 - architecture: `{card["architecture"]}` {card["model_kwargs"] or ""}, input {card["pretrained_cfg"]["input_size"]}
 - data: {src["dataset"]} classes {src["classes"]} ({", ".join(src["class_names"])}), {src["train_size"]} train / {src["test_size"]} test images, grayscale replicated to RGB, mean {[round(m, 4) for m in card["pretrained_cfg"]["mean"]]}, std {[round(s, 4) for s in card["pretrained_cfg"]["std"]]}
 - training: {tr["epochs"]} epochs, batch {tr["batch_size"]}, {tr["optimizer"]} lr {tr["lr"]} cosine, momentum {tr["momentum"]}, weight decay {tr["weight_decay"]}, label smoothing {tr["label_smoothing"]}, projector {tr["projector"]}, augment {tr["augment"]}, seed {tr["seed"]}
-{teacher_line}- **source test accuracy: {card["source_test_accuracy"]:.4f}**; NC1 of backbone features on {tr["nc1_samples"]} source training images: {card["source_nc1_train"]:.3f}
+{teacher_line}{transfer_line}- **source test accuracy: {card["source_test_accuracy"]:.4f}**; NC1 of backbone features on {tr["nc1_samples"]} source training images: {card["source_nc1_train"]:.3f}
 - wall time: {card["wall_time_s"]} s; weights stored as float16 (no classifier)
 - command: `{card["command"]}`
 - versions: {card["versions"]}
 
-| epoch | train loss | source test acc | NC1 (train) |
-|---|---|---|---|
+| epoch | train loss | source test acc | NC1 (train) |{" mean transfer probe acc |" if monitored else ""}
+|---|---|---|---|{"---|" if monitored else ""}
 {rows}
 """
+
+
+def write_backbone(folder: Path, state: dict, card: dict) -> None:
+    """A backbone folder: float16 safetensors, the model card, then ``backbone.json`` (last:
+    its presence marks a finished folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(
+        folder / "backbone.safetensors",
+        lambda tmp: safetensors.torch.save_file(state, tmp, metadata={"format": "pt"}),
+    )
+    write_text(folder / "backbone.md", model_card(card))
+    write_json(folder / "backbone.json", card)

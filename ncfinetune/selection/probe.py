@@ -75,18 +75,53 @@ def probe_precision(precision: str | None, device: torch.device) -> str:
     return loop_precision(resolve_precision(precision, device, allowed, key="precision"))
 
 
-def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
-    """Stratified k-fold (k = min(5, smallest class)) accuracy of a ridge linear classifier on
-    standardised features: stage-wise linear evaluation in closed form (milliseconds a block)."""
+def _linear_classifier():
+    """The linear probe of every measurement here: a ridge classifier on standardised features
+    (closed form, milliseconds for a few thousand rows)."""
     from sklearn.linear_model import RidgeClassifier
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    return make_pipeline(StandardScaler(), RidgeClassifier(alpha=1.0))
+
+
+def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+    """Stratified k-fold (k = min(5, smallest class)) accuracy of the linear probe (a ridge
+    classifier on standardised features): stage-wise linear evaluation in closed form
+    (milliseconds a block)."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
     k = int(min(LINEAR_FOLDS, np.unique(labels, return_counts=True)[1].min()))
     folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    clf = make_pipeline(StandardScaler(), RidgeClassifier(alpha=1.0))
+    clf = _linear_classifier()
     return float(cross_val_score(clf, features.astype(np.float64), labels, cv=folds).mean())
+
+
+def transfer_scores(
+    fit: tuple[Any, Any], held: tuple[Any, Any], seed: int = 0
+) -> dict[str, float | None]:
+    """How well frozen features transfer to a target: the linear probe fitted on ``fit``
+    (features, labels) and scored on ``held``, then R@1, NMI (k-means seeded by ``seed``) and NC1
+    of the held-out features. A metric the features cannot support (for example constant
+    features from a collapsed network) is None rather than an error, so a monitor never stops
+    the run it watches."""
+    from ncfinetune.errors import MetricInputError
+    from ncfinetune.metrics.transfer import nmi, recall_at_1
+
+    (xf, yf), (xh, yh) = (
+        (torch.as_tensor(x).double().cpu().numpy(), np.asarray(y)) for x, y in (fit, held)
+    )
+    if not (np.isfinite(xf).all() and np.isfinite(xh).all()):
+        return dict.fromkeys(("linear_probe_accuracy", "recall_at_1", "nmi", "nc1"))
+    clf = _linear_classifier().fit(xf, yf)
+    scores: dict[str, float | None] = {"linear_probe_accuracy": float(clf.score(xh, yh))}
+    for name, fn in (("recall_at_1", recall_at_1), ("nmi", lambda h, y: nmi(h, y, seed=seed))):
+        try:
+            scores[name] = fn(xh, yh)
+        except MetricInputError:
+            scores[name] = None
+    scores["nc1"] = nc1_or_none(xh, yh)
+    return scores
 
 
 def training_cache(data, transform, rows, max_images, seed):
