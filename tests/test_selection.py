@@ -19,6 +19,7 @@ from ncfinetune.selection import (
     default_candidates,
     linear_probe_accuracy,
     min_per_class,
+    mlp_gap,
     select_block,
     select_lr,
 )
@@ -63,6 +64,42 @@ def test_linear_rule_is_the_cross_validated_ridge_probe_of_each_block():
         )
     best = max(r.linear_accuracy for r in sel.rows)
     assert sel.chosen == max(r.index for r in sel.rows if r.linear_accuracy == best)
+
+
+def test_recall_and_mlp_columns_are_the_block_outputs_diagnostics_and_rules():
+    model = make_model("test_resnet")
+    x, y = class_data(per_class=10)
+    sel = select_block(model, (x, y), rule="recall", lr=0.1, max_trainable_percent=None, **FP32)
+    feats = ncfinetune.tuning.features.collect_block_features(model, [(x, y)])
+    for r in sel.rows:
+        h = feats.features[r.name]
+        assert r.recall_at_1 == ncfinetune.metrics.recall_at_1(h, y)
+        assert (r.mlp_accuracy, r.mlp_gap) == mlp_gap(h.numpy(), y.numpy(), seed=0)
+        assert 0 <= r.mlp_accuracy <= 1 and -1 <= r.mlp_gap <= 1
+    best = max(r.recall_at_1 for r in sel.rows)
+    assert sel.chosen == max(r.index for r in sel.rows if r.recall_at_1 == best)
+    table = str(sel)
+    assert "R@1" in table and "MLP gap" in table
+    chosen = sel.row(sel.chosen)
+    assert f"{100 * chosen.recall_at_1:.1f}%" in table and f"{100 * chosen.mlp_gap:+.1f}" in table
+    mlp = select_block(model, (x, y), rule="mlp", lr=0.1, max_trainable_percent=None, **FP32)
+    top = max(r.mlp_accuracy for r in mlp.rows)
+    assert mlp.chosen == max(r.index for r in mlp.rows if r.mlp_accuracy == top)
+    assert "MLP-probe held-out accuracy" in mlp.reason
+
+
+def test_mlp_gap_sees_a_nonlinear_code_a_linear_probe_misses():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(2), 100)
+    # class = XOR of the signs of two coordinates: no linear probe beats chance, an MLP does
+    x = rng.normal(size=(200, 2))
+    x[:, 1] = np.abs(x[:, 1]) * np.where((x[:, 0] > 0) ^ (y == 1), 1, -1)
+    x = np.hstack([x, 0.1 * rng.normal(size=(200, 6))])
+    acc, gap = mlp_gap(x, y, seed=0)
+    assert acc > 0.85 and gap > 0.25
+    linear = np.hstack([np.eye(2)[y] * 3, rng.normal(size=(200, 6))])
+    assert abs(mlp_gap(linear, y, seed=0)[1]) <= 0.05
+    assert mlp_gap(x[:6], np.array([0, 0, 0, 1, 1, 1])) == (None, None)  # < 4 per class
 
 
 def test_linear_probe_accuracy_separates_separable_from_noise():
@@ -221,6 +258,8 @@ def test_default_candidates_respect_the_budget_and_are_evenly_spaced():
     [
         ("curve", 0.1, 2),
         ("linear", 0.1, 2),
+        ("recall", 0.1, 2),
+        ("mlp", 0.1, 4),
         ("probe", 0.1, 5),
         ("probe_accuracy", "auto", 5),
         ("middle", "auto", 5),
@@ -266,7 +305,8 @@ def test_bad_input_errors():
     with pytest.raises(ConfigError, match=r"no block of test_resnet trains at most 0.01%"):
         select_block(model, data, max_trainable_percent=0.01)
     with pytest.raises(
-        ConfigError, match="rule 'best' is not one of middle, curve, linear, probe, probe_accuracy"
+        ConfigError,
+        match="rule 'best' is not one of middle, curve, linear, recall, mlp, probe, probe_accuracy",
     ):
         select_block(model, data, rule="best")
     with pytest.raises(

@@ -7,7 +7,7 @@ and at which learning rate, measured leave one target out (``benchmarks/selectio
 
 from ncfinetune.selection.block import default_candidates, select_block, select_block_on_split
 from ncfinetune.selection.lr import select_lr, select_lr_on_split
-from ncfinetune.selection.probe import linear_probe_accuracy, transfer_scores
+from ncfinetune.selection.probe import linear_probe_accuracy, mlp_gap, transfer_scores
 from ncfinetune.selection.report import BlockSelection, CandidateRow, LRSelection
 from ncfinetune.selection.rules import (
     DEFAULT_RULE,
@@ -43,6 +43,7 @@ __all__ = [
     "choose_lr",
     "default_candidates",
     "linear_probe_accuracy",
+    "mlp_gap",
     "transfer_scores",
     "min_per_class",
     "select_block",

@@ -5,9 +5,11 @@ features of the downstream training data most collapsed (lowest NC1); on small d
 *training* NC1 can overfit (its Appendix C.2), so the default rule scores a held-out split.
 
 Every selection makes one inference pass of the pretrained model over the training data and
-reports, for each candidate block, the NC1 of its pooled output and the cross-validated accuracy
-of a linear (ridge) classifier on that output (stage-wise linear evaluation, seeds/001). Then a
-rule (``rule=``) picks the block:
+reports, for each candidate block, the NC1 of its pooled output, the cross-validated accuracy
+of a linear (ridge) classifier on that output (stage-wise linear evaluation, seeds/001), its R@1
+(leave-one-out nearest-neighbour retrieval, seed 000) and the lead of an MLP probe over a linear
+one (seed 004: is the block's information linearly usable?). Then a rule (``rule=``) picks the
+block:
 
 - ``"probe"`` (default): a short fine-tune (``probe_steps`` = 10 SGD steps, batch 32, at
   ``lr``) of ``method`` at each candidate on 70% of the training data; the lowest penultimate
@@ -20,6 +22,9 @@ rule (``rule=``) picks the block:
   NC1 curve, paper Fig. 9/10).
 - ``"linear"``: the highest cross-validated linear-probe accuracy on the block's pooled output;
   ties go to the deeper block.
+- ``"recall"`` / ``"mlp"``: the highest R@1 / MLP-probe held-out accuracy of the block's pooled
+  output (ties: the deeper block). Measured leave one target out beside the others
+  (results/selection_loto_diagnostics.md); neither is the default.
 
 With ``lr="auto"`` the learning rate is chosen with the block: the probe rules probe every
 (block, lr) pair of ``lr_grid`` and pick the pair; the other rules sweep ``lr_grid`` on the
@@ -47,12 +52,14 @@ from torch import nn
 
 from ncfinetune.backbones import get_adapter
 from ncfinetune.backbones.base import arch_name
-from ncfinetune.errors import ConfigError
+from ncfinetune.errors import ConfigError, MetricInputError
 from ncfinetune.metrics.collapse import nc1_or_none
+from ncfinetune.metrics.transfer import recall_at_1
 from ncfinetune.selection.probe import (
     Prober,
     as_fetch,
     linear_probe_accuracy,
+    mlp_gap,
     on_device,
     probe_precision,
     training_cache,
@@ -174,8 +181,8 @@ def select_block(
             the same seed, as the recipes do, for the same choice).
         train_data: the downstream *training* data: (images, labels) tensors, a
             ``ncfinetune.data.loaders.TensorCache``, or a map-style dataset of (image tensor, label).
-        rule: ``"middle"``, ``"curve"``, ``"linear"``, ``"probe"`` or ``"probe_accuracy"``
-            (see the module docstring).
+        rule: ``"middle"``, ``"curve"``, ``"linear"``, ``"recall"``, ``"mlp"``, ``"probe"`` or
+            ``"probe_accuracy"`` (see the module docstring).
         method: ``"scl"`` or ``"layer"``: what will be fine-tuned (the probes train it; it also
             sets the trainable share and, for scl, which blocks fit the skip).
         candidates: block indices or names (default: :func:`default_candidates`).
@@ -293,8 +300,14 @@ def _measure_blocks(model, fetch, labels, rows, seed) -> list[dict]:
     y = feats.labels.numpy()
     if np.unique(y, return_counts=True)[1].min() >= 2:  # else NC1 is 0, CV impossible
         for r in rows:
+            h = feats.features[r.name]
             r.nc1_block = curve[r.index]["nc1"]
-            r.linear_accuracy = linear_probe_accuracy(feats.features[r.name].numpy(), y, seed)
+            r.linear_accuracy = linear_probe_accuracy(h.numpy(), y, seed)
+            try:
+                r.recall_at_1 = recall_at_1(h, y)
+            except MetricInputError:  # e.g. identical outputs: not measurable, not a choice
+                r.recall_at_1 = None
+            r.mlp_accuracy, r.mlp_gap = mlp_gap(h.numpy(), y, seed)
     return curve
 
 

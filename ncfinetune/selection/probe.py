@@ -97,6 +97,44 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 
     return float(cross_val_score(clf, features.astype(np.float64), labels, cv=folds).mean())
 
 
+def mlp_gap(
+    features: np.ndarray, labels: np.ndarray, seed: int = 0
+) -> tuple[float | None, float | None]:
+    """Is a block's information linearly usable (seed 004)? Held-out accuracy of a one-hidden-
+    layer MLP probe (256 ReLU units) minus that of a linear probe, both trained the same way
+    (standardised features, full-batch Adam lr 0.01, weight decay 1e-3, 100 steps, float32, on
+    the CPU) on one stratified split (``HELDOUT_FRACTION`` held out, seeded). Returns
+    (MLP accuracy, gap), or (None, None) when a class has fewer than 4 rows. A large gap says the classes are separable but not linearly; near 0,
+    that a linear head (or one block) can use what is there. About 0.2-0.5 s a block for 1,000
+    rows of 512 channels on 2 CPU cores."""
+    from ncfinetune.selection.rules import HELDOUT_FRACTION
+
+    if np.unique(labels, return_counts=True)[1].min() < 4:  # >= 1 held out and >= 2 to fit
+        return None, None
+    fit, held = validation_split(labels, HELDOUT_FRACTION, seed=seed)
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32).cpu()
+    y = torch.as_tensor(np.unique(labels, return_inverse=True)[1])
+    mean, std = x[fit].mean(0), x[fit].std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    k = int(y.max()) + 1
+    accs = []
+    for hidden in (None, 256):
+        with own_rng(seed, torch.device("cpu")):  # the init draws from torch's RNG: restored
+            net = (nn.Linear(x.shape[1], k) if hidden is None
+                   else nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, k)))  # fmt: skip
+        opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=1e-3)
+        xf, yf = x[fit], y[fit]
+        with torch.enable_grad():
+            for _ in range(100):
+                loss = nn.functional.cross_entropy(net(xf), yf)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            accs.append(float((net(x[held]).argmax(1) == y[held]).float().mean()))
+    return accs[1], accs[1] - accs[0]
+
+
 def transfer_scores(
     fit: tuple[Any, Any], held: tuple[Any, Any], seed: int = 0
 ) -> dict[str, float | None]:

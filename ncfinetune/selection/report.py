@@ -20,6 +20,9 @@ class CandidateRow:
         trainable_percent: % of the model's parameters trained by ``method`` at this block.
         nc1_block: NC1 of the block's pooled output (pretrained model, all the training data).
         linear_accuracy: cross-validated accuracy of a ridge linear classifier on that output.
+        recall_at_1: leave-one-out nearest-neighbour (cosine) retrieval on that output (R@1).
+        mlp_accuracy, mlp_gap: held-out accuracy of an MLP probe on that output, and its lead
+            over a linear probe trained the same way (:func:`ncfinetune.selection.mlp_gap`).
         probes: short fine-tunes at this block, one per learning rate (key: the lr as text):
             held-out ``accuracy``, held-out penultimate ``nc1`` and ``seconds``.
     """
@@ -30,6 +33,9 @@ class CandidateRow:
     trainable_percent: float
     nc1_block: float | None = None
     linear_accuracy: float | None = None
+    recall_at_1: float | None = None
+    mlp_accuracy: float | None = None
+    mlp_gap: float | None = None
     probes: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
@@ -60,6 +66,8 @@ class BlockSelection:
             return r.nc1_block
         if self.rule in ("linear", "middle"):
             return r.linear_accuracy
+        if self.rule in ("recall", "mlp"):
+            return r.recall_at_1 if self.rule == "recall" else r.mlp_accuracy
         key = "nc1" if self.rule == "probe" else "accuracy"
         vals = [p[key] for p in r.probes.values() if p.get(key) is not None]
         if not vals:
@@ -74,28 +82,33 @@ class BlockSelection:
             "middle": "linear-probe CV accuracy, % (reported; the middle rule measures nothing)",
             "probe": "probe held-out NC1, best lr (lower chooses)",
             "probe_accuracy": "probe held-out accuracy, %, best lr (higher chooses)",
+            "recall": "R@1 of the block output, % (higher chooses)",
+            "mlp": "MLP-probe held-out accuracy, % (higher chooses)",
         }[self.rule]
 
     def table(self) -> str:
         """The report as aligned text, the chosen row marked with ``*``."""
         lrs = sorted({k for r in self.rows for k in r.probes}, key=float, reverse=True)
-        head = f"   {'idx':>3}  {'block':<12} {'ch':>5} {'train %':>8} {'NC1 block':>10} {'linear acc':>11}"
+        head = f"   {'idx':>3}  {'block':<12} {'ch':>5} {'train %':>8} {'NC1 block':>10} {'linear acc':>11} {'R@1':>6} {'MLP gap':>8}"
         head += "".join(f" {'probe lr ' + k:>14}" for k in lrs)
         lines = [head]
         for r in self.rows:
             mark = "*" if r.index == self.chosen else " "
             nc = "-" if r.nc1_block is None else f"{r.nc1_block:.4f}"
             la = "-" if r.linear_accuracy is None else f"{100 * r.linear_accuracy:.1f}%"
-            line = f" {mark} {r.index:>3}  {r.name:<12} {r.channels:>5} {r.trainable_percent:>7.2f}% {nc:>10} {la:>11}"
+            r1 = "-" if r.recall_at_1 is None else f"{100 * r.recall_at_1:.1f}%"
+            gap = "-" if r.mlp_gap is None else f"{100 * r.mlp_gap:+.1f}"
+            line = f" {mark} {r.index:>3}  {r.name:<12} {r.channels:>5} {r.trainable_percent:>7.2f}% {nc:>10} {la:>11} {r1:>6} {gap:>8}"
             for k in lrs:
                 p = r.probes.get(k)
                 line += f" {'-':>14}" if p is None else f" {100 * p['accuracy']:>13.1f}%"
             lines.append(line)
-        if lrs:
-            lines.append(
-                "(probe columns: held-out accuracy after a "
-                f"{self.probe_steps}-step fine-tune at that lr)"
-            )
+        lines.append(
+            "(R@1: nearest-neighbour retrieval on the block output; MLP gap: MLP-probe minus "
+            "linear-probe held-out accuracy, points"
+            + (f"; probe columns: held-out accuracy after a {self.probe_steps}-step fine-tune "
+               "at that lr)" if lrs else ")")
+        )  # fmt: skip
         lr = "" if self.lr is None else f", lr {self.lr:g}"
         lines.append(
             f"chosen: block {self.chosen} ({self.chosen_name}){lr}. {self.reason} "
@@ -128,7 +141,7 @@ class BlockSelection:
 
         fig, (a, b) = new_figure(1, 2, figsize=(11, 4))
         xs = [r.index for r in self.rows]
-        scale = 1 if self.rule in ("curve", "probe") else 100  # accuracies in %
+        scale = 1 if self.rule in ("curve", "probe") else 100  # accuracies (and R@1) in %
         ys = [None if (v := self.score(r)) is None else scale * v for r in self.rows]
         ok = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
         if ok:

@@ -12,7 +12,7 @@ import numpy as np
 from ncfinetune.errors import ConfigError
 from ncfinetune.selection.report import CandidateRow
 
-RULES = ("middle", "curve", "linear", "probe", "probe_accuracy")
+RULES = ("middle", "curve", "linear", "recall", "mlp", "probe", "probe_accuracy")
 PROBE_RULES = ("probe", "probe_accuracy")
 DEFAULT_RULE = "probe"  # measured leave-one-target-out: benchmarks/results/selection_loto.md
 LR_GRID = (0.1, 0.03)  # lr="auto" chooses among these (as measured: selection_loto.md)
@@ -74,6 +74,18 @@ def choose(
                 "(ties: the deeper block)."
             ),
         )
+    if rule in ("recall", "mlp"):
+        field, what = {
+            "recall": ("recall_at_1", "nearest-neighbour retrieval (R@1)"),
+            "mlp": ("mlp_accuracy", "MLP-probe held-out accuracy"),
+        }[rule]
+        best = max(rows, key=lambda r: (getattr(r, field) or 0.0, r.index))
+        return (
+            best.index,
+            None,
+            f"Its pooled output has the highest {what} ({100 * (getattr(best, field) or 0):.1f}%) "
+            f"among {len(rows)} candidates (ties: the deeper block).",
+        )
     pairs = [(r, lr, p) for r in rows for lr, p in r.probes.items()]
     if not pairs:
         raise ConfigError(f"rule {rule!r} needs probes; none were measured.")
@@ -117,10 +129,11 @@ def min_per_class(
 ) -> int:
     """The fewest training samples per class ``rule`` (with ``lr``; rule ``"lr"``: the lr sweep
     alone) can work with: 2 for the
-    curve and linear rules (NC1 and cross-validation need two samples of a class), and for the
+    curve, linear and recall rules (NC1, cross-validation and R@1 need two samples of a class),
+    4 for the mlp rule (its split holds one out and fits on at least two), and for the
     probe rules or ``lr="auto"`` enough to hold ``heldout_fraction`` of each class out (>= 1
     held out, >= 2 to fit)."""
-    need = 1 if rule in ("middle", "lr") else 2
+    need = 1 if rule in ("middle", "lr") else 4 if rule == "mlp" else 2
     if rule in PROBE_RULES or lr == "auto":
         f = heldout_fraction
         need = max(need, 3, int(np.ceil(1 / min(f, 1 - f))) + 1)
