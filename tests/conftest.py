@@ -104,6 +104,20 @@ SLOW_TESTS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# Tests that launch 2 gloo processes without the multiprocess marker (a README line does); under
+# pytest-xdist every such test runs on one worker, one at a time (accelerate's default port).
+GLOO_TESTS = {"test_recipes_block_runs_top_to_bottom_and_the_default_prints_the_headline"}
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker computes with one thread: two workers on two cores, not
+    four threads fighting over them (the recipes' subprocesses set their own threads)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
@@ -113,3 +127,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(marker)
         if any(item.get_closest_marker(m) for m in FINER_MARKERS):
             item.add_marker("slow")
+        if item.get_closest_marker("multiprocess") or name in GLOO_TESTS:
+            item.add_marker(pytest.mark.xdist_group("gloo"))

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from conftest import FINER_MARKERS, SLOW_MODULES, SLOW_TESTS
+from conftest import FINER_MARKERS, GLOO_TESTS, SLOW_MODULES, SLOW_TESTS
 
 TESTS = Path(__file__).resolve().parent
 
@@ -20,6 +20,18 @@ def test_every_listed_module_and_test_exists():
         assert not stale, f"conftest.py SLOW_TESTS lists tests {module} no longer has: {stale}"
         for name, markers in names.items():
             assert set(markers) <= set(FINER_MARKERS), (module, name, markers)
+
+
+def test_the_gloo_group_names_tests_that_exist():
+    defined = {n.name for f in TESTS.glob("test_*.py") for n in ast.parse(f.read_text()).body
+               if isinstance(n, ast.FunctionDef)}  # fmt: skip
+    assert GLOO_TESTS <= defined, f"conftest.py GLOO_TESTS names gone tests: {GLOO_TESTS - defined}"
+
+
+@pytest.mark.multiprocess
+def test_a_multiprocess_test_joins_the_gloo_group(request):
+    group = request.node.get_closest_marker("xdist_group")
+    assert group is not None and group.args == ("gloo",)
 
 
 def test_every_marker_is_registered(pytestconfig):
