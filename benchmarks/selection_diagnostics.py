@@ -45,7 +45,7 @@ def diag_record(b: str, t: str, n: int, s: int) -> dict:
     cache, model = sl._subset_data(b, t, n, s)
     t0 = time.perf_counter()
     sel = ncfinetune.select_block(model, cache, rule="linear", lr=0.1, method="scl", seed=s,
-                                  precision=sl.PRECISION)  # fmt: skip
+                                  precision=sl.PRECISION, diagnostics=True)  # fmt: skip
     seconds = time.perf_counter() - t0
     # the diagnostics' own cost: R@1 and the MLP gap again on the candidates' features
     feats = ncfinetune.tuning.features.collect_block_features(

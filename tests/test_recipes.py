@@ -567,7 +567,10 @@ def test_select_block_recipe_writes_report_and_plot(tmp_path, capsys):
     assert [r.index for r in sel.rows] == [0, 3] and sel.chosen in (0, 3)
     assert sel.chosen == min(sel.rows, key=lambda r: r.nc1_block).index
     assert json.loads((tmp_path / "block_selection.json").read_text())["chosen"] == sel.chosen
-    assert "chosen: block" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "chosen: block" in out
+    # the select command reports R@1 and the MLP gap of every candidate (--diagnostics true)
+    assert "R@1" in out and "MLP gap" in out and all(r.recall_at_1 is not None for r in sel.rows)
     with pytest.raises(ConfigError, match="rule 'best' is not one of middle, curve, linear"):
         recipe.main(["--rule", "best"])
 

@@ -49,6 +49,9 @@ def test_curve_rule_picks_the_lowest_block_nc1_and_leaves_the_model_alone(arch):
     assert sel.images_processed == NUM_CLASSES * 8 and sel.seconds > 0 and sel.lr is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert f"chosen: block {sel.chosen} ({sel.chosen_name})" in str(sel)
+    # R@1 and the MLP gap only when asked for (or for the rules that need them)
+    assert all(r.recall_at_1 is None and r.mlp_gap is None for r in sel.rows)
+    assert "R@1" not in str(sel) and "MLP gap" not in str(sel)
 
 
 def test_linear_rule_is_the_cross_validated_ridge_probe_of_each_block():

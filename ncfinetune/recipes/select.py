@@ -44,6 +44,9 @@ class SelectionSection:
     select_max_images: int = key(
         5000, "a class-balanced sample of the training subset, as finetune's --block auto"
     )
+    diagnostics: bool = key(
+        True, "also R@1 and the linear-vs-MLP probe gap of each candidate (report columns)"
+    )
 
     def validate(self) -> list[str]:
         p = []
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> ncfinetune.selection.BlockSelection:
         max_trainable_percent=sc.max_trainable_percent,
         lr=sc.lr,
         probe_steps=sc.probe_steps,
+        diagnostics=sc.diagnostics or None,
         bn=sc.bn,
         precision=cfg.run.mixed_precision,
         device=launch_device_type(),  # where finetune would train

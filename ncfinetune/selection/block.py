@@ -172,6 +172,7 @@ def select_block(
     device: str | torch.device | None = None,
     seed: int = 0,
     probe_all: bool = False,
+    diagnostics: bool | None = None,
 ) -> BlockSelection:
     """Choose the block (and with ``lr="auto"`` the learning rate) to fine-tune.
 
@@ -201,6 +202,11 @@ def select_block(
         device: where the probes run (default: the model's device); a model elsewhere is
             copied there, never moved. Pass the device the fine-tune will use.
         probe_all: probe every (candidate, lr) pair whatever the rule (for benchmarks).
+        diagnostics: also measure each candidate's R@1 and MLP-probe gap (report columns; the
+            ``recall`` / ``mlp`` rules need them). None (default): only for those rules. They
+            cost about as much again as the inference pass and linear probes (the MLP trains
+            per candidate), so ``--block auto`` leaves them out; the ``select`` command keeps
+            them.
 
     Returns:
         A :class:`BlockSelection`; print it for the table, ``.save()`` for JSON + plot.
@@ -219,7 +225,8 @@ def select_block(
     rows = _candidate_rows(model, adapter, method, candidates, max_trainable_percent)
     fetch, labels = as_fetch(train_data)
     check_samples(labels, rule, lr, heldout_fraction)
-    curve = _measure_blocks(model, fetch, labels, rows, seed)
+    diagnostics = rule in ("recall", "mlp") if diagnostics is None else diagnostics
+    curve = _measure_blocks(model, fetch, labels, rows, seed, diagnostics)
     images = labels.size
     prober = Prober(
         model, fetch, labels, method=method, bn=bn, seed=seed, fraction=heldout_fraction,
@@ -282,9 +289,10 @@ def _candidate_rows(
     ]
 
 
-def _measure_blocks(model, fetch, labels, rows, seed) -> list[dict]:
+def _measure_blocks(model, fetch, labels, rows, seed, diagnostics) -> list[dict]:
     """One pass of the pretrained model: every block's NC1 (the curve, returned) and, into
-    ``rows``, each candidate's NC1 and linear-probe accuracy."""
+    ``rows``, each candidate's NC1 and linear-probe accuracy (with ``diagnostics``, also its R@1
+    and MLP-probe gap)."""
     all_rows = np.arange(labels.size)
     was_training = model.training
     model.eval()
@@ -303,6 +311,8 @@ def _measure_blocks(model, fetch, labels, rows, seed) -> list[dict]:
             h = feats.features[r.name]
             r.nc1_block = curve[r.index]["nc1"]
             r.linear_accuracy = linear_probe_accuracy(h.numpy(), y, seed)
+            if not diagnostics:
+                continue
             try:
                 r.recall_at_1 = recall_at_1(h, y)
             except MetricInputError:  # e.g. identical outputs: not measurable, not a choice

@@ -89,7 +89,9 @@ class BlockSelection:
     def table(self) -> str:
         """The report as aligned text, the chosen row marked with ``*``."""
         lrs = sorted({k for r in self.rows for k in r.probes}, key=float, reverse=True)
-        head = f"   {'idx':>3}  {'block':<12} {'ch':>5} {'train %':>8} {'NC1 block':>10} {'linear acc':>11} {'R@1':>6} {'MLP gap':>8}"
+        diag = any(r.recall_at_1 is not None or r.mlp_gap is not None for r in self.rows)
+        head = f"   {'idx':>3}  {'block':<12} {'ch':>5} {'train %':>8} {'NC1 block':>10} {'linear acc':>11}"
+        head += f" {'R@1':>6} {'MLP gap':>8}" if diag else ""
         head += "".join(f" {'probe lr ' + k:>14}" for k in lrs)
         lines = [head]
         for r in self.rows:
@@ -98,17 +100,21 @@ class BlockSelection:
             la = "-" if r.linear_accuracy is None else f"{100 * r.linear_accuracy:.1f}%"
             r1 = "-" if r.recall_at_1 is None else f"{100 * r.recall_at_1:.1f}%"
             gap = "-" if r.mlp_gap is None else f"{100 * r.mlp_gap:+.1f}"
-            line = f" {mark} {r.index:>3}  {r.name:<12} {r.channels:>5} {r.trainable_percent:>7.2f}% {nc:>10} {la:>11} {r1:>6} {gap:>8}"
+            line = f" {mark} {r.index:>3}  {r.name:<12} {r.channels:>5} {r.trainable_percent:>7.2f}% {nc:>10} {la:>11}"
+            line += f" {r1:>6} {gap:>8}" if diag else ""
             for k in lrs:
                 p = r.probes.get(k)
                 line += f" {'-':>14}" if p is None else f" {100 * p['accuracy']:>13.1f}%"
             lines.append(line)
-        lines.append(
-            "(R@1: nearest-neighbour retrieval on the block output; MLP gap: MLP-probe minus "
-            "linear-probe held-out accuracy, points"
-            + (f"; probe columns: held-out accuracy after a {self.probe_steps}-step fine-tune "
-               "at that lr)" if lrs else ")")
-        )  # fmt: skip
+        notes = ["R@1: nearest-neighbour retrieval on the block output; MLP gap: MLP-probe minus "
+                 "linear-probe held-out accuracy, points"] if diag else []  # fmt: skip
+        if lrs:
+            notes.append(
+                f"probe columns: held-out accuracy after a {self.probe_steps}-step fine-tune "
+                "at that lr"
+            )
+        if notes:
+            lines.append(f"({'; '.join(notes)})")
         lr = "" if self.lr is None else f", lr {self.lr:g}"
         lines.append(
             f"chosen: block {self.chosen} ({self.chosen_name}){lr}. {self.reason} "
