@@ -107,6 +107,12 @@ SLOW_TESTS: dict[str, dict[str, tuple[str, ...]]] = {
 # Tests that launch 2 gloo processes without the multiprocess marker (a README line does); under
 # pytest-xdist every such test runs on one worker, one at a time (accelerate's default port).
 GLOO_TESTS = {"test_recipes_block_runs_top_to_bottom_and_the_default_prints_the_headline"}
+# The longest tests (minutes, most of it fresh interpreters): started first.
+FIRST = {
+    *GLOO_TESTS,
+    "test_two_process_interrupt_and_resume_gives_the_same_history",
+    "test_the_installed_cli_runs_the_bundled_default_from_outside_the_repository",
+}
 
 
 def pytest_configure(config):
@@ -129,3 +135,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("slow")
         if item.get_closest_marker("multiprocess") or name in GLOO_TESTS:
             item.add_marker(pytest.mark.xdist_group("gloo"))
+    # the longest tests first, so that pytest-xdist starts them while the short ones fill the
+    # other workers (in collection order otherwise: the README block would start last)
+    items.sort(key=lambda it: getattr(it, "originalname", it.name) not in FIRST)

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from conftest import FINER_MARKERS, GLOO_TESTS, SLOW_MODULES, SLOW_TESTS
+from conftest import FINER_MARKERS, FIRST, GLOO_TESTS, SLOW_MODULES, SLOW_TESTS
 
 TESTS = Path(__file__).resolve().parent
 
@@ -25,7 +25,8 @@ def test_every_listed_module_and_test_exists():
 def test_the_gloo_group_names_tests_that_exist():
     defined = {n.name for f in TESTS.glob("test_*.py") for n in ast.parse(f.read_text()).body
                if isinstance(n, ast.FunctionDef)}  # fmt: skip
-    assert GLOO_TESTS <= defined, f"conftest.py GLOO_TESTS names gone tests: {GLOO_TESTS - defined}"
+    for names in (GLOO_TESTS, FIRST):
+        assert names <= defined, f"conftest.py names tests that are gone: {names - defined}"
 
 
 @pytest.mark.multiprocess
