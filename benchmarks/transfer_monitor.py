@@ -115,7 +115,8 @@ def finetune() -> None:
                         continue
                     rec = execute(run)
                     # "finetune_run", not "run": these are not records of results/runs/
-                    rec = {"key": key, "finetune_run": rec.pop("run"), **rec}
+                    run_fields = rec.pop("run")
+                    rec = {**rec, "key": key, "finetune_run": run_fields}
                     upsert_record(RECORDS, rec)
                     m = rec["metrics"]
                     print(f"{backbone} {target} {run.key}: test {m['test_accuracy']}", flush=True)
