@@ -246,3 +246,19 @@ def test_shared_input_errors():
     zero_row[5] = 0.0
     with pytest.raises(MetricInputError, match=r"1 feature row\(s\) are all zero \(first: row 5\)"):
         recall_at_1(zero_row, y)
+
+
+def test_streamed_discriminative_ratio_equals_one_shot_at_any_batching_and_scale():
+    from ncfinetune.metrics.stream import NC1Accumulator
+
+    h, y = make(5)
+    for scale, batch in ((1.0, 7), (1e-200, 32), (1e200, 90)):
+        acc = NC1Accumulator(K, D)
+        for s in range(0, N, batch):
+            acc.update(h[s : s + batch] * scale, y[s : s + batch])
+        assert acc.discriminative_ratio() == pytest.approx(discriminative_ratio(h, y), rel=1e-9)
+    collapsed = NC1Accumulator(K, D)
+    means = torch.stack([h[y == c].mean(0) for c in range(K)])
+    collapsed.update(means[y], y)
+    with pytest.raises(MetricInputError, match="every class sits on one point"):
+        collapsed.discriminative_ratio()

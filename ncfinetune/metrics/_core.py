@@ -27,6 +27,7 @@ __all__ = [
     "as_tensor",
     "between_directions",
     "cdnv_from_stats",
+    "discriminative_ratio_from_stats",
     "check_features",
     "chunk_rows",
     "class_means",
@@ -365,3 +366,32 @@ def cdnv_from_stats(means: torch.Tensor, var: torch.Tensor, names: list | None =
         )
     ratio = (var[:, None] + var[None, :]) / (2.0 * dist2.masked_fill(~off, 1.0))
     return float(ratio[off].mean())
+
+
+def discriminative_ratio_from_stats(
+    means: torch.Tensor, var: torch.Tensor, counts: torch.Tensor
+) -> float:
+    """SL-MLP's D_inter / D_intra from class statistics (float64, any common scale): ``means``
+    (K x d), ``var[k]`` the mean squared distance of class k to its mean, ``counts`` (K,).
+    Shared by :func:`ncfinetune.metrics.transfer.discriminative_ratio` and
+    ``NC1Accumulator.discriminative_ratio``; raises when every class has one example or the
+    within-class spread is zero up to float64 rounding of the features."""
+    k, d = means.shape
+    counts = counts.to(means)
+    n = float(counts.sum())
+    if bool((counts == 1).all()):
+        raise MetricInputError(
+            f"every one of the {k} classes has a single example, so D_intra = 0 and the ratio is "
+            "infinite. Pass several examples per class."
+        )
+    intra = float(var.mean())
+    mean_sq = float((counts * (var + means.square().sum(1))).sum()) / n  # ||H||_F**2 / N
+    if intra <= (max(n, d) * EPS64) ** 2 * mean_sq:
+        raise MetricInputError(
+            f"the within-class spread is zero (D_intra = {intra:.3g}, at float64 rounding of the "
+            "features): every class sits on one point (or the features are constant), so "
+            "D_inter / D_intra is infinite or 0/0. Pass features with within-class variation."
+        )
+    # sum over ordered pairs j != k of ||mu_j - mu_k||**2 = 2K sum_k ||mu_k - mean mu||**2
+    inter = 2.0 * float((means - means.mean(0)).square().sum()) / (k - 1)
+    return inter / intra

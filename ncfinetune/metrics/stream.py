@@ -1,4 +1,4 @@
-"""Streaming NC1 (and CDNV) over batches, in one pass, mergeable across processes.
+"""Streaming NC1 (and CDNV, discriminative ratio) over batches, in one pass, mergeable across processes.
 
 Why one pass with a d x d matrix: the pinv directions U of Sigma_B depend on the class means,
 which are only known after the last batch. The O(N d K) one-shot form of
@@ -36,6 +36,7 @@ from ncfinetune.metrics._core import (
     cdnv_from_stats,
     check_features,
     class_means,
+    discriminative_ratio_from_stats,
     ldexp,
     max_abs,
     scale_exponent,
@@ -252,3 +253,10 @@ class NC1Accumulator:
         """CDNV of everything seen (see ``ncfinetune.metrics.collapse.cdnv``)."""
         self._check_ready()
         return cdnv_from_stats(self._means, self._sq_dev / self.counts.to(torch.float64))
+
+    def discriminative_ratio(self) -> float:
+        """SL-MLP's D_inter / D_intra of everything seen (see
+        ``ncfinetune.metrics.transfer.discriminative_ratio``), from the same statistics."""
+        self._check_ready()
+        counts = self.counts.to(torch.float64)
+        return discriminative_ratio_from_stats(self._means, self._sq_dev / counts, counts)

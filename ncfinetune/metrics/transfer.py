@@ -24,6 +24,7 @@ from ncfinetune.metrics._core import (
     check_features,
     class_means,
     class_variances,
+    discriminative_ratio_from_stats,
     max_abs,
     raise_all_zero,
     unit_rows,
@@ -139,7 +140,8 @@ def discriminative_ratio(features: Any, labels: Any, num_classes: int | None = N
     ||h_i - mu_k||**2 (mean per-class squared distance to the class mean). Larger means classes
     further apart relative to their spread (less intra-class variation, in seed 001's terms).
     Computed without pairs: sum_{j != k} ||mu_j - mu_k||**2 = 2K sum_k ||mu_k - mean_j mu_j||**2.
-    Invariant to scale (at any magnitude), translation, rotation and permutation.
+    Invariant to scale (at any magnitude), translation, rotation and permutation. Streamed over
+    batches: ``NC1Accumulator.discriminative_ratio()``.
 
     Raises:
         MetricInputError: on bad input (see :func:`ncfinetune.metrics.nc1`), fewer than 2
@@ -149,24 +151,9 @@ def discriminative_ratio(features: Any, labels: Any, num_classes: int | None = N
     h = check_features(features)
     n, d = h.shape
     y, k, counts, _ = check_labels(labels, n, h.device, num_classes)
-    if bool((counts == 1).all()):
-        raise MetricInputError(
-            f"every one of the {k} classes has a single example, so D_intra = 0 and the ratio is "
-            "infinite. Pass several examples per class."
-        )
     h = unit_scale(h)
-    means, fro2 = class_means(h, y, k, counts)
-    var = class_variances(h, y, k, counts, means)
-    intra = float(var.mean())
-    # Within-class distances at float64 rounding level of the features are no spread at all.
-    if intra <= (max(n, d) * EPS64) ** 2 * fro2 / n:
-        raise MetricInputError(
-            f"the within-class spread is zero (D_intra = {intra:.3g}, at float64 rounding of the "
-            "features): every class sits on one point (or the features are constant), so "
-            "D_inter / D_intra is infinite or 0/0. Pass features with within-class variation."
-        )
-    inter = 2.0 * float((means - means.mean(0)).square().sum()) / (k - 1)
-    return inter / intra
+    means, _ = class_means(h, y, k, counts)
+    return discriminative_ratio_from_stats(means, class_variances(h, y, k, counts, means), counts)
 
 
 def feature_redundancy(features: Any) -> float:
