@@ -320,6 +320,7 @@ def _state(pid: int, want: str) -> str:
 
 def test_calibration_pauses_matching_processes_and_always_resumes_them():
     import subprocess
+    import time
 
     import budget
 
@@ -327,6 +328,10 @@ def test_calibration_pauses_matching_processes_and_always_resumes_them():
     child = subprocess.Popen(["sleep", "60"])
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", tag])
     try:
+        # exec may not have replaced the forked command line yet on a busy machine: wait for it
+        deadline = time.monotonic() + 10
+        while other.pid not in budget.matching_processes(tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert other.pid in budget.matching_processes(tag)
         assert child.pid not in budget.matching_processes(tag)  # its command line lacks the tag
         with pytest.raises(RuntimeError, match="inside"):
