@@ -23,6 +23,7 @@ import ncfinetune.data as nd
 from ncfinetune.errors import ConfigError
 from ncfinetune.recipes.config import key
 from ncfinetune.selection.probe import transfer_scores
+from ncfinetune.training.device import model_device
 
 # "spec:classes" where classes are ids and ranges joined by "+", e.g. "fashion_mnist:5-9",
 # "digits:0-2+7"; the spec itself may hold ":" (a hub name, a path) when the tail is not that.
@@ -154,7 +155,7 @@ def load_target(
 @torch.no_grad()
 def embed(backbone: nn.Module, images: nd.TensorCache, autocast, batch: int = 256) -> torch.Tensor:
     """The backbone's pooled features of every cached image (float32, on the CPU)."""
-    device = next(backbone.parameters()).device
+    device = model_device(backbone)
     out = []
     for s in range(0, len(images), batch):
         x, _ = images[list(range(s, min(len(images), s + batch)))]

@@ -469,7 +469,6 @@ def finish(run: Pretraining, argv: list[str]) -> None:
         out.mkdir(parents=True, exist_ok=True)
         save_config(run.cfg, out / "config.yaml")
         card = backbone_card(run, argv)
-        write_json(out / "metrics.json", run_metrics(run.history, run.cfg.monitor))
         best = run.best_transfer
         if best is not None:
             epoch = next(r for r in run.history if r["epoch"] == best["epoch"])
