@@ -224,7 +224,7 @@ def test_vit_probes_from_the_prefix_cache_match_uncached(monkeypatch):
     cached = select_block(model, data, **kw)
     # each candidate's prefix computed once for the 50 images, then 3-step probes
     assert cached.images_processed == 50 + 2 * 50 + 2 * (3 * 32 + 15)
-    monkeypatch.setattr(Prober, "_cache", lambda self, block: None)
+    monkeypatch.setattr(Prober, "_cache", lambda self, block, method: None)
     plain = select_block(model, data, **kw)
     assert plain.images_processed == 50 + 2 * (3 * 32 + 15)
     assert cached.chosen == plain.chosen
@@ -305,8 +305,16 @@ def test_bad_input_errors():
         ConfigError, match=r"no candidate block trains at most 0.01% .* smallest is block"
     ):
         select_block(model, data, candidates=[0, 1], max_trainable_percent=0.01)
-    with pytest.raises(ConfigError, match=r"no block of test_resnet trains at most 0.01%"):
-        select_block(model, data, max_trainable_percent=0.01)
+    # no *default* candidate fits: the budget adapts to the smallest block and the report says so
+    with pytest.warns(UserWarning, match=r"No block of test_resnet trains at most 0.01%"):
+        sel = select_block(model, data, max_trainable_percent=0.01, rule="middle")
+    assert len(sel.rows) == 1
+    smallest = sel.rows[0].trainable_percent
+    assert f"raised to the smallest block's {smallest:.2f}%" in sel.budget_note
+    assert sel.budget_note in str(sel)
+    # that share as the budget: the same block, no note; every other block trains more
+    same = select_block(model, data, max_trainable_percent=smallest + 1e-6, rule="middle")
+    assert [r.index for r in same.rows] == [sel.rows[0].index] and same.budget_note is None
     with pytest.raises(
         ConfigError,
         match="rule 'best' is not one of middle, curve, linear, recall, mlp, probe, probe_accuracy",

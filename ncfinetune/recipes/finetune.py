@@ -268,7 +268,7 @@ def record_start(run: Run, cache_note: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         if run.selection is not None:
-            record = {"block": run.block, "lr": run.lr, **run.selection}
+            record = {"method": run.net.method, "block": run.block, "lr": run.lr, **run.selection}
             write_json(out / "selection.json", record, None)
     if cfg.run.tracker not in (None, "none"):
         acc.init_trackers("finetune", config={k: str(v) for k, v in flat_config(cfg).items()})
@@ -370,7 +370,7 @@ def run_metrics(run: Run) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
-        "method": cfg.tuning.method,
+        "method": net.method,  # what ran (--method auto: the chosen one)
         "block": net.block_index,
         "block_name": net.block_name,
         "bn": net.bn,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import ncfinetune.data as nd
 import ncfinetune.selection
 from ncfinetune.errors import ConfigError, DataError
+from ncfinetune.recipes import launch
 from ncfinetune.recipes.config import flat_config
 from ncfinetune.recipes.engine import latest_training_state
 from ncfinetune.training.device import loop_precision
@@ -106,27 +107,74 @@ def cached_loaders(tuned, loaders: Loaders) -> Loaders:
 
 
 def build_tuned(acc, cfg: FinetuneConfig, data, train_idx, precision: str):
-    """The backbone on the accelerator's device and the tuned model, the block and lr chosen
-    first where they are auto (or read back when resuming). Returns (model, tuned, block, lr,
-    selection record or None)."""
+    """The backbone on the accelerator's device and the tuned model, the method, block and lr
+    chosen first where they are auto (or read back when resuming). Returns (model, tuned,
+    block, lr, selection record or None)."""
     out = Path(cfg.run.output_dir)
     model = cfg.load_model(data.num_classes).to(acc.device)  # selection probes run there too
     eval_tf = nd.build_transforms(model, image_size=cfg.data.image_size, augment=False)
-    block, lr, selection = cfg.tuning.tuned_block(), cfg.optim.lr, None
-    if (block == "auto" or lr == "auto") and not (
-        cfg.run.resume and latest_training_state(out / "checkpoints")
-    ):
+    t = cfg.tuning
+    method, block, lr, selection = t.method, t.tuned_block(), cfg.optim.lr, None
+    auto = "auto" in (method, block, lr)
+    resuming = cfg.run.resume and latest_training_state(out / "checkpoints")
+    if auto and not resuming and method == "auto":
+        method, block, lr, selection = choose_method(
+            acc, cfg, model, data, train_idx, eval_tf, precision, out
+        )
+    elif auto and not resuming:
         block, lr, selection = choose_block_and_lr(
             acc, cfg, model, data, train_idx, eval_tf, precision, out
         )
-    elif block == "auto" or lr == "auto":  # resuming: the choice made before the interruption
-        block, lr = read_selection(out, block, lr)
-    t = cfg.tuning
-    tuned = get_tuned_model(
-        model, t.method, block=block, bn=t.bn, skip_norm=t.skip_norm, lora_rank=t.lora_rank,
-        lora_alpha=t.lora_alpha, lora_skip=t.lora_skip,
-    )  # fmt: skip
+    elif auto:  # resuming: the choice made before the interruption
+        method, block, lr = read_selection(out, method, block, lr)
+    settings = {k: v for k, v in t.settings_for(method).items() if k != "block"}
+    tuned = get_tuned_model(model, method, block=block, **settings)
     return model, tuned, block, lr, selection
+
+
+def run_steps(acc, cfg: FinetuneConfig, num_train: int) -> int:
+    """The optimizer steps the run will take (as ``engine.build_schedule`` counts them, before
+    the loaders exist): what ``--method auto`` compares the candidates at."""
+    o = cfg.optim
+    per_step = launch.per_process_batch(
+        o.batch_size, o.global_batch_size, acc.num_processes, o.grad_accum
+    )
+    batches = -(-num_train // (per_step * acc.num_processes))
+    steps = o.epochs * -(-batches // o.grad_accum)
+    return steps if o.max_steps is None else min(steps, o.max_steps)
+
+
+def choose_method(acc, cfg, model, data, train_idx, eval_tf, precision, out: Path):
+    """--method auto: method, block and lr by ``ncfinetune.selection.select_method`` on (a
+    class-balanced sample of) the training subset, compared at the run's own steps; the main
+    process selects, the others receive its choice. Writes ``method_selection.json``. Returns
+    (method, block, lr, record)."""
+    from accelerate.utils import broadcast_object_list
+
+    found = [None, None, None, None]
+    if acc.is_main_process:
+        num_train = len(data.labels("train")) if train_idx is None else len(train_idx)
+        plan = ncfinetune.selection.select_method_on_split(
+            model, data, eval_tf, train_idx,
+            steps=run_steps(acc, cfg, num_train),
+            max_images=cfg.tuning.select_max_images,
+            max_trainable_percent=cfg.tuning.select_max_percent,
+            bn=cfg.tuning.bn,
+            seed=cfg.run.seed,
+            precision=loop_precision(precision),
+            device=acc.device,
+        )  # fmt: skip
+        plan.save_json(out / "method_selection.json")
+        print(plan, flush=True)
+        record = {
+            "method": plan.method, "block": plan.block, "lr": plan.lr, "reason": plan.reason,
+            "seconds": plan.seconds, "images_processed": plan.images_processed,
+            "budget_note": plan.budget_note,
+        }  # fmt: skip
+        found = [plan.method, plan.block, plan.lr, record]
+    if acc.num_processes > 1:
+        broadcast_object_list(found)
+    return found
 
 
 def choose_block_and_lr(acc, cfg, model, data, train_idx, eval_tf, precision, out: Path):
@@ -184,16 +232,22 @@ def choose_block_and_lr(acc, cfg, model, data, train_idx, eval_tf, precision, ou
     return found
 
 
-def read_selection(out: Path, block, lr):
-    """The block and lr chosen before an interruption (``selection.json``)."""
+def read_selection(out: Path, method, block, lr):
+    """The method, block and lr chosen before an interruption (``selection.json``)."""
     path = out / "selection.json"
     if not path.is_file():
         raise ConfigError(
-            f"--resume with block/lr auto needs {path}, written when the choice was made; "
-            "it is missing. Start afresh (without --resume) or pass the block and lr."
+            f"--resume with method/block/lr auto needs {path}, written when the choice was "
+            "made; it is missing. Start afresh (without --resume) or pass the method, block and lr."
         )
     saved = json.loads(path.read_text())
-    return (saved["block"] if block == "auto" else block), (saved["lr"] if lr == "auto" else lr)
+    if method == "auto":  # the method chose its block and lr too
+        return saved["method"], saved["block"], saved["lr"]
+    return (
+        method,
+        saved["block"] if block == "auto" else block,
+        saved["lr"] if lr == "auto" else lr,
+    )
 
 
 def tuned_metadata(cfg: FinetuneConfig, data) -> dict:

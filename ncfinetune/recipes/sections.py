@@ -164,7 +164,11 @@ class TuningSection:
     }  # fmt: skip
     """Each method setting and the value that means "not set" (the rank has none: its default)."""
 
-    method: str = key("scl", " | ".join(method_names()))
+    method: str = key(
+        "scl",
+        " | ".join(method_names()) + " | auto (select_method on the training subset: the method, "
+        "its block and lr, compared at the run's steps; block and lr are then chosen too)",
+    )
     block: str | None = key("4", "index, name, or auto (select_block on the training subset)")
     select_rule: str = key(
         S.DEFAULT_RULE,
@@ -186,21 +190,17 @@ class TuningSection:
 
     def validate(self) -> list[str]:
         p = []
+        if self.method == "auto":
+            return p + self._select_problems()
         if self.method not in method_names():
-            p.append(f"method {self.method!r} is not one of {', '.join(method_names())}")
+            p.append(f"method {self.method!r} is not one of {', '.join(method_names())} or auto")
         elif method_class(self.method).tunes_block and self.block is None:
             p.append(f"method {self.method!r} needs a block (index, name or auto)")
         elif self.block == "auto" and not method_class(self.method).tunes_block:
             p.append(
                 f"block 'auto' needs a one-block method (layer, scl, ...), got {self.method!r}"
             )
-        if self.select_rule not in S.RULES:
-            p.append(f"select_rule {self.select_rule!r} is not one of {', '.join(S.RULES)}")
-        if self.bn not in (None, *BN_POLICIES):
-            p.append(f"bn {self.bn!r} is not one of {', '.join(BN_POLICIES)}")
-        if self.select_max_images < 1:
-            p.append(f"select_max_images must be >= 1, got {self.select_max_images}")
-        p += bound_problems(self, select_max_percent="(0,100]", lora_rank=">=1", lora_alpha=">0")
+        p += self._select_problems()
         if not p:  # what the registry checks beyond these (block auto: any block stands in)
             settings = self.settings()
             if settings.get("block") == "auto":
@@ -211,15 +211,33 @@ class TuningSection:
                 p.append(str(e))
         return p
 
+    def _select_problems(self) -> list[str]:
+        p = []
+        if self.select_rule not in S.RULES:
+            p.append(f"select_rule {self.select_rule!r} is not one of {', '.join(S.RULES)}")
+        if self.bn not in (None, *BN_POLICIES):
+            p.append(f"bn {self.bn!r} is not one of {', '.join(BN_POLICIES)}")
+        if self.select_max_images < 1:
+            p.append(f"select_max_images must be >= 1, got {self.select_max_images}")
+        return p + bound_problems(
+            self, select_max_percent="(0,100]", lora_rank=">=1", lora_alpha=">0"
+        )
+
     def settings(self) -> dict[str, Any]:
         """The settings the method has (``method_config(method, **settings)``)."""
-        fields = {f.name for f in dataclasses.fields(method_class(self.method))}
+        return self.settings_for(self.method)
+
+    def settings_for(self, method: str) -> dict[str, Any]:
+        """The settings ``method`` has, from this section (``--method auto``: the chosen one)."""
+        fields = {f.name for f in dataclasses.fields(method_class(method))}
         return {k: getattr(self, k) for k in self.UNSET if k in fields}
 
     def without_unused(self) -> TuningSection:
         """This section with the settings the method does not have reset to "not set", with
         one warning naming them: what config.yaml and the metrics record is then what ran
         (e.g. ``--method linear --block 3``: no block is tuned, and block is recorded null)."""
+        if self.method == "auto":  # the chosen method's settings apply; the rest are unused
+            return self
         have = self.settings()
         unused = {
             k: getattr(self, k)
@@ -238,7 +256,10 @@ class TuningSection:
         return dataclasses.replace(self, **{k: self.UNSET[k] for k in unused})
 
     def tuned_block(self) -> str | None:
-        """The configured block where the method tunes one (else None: it has no effect)."""
+        """The configured block where the method tunes one (else None: it has no effect);
+        ``"auto"`` with ``--method auto``."""
+        if self.method == "auto":
+            return "auto"
         return self.block if method_class(self.method).tunes_block else None
 
 

@@ -4,11 +4,15 @@
     python recipes/select_block.py --dataset fashion_mnist --classes 5,6,7,8,9 --per_class 20 \\
         --rule probe_accuracy --output_dir runs/select
 
+    python recipes/select_block.py --method auto --per_class 10     # which method, block and lr
+
 Writes ``block_selection.json`` (one row per candidate, the choice and why) and
 ``block_selection.png`` (the quantity the rule chose by, the choice marked; accuracy against
 trainable share) under ``output_dir`` and prints the table. Only the training split is used (a
 seeded class-balanced subset with --per_class). The defaults are ``ncfinetune.select_block``'s,
 and ``recipes/finetune.py --block auto`` runs the same code: same data and seed, same choice.
+With ``--method auto`` it writes ``method_selection.json`` (``ncfinetune.select_method``: every
+candidate method's probes, the choice and why), as ``finetune --method auto`` does.
 """
 
 from __future__ import annotations
@@ -33,7 +37,12 @@ class SelectionSection:
     """How the block is chosen (the defaults are ncfinetune.select_block's)."""
 
     rule: str = key(S.DEFAULT_RULE, " | ".join(S.RULES))
-    method: str = key("scl", "a one-block method: layer | scl | lora-block")
+    method: str = key(
+        "scl",
+        "a one-block method: layer | scl | lora-block (the block is chosen), or auto: the method "
+        "too (ncfinetune.selection.select_method: linear, Layer/SCL FT, LoRA-in-block, full FT)",
+    )
+    steps: int = key(150, "method auto: the fine-tune's optimizer steps the candidates compare at")
     candidates: list[str] | None = key(None, "block indices or names; default: within the budget")
     max_trainable_percent: float | None = key(
         S.MAX_TRAINABLE_PERCENT, "% of the parameters trainable at most (null: any)"
@@ -53,8 +62,10 @@ class SelectionSection:
         if self.rule not in S.RULES:
             p.append(f"rule {self.rule!r} is not one of {', '.join(S.RULES)}")
         one_block = [n for n, c in ncfinetune.tuning.methods.METHODS.items() if c.tunes_block]
-        if self.method not in one_block:
-            p.append(f"method {self.method!r} is not one of {', '.join(one_block)}")
+        if self.method not in (*one_block, "auto"):
+            p.append(f"method {self.method!r} is not one of {', '.join(one_block)} or auto")
+        if self.steps < 1:
+            p.append(f"steps must be >= 1, got {self.steps}")
         if self.probe_steps < 1:
             p.append(f"probe_steps must be >= 1, got {self.probe_steps}")
         if self.lr != "auto" and not (isinstance(self.lr, float) and self.lr > 0):
@@ -103,6 +114,8 @@ def main(argv: list[str] | None = None) -> ncfinetune.selection.BlockSelection:
             data.labels("train"), per_class=cfg.data.per_class, seed=cfg.run.seed
         )
     sc = cfg.selection
+    if sc.method == "auto":
+        return _select_method(cfg, data, model, rows)
     sel = ncfinetune.selection.select_block_on_split(
         model,
         data,
@@ -129,6 +142,26 @@ def main(argv: list[str] | None = None) -> ncfinetune.selection.BlockSelection:
     report, png = sel.save(out)
     print(f"{sel}\nreport: {report}, plot: {png}")
     return sel
+
+
+def _select_method(cfg: SelectConfig, data, model, rows) -> ncfinetune.selection.MethodPlan:
+    """``--method auto``: the method, block and lr (``select_method``), its report printed and
+    written as ``method_selection.json``."""
+    sc = cfg.selection
+    plan = ncfinetune.selection.select_method_on_split(
+        model, data, nd.build_transforms(model, image_size=cfg.data.image_size), rows,
+        max_images=sc.select_max_images, steps=sc.steps,
+        blocks=[int(c) if str(c).lstrip("-").isdigit() else c for c in sc.candidates]
+        if sc.candidates else None,
+        max_trainable_percent=sc.max_trainable_percent, probe_steps=sc.probe_steps, bn=sc.bn,
+        precision=cfg.run.mixed_precision, device=launch_device_type(), seed=cfg.run.seed,
+    )  # fmt: skip
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    report = plan.save_json(out / "method_selection.json")
+    print(f"{plan}\nreport: {report}")
+    return plan
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from torch import nn
 from ncfinetune.backbones import get_adapter
 from ncfinetune.backbones.base import arch_name
 from ncfinetune.errors import ConfigError, MetricInputError
+from ncfinetune.messages import warn_once
 from ncfinetune.metrics.collapse import nc1_or_none
 from ncfinetune.metrics.transfer import recall_at_1
 from ncfinetune.selection.probe import (
@@ -154,6 +155,32 @@ def default_candidates(
     return idx
 
 
+def budget_candidates(
+    model: nn.Module,
+    method: str = "scl",
+    max_trainable_percent: float | None = MAX_TRAINABLE_PERCENT,
+) -> tuple[list[int], str | None]:
+    """:func:`default_candidates`, and where no block fits ``max_trainable_percent``, those
+    within the smallest block's share instead, with a note (also warned once) that says so and
+    what to pass: the budget adapts to the backbone rather than failing."""
+    idx = default_candidates(model, method, max_trainable_percent)
+    if idx or max_trainable_percent is None:
+        return idx, None
+    adapter = get_adapter(model)
+    names = adapter.block_names
+    allowed = [i for i in range(len(names)) if not _uses_skip(method) or _fits(adapter, i)]
+    least = min(allowed, key=lambda i: _trainable_percent(adapter, i))
+    share = _trainable_percent(adapter, least)
+    note = (
+        f"No block of {arch_name(model)} trains at most {max_trainable_percent:g}% of the "
+        f"parameters with {method}; the budget was raised to the smallest block's {share:.2f}% "
+        f"(block {least}, {names[least]}). Pass max_trainable_percent (--select_max_percent) "
+        "to set it."
+    )
+    warn_once(note)
+    return default_candidates(model, method, share + 1e-9), note
+
+
 def select_block(
     model: nn.Module,
     train_data: Any,
@@ -213,7 +240,8 @@ def select_block(
 
     Raises:
         ConfigError: unknown rule or method, bad lr, an empty candidate list, a budget no
-            candidate meets, or fewer training samples per class than the rule needs (the
+            given candidate meets (when no *default* candidate fits, the budget is raised to the
+            smallest block and ``.budget_note`` says so), or fewer training samples per class than the rule needs (the
             message names the minimum, see :func:`min_per_class`).
     """
     t0 = time.perf_counter()
@@ -222,7 +250,7 @@ def select_block(
     precision = probe_precision(precision, model_device(model))
     adapter = get_adapter(model)
     names = adapter.block_names
-    rows = _candidate_rows(model, adapter, method, candidates, max_trainable_percent)
+    rows, note = _candidate_rows(model, adapter, method, candidates, max_trainable_percent)
     fetch, labels = as_fetch(train_data)
     check_samples(labels, rule, lr, heldout_fraction)
     diagnostics = rule in ("recall", "mlp") if diagnostics is None else diagnostics
@@ -246,7 +274,7 @@ def select_block(
         rule=rule, method=method, arch=arch_name(model), rows=rows, chosen=chosen,
         chosen_name=names[chosen], lr=chosen_lr if lr == "auto" else None, reason=reason,
         seconds=time.perf_counter() - t0, images_processed=int(images),
-        probe_steps=probe_steps, num_blocks=len(names), curve=curve,
+        probe_steps=probe_steps, num_blocks=len(names), curve=curve, budget_note=note,
     )  # fmt: skip
 
 
@@ -267,26 +295,20 @@ def _check_settings(rule, method, lr, lr_grid, probe_steps, batch_size) -> None:
 
 def _candidate_rows(
     model, adapter, method, candidates, max_trainable_percent
-) -> list[CandidateRow]:
-    """The rows of the candidate blocks: ``candidates``, or :func:`default_candidates`."""
+) -> tuple[list[CandidateRow], str | None]:
+    """The rows of the candidate blocks (``candidates``, or :func:`default_candidates`) and a
+    note when no block fitted the budget and it was raised to the smallest block."""
     names = adapter.block_names
+    note = None
     if candidates is not None:
         idx = _explicit_candidates(model, adapter, method, candidates, max_trainable_percent)
     else:
-        idx = default_candidates(model, method, max_trainable_percent)
-        if not idx:
-            allowed = [i for i in range(len(names)) if not _uses_skip(method) or _fits(adapter, i)]
-            least = min(allowed, key=lambda i: _trainable_percent(adapter, i))
-            raise ConfigError(
-                f"no block of {arch_name(model)} trains at most {max_trainable_percent}% of the "
-                f"parameters with {method}; the smallest is block {least} ({names[least]}) at "
-                f"{_trainable_percent(adapter, least):.2f}%. Raise max_trainable_percent or pass "
-                "candidates."
-            )
-    return [
+        idx, note = budget_candidates(model, method, max_trainable_percent)
+    rows = [
         CandidateRow(i, names[i], adapter.block_channels(i), _trainable_percent(adapter, i))
         for i in idx
     ]
+    return rows, note
 
 
 def _measure_blocks(model, fetch, labels, rows, seed, diagnostics) -> list[dict]:

@@ -36,7 +36,13 @@ from ncfinetune.training.device import (
 from ncfinetune.training.loop import evaluate_rows, train_steps
 from ncfinetune.tuning.methods import method_config
 from ncfinetune.tuning.model import TunedModel, get_tuned_model
-from ncfinetune.tuning.prefix_cache import CacheTooLarge, PrefixCache, fill_shared, prefix_blocker
+from ncfinetune.tuning.prefix_cache import (
+    CacheTooLarge,
+    PrefixCache,
+    fill_shared,
+    prefix_blocker,
+    prefix_stop,
+)
 
 
 @contextlib.contextmanager
@@ -228,7 +234,7 @@ class Prober:
         self.method, self.bn, self.seed = method, bn, seed
         self.fraction, self.steps, self.batch, self.precision = fraction, steps, batch, precision
         self.fit = self.held = None
-        self.caches: dict[int | None, PrefixCache | None] = {}
+        self.caches: dict[tuple[str, int | None], PrefixCache | None] = {}
         self.frozen: nn.Module | None = None  # one copy serves every cache: only its prefix runs
         self.images = 0
 
@@ -240,49 +246,65 @@ class Prober:
                 r.probes[f"{lr:g}"] = self.probe(r.index, lr)
         return self.images - before
 
-    def probe(self, block: int | None, lr: float) -> dict[str, float | None]:
-        """One short fine-tune of ``method`` at ``block`` (None: linear/full) at ``lr``."""
+    def probe(
+        self, block: int | None, lr: float, method: str | None = None, steps: int | None = None
+    ) -> dict[str, float | None]:
+        """One short fine-tune of ``method`` (default: the prober's) at ``block`` (None:
+        linear/full) at ``lr``, for ``steps`` (default: the prober's)."""
+        method = self.method if method is None else method
+        steps = self.steps if steps is None else steps
         if self.fit is None:
             self.fit, self.held = _holdout(self.labels, self.fraction, self.seed)
         device = model_device(self.model)
-        if block not in self.caches:
-            with own_rng(self.seed, device):  # a LoRA method's wrapper draws its init
-                self.caches[block] = self._cache(block)
-        cache = self.caches[block]
+        with own_rng(self.seed, device):  # a LoRA method's wrapper draws its init
+            cache = self._cache(block, method)
         t1 = time.perf_counter()
         with own_rng(self.seed, device):
-            tuned = get_tuned_model(copy.deepcopy(self.model), self.method, block=block, bn=self.bn)
+            tuned = get_tuned_model(copy.deepcopy(self.model), method, block=block, bn=self.bn)
             if cache is None and use_channels_last(self.model):
                 tuned.to(memory_format=torch.channels_last)
-            acc, nc = self._train_and_score(tuned, lr, cache)
-        self.images += self.steps * min(self.batch, self.fit.size) + self.held.size
-        return {"accuracy": acc, "nc1": nc, "seconds": time.perf_counter() - t1}
+            acc, nc, train_s = self._train_and_score(tuned, lr, cache, steps)
+        self.images += steps * min(self.batch, self.fit.size) + self.held.size
+        return {
+            "accuracy": acc, "nc1": nc, "seconds": time.perf_counter() - t1,
+            "train_seconds": train_s, "steps": steps,
+        }  # fmt: skip
 
-    def _train_and_score(self, tuned, lr, cache) -> tuple[float, float | None]:
-        """Held-out (accuracy, NC1) after the probe's steps; a diverged probe ranks last."""
+    def _train_and_score(self, tuned, lr, cache, steps) -> tuple[float, float | None, float]:
+        """Held-out (accuracy, NC1) after the probe's steps, and the training seconds; a
+        diverged probe ranks last."""
+        t0 = time.perf_counter()
         try:
             train_steps(
-                tuned, self.fetch, self.fit, steps=self.steps, batch_size=self.batch, lr=lr,
+                tuned, self.fetch, self.fit, steps=steps, batch_size=self.batch, lr=lr,
                 seed=self.seed, prefix=cache, precision=self.precision,
             )  # fmt: skip
+            train_s = time.perf_counter() - t0
             ev = evaluate_rows(tuned, self.fetch, self.held, prefix=cache, precision=self.precision)
         except FloatingPointError:  # diverged at this lr
-            return 0.0, None
-        return ev["accuracy"], nc1_or_none(ev["features"], ev["labels"])
+            return 0.0, None, time.perf_counter() - t0
+        return ev["accuracy"], nc1_or_none(ev["features"], ev["labels"]), train_s
 
-    def _cache(self, block: int | None) -> PrefixCache | None:
-        """A filled prefix cache for probes at ``block``, or None where not legal."""
+    def _cache(self, block: int | None, method: str) -> PrefixCache | None:
+        """A filled prefix cache for probes of ``method`` at ``block``, or None where not
+        legal. Methods whose frozen prefix ends at the same block share one cache."""
+        if (method, block) in self.caches:
+            return self.caches[(method, block)]
         if self.frozen is None:
             self.frozen = copy.deepcopy(self.model)
         # one frozen copy serves every block's cache: these wrappers only run its prefix
-        config = method_config(self.method, block=block, bn=self.bn)
+        config = method_config(method, block=block, bn=self.bn)
         tuned = TunedModel(self.frozen, config, owns_model=False)
-        if prefix_blocker(tuned) is not None:
-            return None
-        cache = PrefixCache(tuned, self.fetch)
-        try:
-            self.images += fill_shared([cache], np.arange(self.labels.size))
-        except CacheTooLarge as err:
-            warn_once(f"block selection: {err} The probes run without the prefix cache.")
-            return None
+        cache = None
+        if prefix_blocker(tuned) is None:
+            stop = prefix_stop(tuned)
+            cache = next((c for c in self.caches.values() if c and c.stop == stop), None)
+            if cache is None:
+                cache = PrefixCache(tuned, self.fetch)
+                try:
+                    self.images += fill_shared([cache], np.arange(self.labels.size))
+                except CacheTooLarge as err:
+                    warn_once(f"selection: {err} The probes run without the prefix cache.")
+                    cache = None
+        self.caches[(method, block)] = cache
         return cache

@@ -56,6 +56,7 @@ class BlockSelection:
     probe_steps: int
     num_blocks: int
     curve: list[dict] = field(default_factory=list)  # every block's NC1, for the plot
+    budget_note: str | None = None  # no block fitted the budget: what it was raised to
 
     def row(self, index: int) -> CandidateRow:
         return next(r for r in self.rows if r.index == index)
@@ -115,6 +116,8 @@ class BlockSelection:
             )
         if notes:
             lines.append(f"({'; '.join(notes)})")
+        if self.budget_note:
+            lines.append(self.budget_note)
         lr = "" if self.lr is None else f", lr {self.lr:g}"
         lines.append(
             f"chosen: block {self.chosen} ({self.chosen_name}){lr}. {self.reason} "

@@ -133,7 +133,7 @@ def min_per_class(
     4 for the mlp rule (its split holds one out and fits on at least two), and for the
     probe rules or ``lr="auto"`` enough to hold ``heldout_fraction`` of each class out (>= 1
     held out, >= 2 to fit)."""
-    need = 1 if rule in ("middle", "lr") else 4 if rule == "mlp" else 2
+    need = 1 if rule in ("middle", "lr", "method") else 4 if rule == "mlp" else 2
     if rule in PROBE_RULES or lr == "auto":
         f = heldout_fraction
         need = max(need, 3, int(np.ceil(1 / min(f, 1 - f))) + 1)
@@ -176,11 +176,14 @@ def check_samples(labels: np.ndarray, rule: str, lr: float | str, fraction: floa
             if need > 2
             else "(NC1 and cross-validation need two samples of a class)"
         )
-        what = "lr 'auto'" if rule == "lr" else f"rule {rule!r} with lr {lr!r}"
+        what = {"lr": "lr 'auto'", "method": "method selection (select_method, --method auto)"}
+        what = what.get(rule, f"rule {rule!r} with lr {lr!r}")
+        fixed = rule not in ("lr", "method")
         raise ConfigError(
             f"class {worst} has {counts.min()} training samples; {what} "
             f"needs at least {need} per class {why}. Use more data"
-            + (", rule='curve' or 'linear' with a fixed lr" if need > 2 and rule != "lr" else "")
-            + (", or rule='middle' with a fixed lr" if rule != "middle" else "")
+            + (", rule='curve' or 'linear' with a fixed lr" if need > 2 and fixed else "")
+            + (", or rule='middle' with a fixed lr" if rule not in ("middle", "method") else "")
+            + (", or name the method, block and lr" if rule == "method" else "")
             + "."
         )
