@@ -143,6 +143,7 @@ class Run:
     # budget.py: the wall-clock budget (a multiple of full FT's 150 steps) that set ``steps``;
     # such a run fills its own prefix cache, so its training time includes the prefix outputs
     budget: float | None = None
+    optimizer: str = "sgd"  # issue 27's ViT question: "adamw" (timm's, as build_optimizer)
 
     @property
     def key(self) -> str:
@@ -154,6 +155,7 @@ class Run:
             + ("" if self.precision == "no" else f"-{self.precision}")
             + ("" if self.test_max is None else f"-test{self.test_max}")
             + ("" if self.budget is None else f"-budget{self.budget:g}")
+            + ("" if self.optimizer == "sgd" else f"-{self.optimizer}")
         )
         return (
             f"{self.method}{block}-n{self.per_class}-s{self.seed}-lr{self.lr:g}"
@@ -168,6 +170,8 @@ class Run:
         method benchmarks) under ``RUNS``."""
         if self.budget is not None:
             root = RESULTS / "budget" / "runs"
+        elif self.optimizer != "sgd":
+            root = RESULTS / "vit_gap" / "runs"
         elif self.steps != STEPS:
             root = RESULTS / "quick"
         elif self.test_max is not None:
@@ -361,6 +365,7 @@ def execute(run: Run) -> dict:
             seed=run.seed,
             prefix=pre_train,
             precision=run.precision,
+            optimizer=run.optimizer,
         )
     except FloatingPointError as err:  # a diverged run is a result, recorded as such
         none = dict.fromkeys(("test_accuracy", "train_accuracy", "nc1_train", "nc1_test"))

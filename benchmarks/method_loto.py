@@ -167,75 +167,108 @@ def _acc(rec: dict) -> float:
     return 0.0 if a is None else 100 * a
 
 
-MARGINS = (0.0, 1.0, 2.0, 3.0, 5.0)  # the design choice measured leave one target out
+MARGINS = (0.0, 1.0, 2.0, 3.0, 5.0)  # select_method's margin, chosen leave one target out
+# which probes select_method runs, chosen leave one target out with the margin: every candidate
+# at every lr, or only lr 0.03, or the one-block methods at the middle candidate only, or both
+VARIANTS = ("all", "lr0.03", "mid", "mid-lr0.03")
+MAX_COST = 0.25  # the issue's goal: selection <= 25% of the fine-tune it precedes
 FINETUNE_STEPS = 150
 
 
-def candidates_of(sub: dict) -> list:
-    from ncfinetune.selection import MethodCandidate
+def candidates_of(sub: dict, variant: str = "all") -> list:
+    """The subset's recorded candidates as select_method saw them, restricted to a variant's
+    probes (each candidate's best lr and score recomputed by the library's choose_lr)."""
+    from ncfinetune.selection import CandidateRow, MethodCandidate, choose_lr
 
-    return [MethodCandidate(**c) for c in sub["signals"]["plan"]["candidates"]]
+    cands = [MethodCandidate(**c) for c in sub["signals"]["plan"]["candidates"]]
+    if variant.startswith("mid"):
+        mid = middle_block(sub)
+        cands = [c for c in cands if c.block is None or c.block == mid]
+    if variant.endswith("lr0.03"):
+        for c in cands:
+            c.probes = {k: v for k, v in c.probes.items() if float(k) == 0.03}
+            c.lr, _ = choose_lr(CandidateRow(-1, "", 0, 0.0, probes=c.probes))
+            c.accuracy = 100 * c.probes[f"{c.lr:g}"]["accuracy"]
+    return cands
 
 
-def pick(sub: dict, policy) -> tuple[str, int | None, float]:
-    """The grid cell a policy picks on one subset: a margin (select_method's rule) or a fixed
-    policy ("scl-middle", "full"), each fixed policy at the lr its own probes chose."""
+def middle_block(sub: dict) -> int:
+    """The middle of the subset's candidate blocks (where LoRA-in-block was probed)."""
+    return next(
+        c["block"] for c in sub["signals"]["plan"]["candidates"] if c["method"] == "lora-block"
+    )
+
+
+def pick(sub: dict, policy) -> tuple[tuple[str, int | None, float], float]:
+    """(the grid cell a policy picks on one subset, its cost): ("auto", variant, margin) is
+    select_method's rule on the variant's probes; "scl-middle" and "full" are the fixed
+    policies, each at the lr its own probes chose. Cost: the call's wall time outside the
+    probes plus the probes the policy uses, over the chosen fine-tune's 150 steps at the step
+    time the same call measured (both timed in one process under the same load)."""
     from ncfinetune.selection import choose_method
 
-    cands = candidates_of(sub)
-    if isinstance(policy, float):
-        c, _ = choose_method(cands, policy)
-    elif policy == "full":
-        c = next(c for c in cands if c.method == "full")
-    else:
-        b = sub["signals"]["backbone"]
-        c = next(c for c in cands if c.method == "scl" and c.block == BACKBONES[b]["middle"])
-    return (c.method, c.block, c.lr)
-
-
-def cost(sub: dict) -> float:
-    """select_method's wall time over the chosen fine-tune's (150 steps at the step time the
-    same call measured): both timed in one process under the same load."""
     plan = sub["signals"]["plan"]
-    chosen = next(
-        c for c in candidates_of(sub) if (c.method, c.block) == (plan["method"], plan["block"])
-    )
-    return plan["seconds"] / (FINETUNE_STEPS * chosen.step_seconds)
+    everything = [p for c in plan["candidates"] for p in c["probes"].values()]
+    overhead = plan["seconds"] - sum(p["seconds"] for p in everything)
+    if isinstance(policy, tuple):
+        cands = candidates_of(sub, policy[1])
+        c, _ = choose_method(cands, policy[2])
+        used = [p for d in cands for p in d.probes.values()]
+    else:
+        cands = candidates_of(sub)
+        if policy == "full":
+            c = next(d for d in cands if d.method == "full")
+        else:
+            b = BACKBONES[sub["signals"]["backbone"]]["middle"]
+            c = next(d for d in cands if d.method == "scl" and d.block == b)
+        used = list(c.probes.values())
+    cost = (overhead + sum(p["seconds"] for p in used)) / (FINETUNE_STEPS * c.step_seconds)
+    return (c.method, c.block, c.lr), cost
 
 
 def evaluate(subs: list[dict], policy) -> dict:
-    """Mean accuracy, mean and max regret (vs the best grid cell in hindsight) of a policy."""
-    acc = [s["acc"][pick(s, policy)] for s in subs]
+    """Mean accuracy, mean and max regret (vs the best grid cell in hindsight) and cost of a
+    policy over subsets."""
+    picks = [pick(s, policy) for s in subs]
+    acc = [s["acc"][cell] for s, (cell, _) in zip(subs, picks, strict=True)]
     regret = [max(s["acc"].values()) - a for s, a in zip(subs, acc, strict=True)]
+    cost = [c for _, c in picks]
     return {"accuracy": float(np.mean(acc)), "regret": float(np.mean(regret)),
-            "max_regret": float(np.max(regret)), "n": len(subs)}  # fmt: skip
+            "max_regret": float(np.max(regret)), "cost": float(np.mean(cost)),
+            "max_cost": float(np.max(cost)), "n": len(subs),
+            "chose": [f"{m}" + ("" if b is None else f"@{b}") for (m, b, _), _ in picks]}  # fmt: skip
+
+
+AUTO = [("auto", v, m) for v in VARIANTS for m in MARGINS]
+
+
+def design(subs: list[dict]) -> tuple:
+    """The (variant, margin) with the highest mean accuracy among those whose mean cost is at
+    most MAX_COST (none: the cheapest); ties: the cheaper, then the larger margin."""
+    scored = [(p, evaluate(subs, p)) for p in AUTO]
+    ok = [(p, e) for p, e in scored if e["cost"] <= MAX_COST]
+    if not ok:
+        return min(scored, key=lambda t: t[1]["cost"])[0]
+    return max(ok, key=lambda t: (round(t[1]["accuracy"], 6), -t[1]["cost"], t[0][2]))[0]
 
 
 def loto(subs: list[dict]) -> dict:
-    """Per held-out pair: the margin chosen on the other pairs (highest mean accuracy; ties:
-    the larger margin, i.e. fewer trainable parameters) and every policy scored on the pair."""
+    """Per held-out pair: the design chosen on the other pairs, scored on the pair, beside the
+    fixed policies."""
     pairs = sorted({s["pair"] for s in subs})
     out = {}
     for p in pairs:
         held = [s for s in subs if s["pair"] == p]
         rest = [s for s in subs if s["pair"] != p]
-        margin = max(MARGINS, key=lambda m: (evaluate(rest, m)["accuracy"], m)) if rest else None
-        row = {"margin": margin}
-        if margin is not None:
-            row["auto"] = evaluate(held, margin)
-            row["auto_methods"] = [
-                "{}{}".format(
-                    *pick(s, margin)[:1],
-                    "" if pick(s, margin)[1] is None else f"@{pick(s, margin)[1]}",
-                )
-                for s in held
-            ]
+        row = {}
+        if rest:
+            policy = design(rest)
+            row["design"] = list(policy[1:])
+            row["auto"] = evaluate(held, policy)
         row["scl-middle"] = evaluate(held, "scl-middle")
         row["full"] = evaluate(held, "full")
-        row["cost_mean"] = float(np.mean([cost(s) for s in held]))
-        row["cost_max"] = float(np.max([cost(s) for s in held]))
         row["best_in_hindsight"] = float(np.mean([max(s["acc"].values()) for s in held]))
-        row["per_margin"] = {f"{m:g}": evaluate(held, m) for m in MARGINS}
+        row["every_design"] = {f"{v} m{m:g}": evaluate(held, ("auto", v, m)) for _, v, m in AUTO}
         out[p] = row
     return out
 
@@ -253,51 +286,60 @@ def report(subs: list[dict]) -> None:
         f"candidate (linear probe; Layer/SCL FT at the `select_block` candidates; LoRA-in-block at "
         f"their middle; full FT) at lr {', '.join(f'{v:g}' for v in LR_GRID)}: 150 SGD steps of "
         f"batch 32, test accuracy. `select_method` probes every candidate and lr for "
-        f"{PROBE_STEPS} steps on 70% of the subset, scored on the other 30%; its margin (a "
-        f"candidate with more trainable parameters must lead by more than it, in {MARGINS}) is "
-        "chosen on the other pairs. Regret: best grid cell in hindsight minus the chosen cell "
+        f"{PROBE_STEPS} steps on 70% of the subset, scored on the other 30%; its design (which "
+        f"probes: {', '.join(VARIANTS)}; the margin a candidate with more trainable parameters "
+        f"must lead by, in {MARGINS}) is chosen on the other pairs: the highest mean accuracy "
+        f"among designs costing at most {100 * MAX_COST:.0f}% of the fine-tune. Regret: best grid cell in hindsight minus the chosen cell "
         "(accuracy points). Fixed policies: SCL FT at the middle block, full FT (each at the lr "
         "its own probes chose). Cost: select_method's wall time / the chosen fine-tune's 150 "
         "steps at the step time the same call measured.",
         "",
-        "| pair | margin (LOTO) | auto acc | auto regret (mean / max) | SCL middle acc | regret | "
-        "full FT acc | regret | auto - better fixed | best in hindsight | cost mean / max | "
-        "auto chose |",
+        "| pair | design (LOTO: probes, margin) | auto acc | auto regret (mean / max) | SCL middle "
+        "acc | regret | full FT acc | regret | auto - better fixed | best in hindsight | cost "
+        "mean / max | auto chose |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p, r in res.items():
-        a, m, f = r.get("auto"), r["scl-middle"], r["full"]
+        a, m, f = r["auto"], r["scl-middle"], r["full"]
         better = max(m["accuracy"], f["accuracy"])
         lines.append(
-            f"| {p} | {r['margin']} | {a['accuracy']:.2f} | {a['regret']:.2f} / {a['max_regret']:.2f} "
-            f"| {m['accuracy']:.2f} | {m['regret']:.2f} | {f['accuracy']:.2f} | {f['regret']:.2f} "
-            f"| {a['accuracy'] - better:+.2f} | {r['best_in_hindsight']:.2f} "
-            f"| {100 * r['cost_mean']:.0f}% / {100 * r['cost_max']:.0f}% "
-            f"| {' '.join(r['auto_methods'])} |"
+            f"| {p} | {r['design'][0]}, {r['design'][1]:g} | {a['accuracy']:.2f} "
+            f"| {a['regret']:.2f} / {a['max_regret']:.2f} | {m['accuracy']:.2f} | {m['regret']:.2f} "
+            f"| {f['accuracy']:.2f} | {f['regret']:.2f} | {a['accuracy'] - better:+.2f} "
+            f"| {r['best_in_hindsight']:.2f} | {100 * a['cost']:.0f}% / {100 * a['max_cost']:.0f}% "
+            f"| {' '.join(a['chose'])} |"
         )
-    n = len(res)
-    mean = {
-        k: np.mean([r[k]["regret"] for r in res.values()]) for k in ("auto", "scl-middle", "full")
-    }
-    worst = {
-        k: max(r[k]["max_regret"] for r in res.values()) for k in ("auto", "scl-middle", "full")
-    }
+    pol = ("auto", "scl-middle", "full")
+    mean = {k: np.mean([r[k]["regret"] for r in res.values()]) for k in pol}
+    worst = {k: max(r[k]["max_regret"] for r in res.values()) for k in pol}
+    vs = [
+        r["auto"]["accuracy"] - max(r["scl-middle"]["accuracy"], r["full"]["accuracy"])
+        for r in res.values()
+    ]
     lines += [
         "",
-        f"Over the {n} pairs: mean regret auto {mean['auto']:.2f}, SCL middle "
-        f"{mean['scl-middle']:.2f}, full FT {mean['full']:.2f}; worst single subset auto "
-        f"{worst['auto']:.2f}, SCL middle {worst['scl-middle']:.2f}, full FT {worst['full']:.2f}.",
+        f"Over the {len(res)} pairs (each scored by the design chosen without it): mean regret "
+        f"auto {mean['auto']:.2f}, SCL middle {mean['scl-middle']:.2f}, full FT "
+        f"{mean['full']:.2f}; worst subset auto {worst['auto']:.2f}, SCL middle "
+        f"{worst['scl-middle']:.2f}, full FT {worst['full']:.2f}; auto minus the better fixed "
+        f"policy per pair: worst {min(vs):+.2f}; cost of auto, mean "
+        f"{100 * np.mean([r['auto']['cost'] for r in res.values()]):.0f}%.",
         "",
-        "## Every margin on every pair (in hindsight, for reference: not a LOTO number)",
+        "## Every design on every pair (in hindsight, for reference: not a LOTO number)",
         "",
-        "| pair | " + " | ".join(f"margin {m:g} acc / regret" for m in MARGINS) + " |",
-        "|---|" + "---:|" * len(MARGINS),
+        "accuracy / mean regret / mean cost",
+        "",
+        "| design | " + " | ".join(res) + " |",
+        "|---|" + "---:|" * len(res),
     ]
-    for p, r in res.items():
+    for name in next(iter(res.values()))["every_design"]:
         lines.append(
-            f"| {p} | "
+            f"| {name} | "
             + " | ".join(
-                f"{v['accuracy']:.2f} / {v['regret']:.2f}" for v in r["per_margin"].values()
+                "{accuracy:.2f} / {regret:.2f} / {c:.0f}%".format(
+                    **r["every_design"][name], c=100 * r["every_design"][name]["cost"]
+                )
+                for r in res.values()
             )
             + " |"
         )

@@ -22,7 +22,6 @@ best lr for the same share of those steps.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,6 @@ from ncfinetune.selection.probe import (
     Prober,
     as_fetch,
     on_device,
-    own_rng,
     probe_precision,
     training_cache,
 )
@@ -60,7 +58,6 @@ from ncfinetune.selection.rules import (
 )
 from ncfinetune.training.device import model_device
 from ncfinetune.tuning.methods import MethodConfig, method_class, method_config
-from ncfinetune.tuning.model import get_tuned_model
 
 METHOD_CANDIDATES = ("linear", "layer", "scl", "lora-block", "full")
 METHOD_MARGIN = 2.0  # accuracy points; measured leave one target out (benchmarks/method_loto.py)
@@ -264,6 +261,7 @@ def select_method(
     )  # fmt: skip
     for c in cands:
         c.probes = {f"{v:g}": prober.probe(c.block, float(v), c.method) for v in lr_grid}
+        c.trainable_percent = next(iter(c.probes.values()))["trainable_percent"]
         c.lr, _ = choose_lr(CandidateRow(-1, "", 0, 0.0, probes=c.probes))
         c.accuracy = 100 * c.probes[f"{c.lr:g}"]["accuracy"]
         trained = [p["train_seconds"] / p["steps"] for p in c.probes.values()]
@@ -377,13 +375,6 @@ def _candidates(model, methods, blocks, lora_blocks) -> list[MethodCandidate]:
         else:  # SCL only where the block's width fits the skip
             at = [b for b in blocks if m != "scl" or _fits(adapter, b)]
         for b in at:
-            out.append(MethodCandidate(m, b, None if b is None else names[b], _share(model, m, b)))
+            # trainable_percent: counted on the first probe's model
+            out.append(MethodCandidate(m, b, None if b is None else names[b], 0.0))
     return out
-
-
-def _share(model: nn.Module, method: str, block: int | None) -> float:
-    """% of the parameters ``method`` at ``block`` trains (counted on a wrapped copy)."""
-    with own_rng(0, model_device(model)):  # a LoRA wrapper draws its init: not from the caller's
-        tuned = get_tuned_model(copy.deepcopy(model), method, block=block)
-    trainable, total = tuned.parameter_counts()
-    return 100.0 * trainable / total

@@ -265,9 +265,11 @@ class Prober:
                 tuned.to(memory_format=torch.channels_last)
             acc, nc, train_s = self._train_and_score(tuned, lr, cache, steps)
         self.images += steps * min(self.batch, self.fit.size) + self.held.size
+        trainable, total = tuned.parameter_counts()
         return {
             "accuracy": acc, "nc1": nc, "seconds": time.perf_counter() - t1,
             "train_seconds": train_s, "steps": steps,
+            "trainable_percent": 100.0 * trainable / total,
         }  # fmt: skip
 
     def _train_and_score(self, tuned, lr, cache, steps) -> tuple[float, float | None, float]:
