@@ -46,3 +46,17 @@ class TrainingDiverged(NcFinetuneError, FloatingPointError):
     def __init__(self, message: str, *, step: int, lr: float):
         super().__init__(message)
         self.step, self.lr = step, lr
+
+
+class NonFiniteOutputs(NcFinetuneError, FloatingPointError):
+    """A model's logits were NaN or infinite (finite weights can still overflow): its weights
+    diverged in training, or its inputs are broken.
+
+    Attributes:
+        rows: how many of the evaluated rows had a non-finite logit.
+        total: how many rows were evaluated.
+    """
+
+    def __init__(self, message: str, *, rows: int, total: int):
+        super().__init__(message)
+        self.rows, self.total = rows, total

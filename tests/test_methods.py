@@ -62,7 +62,10 @@ def test_config_object_and_shortcut_build_the_same_model():
         (lambda: LayerConfig(block=1.5), "block must be an int index or a module name, got float"),
         (lambda: LinearConfig(bn="sometimes"), "bn='sometimes' is not one of update, frozen"),
         (lambda: LoRAConfig(lora_rank=0), "lora_rank=0 must be an integer >= 1"),
-        (lambda: LoRABlockConfig(block=1, lora_alpha=-1), "lora_alpha=-1 must be > 0"),
+        (
+            lambda: LoRABlockConfig(block=1, lora_alpha=-1),
+            r"lora_alpha=-1 must be a finite number in \(0, 10000\]",
+        ),
         (lambda: method_config("adapter", bn="x"), "method='adapter' is not one of linear"),
         (lambda: method_config("scl", block=1, rank=4), "unknown method setting"),
     ],

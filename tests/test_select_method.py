@@ -132,8 +132,11 @@ def test_bad_input_is_refused_before_any_probe(kwargs, message):
 
 def test_too_few_rows_per_class_names_the_minimum():
     x, y = class_data(per_class=1)
-    with pytest.raises(ConfigError, match=r"class 0 has 1 training samples; method selection .* "
-                       r"needs at least 5 per class .* or name the method, block and lr\."):
+    with pytest.raises(
+        ConfigError,
+        match=r"class 0 has 1 training samples; method selection .* "
+        r"needs at least 5 per class .* or name the method, block and lr\.",
+    ):
         select_method(make_model("test_resnet"), (x, y), **FAST)
 
 

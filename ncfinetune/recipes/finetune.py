@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 import ncfinetune.data as nd
+from ncfinetune.errors import NonFiniteOutputs
 from ncfinetune.files import finite_json, write_json
 from ncfinetune.metrics.modules import load_metric
 from ncfinetune.recipes import launch, runs
@@ -108,7 +109,7 @@ def evaluate(acc, tuned, loader, metric, name: str, split: str, channels_last: b
     ``loader``, each counted once over all processes."""
     res = predict_batches(
         tuned, loader, accelerator=acc, channels_last=channels_last, progress=split
-    )
+    )  # NaN or infinite logits raise NonFiniteOutputs (train turns it into TrainingDiverged)
     score = metric.compute(predictions=res["preds"], references=res["labels"])[name]
     return {f"{split}_{name}": score, f"{split}_samples": len(res["labels"])}
 
@@ -295,7 +296,12 @@ def train(run: Run) -> bool:
         n, last = epoch + 1, epoch + 1 == cfg.optim.epochs
         stop = bool(cfg.run.stop_after) and n >= cfg.run.stop_after and not last
         row = train_one_epoch(run, epoch)
-        evaluate_epoch(run, row, n, last)
+        try:  # NaN/inf logits: on a fixed batch after every epoch, and at every evaluation
+            check_logits(run)
+            evaluate_epoch(run, row, n, last)
+        except NonFiniteOutputs as err:
+            what = f"the logits became NaN or infinite on {err.rows} of {err.total} images"
+            raise diverged(what, run.steps, row["lr"], f" (evaluated after epoch {n})") from err
         run.history.append(row)
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
         acc.log(scalars, run.steps)
@@ -313,6 +319,17 @@ def train(run: Run) -> bool:
             return False
     run.seconds = time.time() - start
     return True
+
+
+def check_logits(run: Run) -> None:
+    """Raise NonFiniteOutputs (on every process) when the logits of a small fixed batch, the
+    first batch of the training rows in order, are NaN or infinite: finite weights can still
+    overflow, and a loss that was finite before the last step does not show it."""
+    x, y = next(iter(run.loaders.train_eval))
+    n = min(8, len(y))
+    predict_batches(
+        run.tuned, [(x[:n], y[:n])], accelerator=run.acc, channels_last=run.channels_last
+    )
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
-from ncfinetune.errors import ConfigError, TrainingDiverged
+from ncfinetune.errors import ConfigError, NonFiniteOutputs, TrainingDiverged
 from ncfinetune.training.device import LOOP_PRECISIONS, model_device
 from ncfinetune.tuning.model import TunedModel
 from ncfinetune.tuning.prefix_cache import PrefixCache, check_prefix
@@ -319,6 +319,10 @@ def predict_batches(
     appears exactly once. Results are returned on the CPU (one copy at the end).
     ``logits=True`` also returns the float32 logits (``"logits"``: softmax them for
     probabilities).
+
+    Raises:
+        NonFiniteOutputs: a logit was NaN or infinite (on any process: the check is gathered,
+            so every process raises, after the last batch).
     """
     net = (
         model if accelerator is None else accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -332,17 +336,30 @@ def predict_batches(
         out["features"] = []
     if logits:
         out["logits"] = []
+    out["finite"] = []
     for x, y in tqdm(batches, desc=progress, leave=False, disable=not show):
         x = as_memory_format(x.to(device, non_blocking=True), channels_last)
         with autocast():
             scores, feats = net.forward_with_features(x)
         items = [scores.argmax(1), y.to(device)] + ([feats.float()] if features else [])
         items += [scores.float()] if logits else []
+        items.append(torch.isfinite(scores).all(1))  # gathered: every process sees every row
         if accelerator is not None:
             items = accelerator.gather_for_metrics(items)
         for key, value in zip(out, items, strict=True):
             out[key].append(value)
-    return {k: torch.cat(v).cpu() if v else torch.empty(0) for k, v in out.items()}
+    res = {k: torch.cat(v).cpu() if v else torch.empty(0) for k, v in out.items()}
+    finite = res.pop("finite")
+    if finite.numel() and not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise NonFiniteOutputs(
+            f"the model's logits are NaN or infinite on {bad} of {finite.numel()} images (its "
+            "weights overflow even where they are finite: training diverged). Its predictions "
+            "are meaningless; retrain with a lower lr.",
+            rows=bad,
+            total=int(finite.numel()),
+        )
+    return res
 
 
 def _row_batches(fetch: Fetch, rows: np.ndarray, steps: int, batch: int, seed: int):

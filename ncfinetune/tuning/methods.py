@@ -215,6 +215,9 @@ class FullConfig(MethodConfig):
         return [tuned.model]
 
 
+MAX_LORA_ALPHA = 1e4  # alpha / rank scales the update: beyond this the logits overflow
+
+
 class _LoRAMixin:
     """LoRA fields' validation and injection, shared by the two LoRA methods."""
 
@@ -226,10 +229,16 @@ class _LoRAMixin:
         rank = self.lora_rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             problems.append(f"lora_rank={rank!r} must be an integer >= 1")
-        if self.lora_alpha is not None and not (
-            isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0
+        alpha = self.lora_alpha
+        if alpha is not None and not (
+            isinstance(alpha, (int, float))
+            and not isinstance(alpha, bool)
+            and 0 < alpha <= MAX_LORA_ALPHA
         ):
-            problems.append(f"lora_alpha={self.lora_alpha!r} must be > 0 (or None for the rank)")
+            problems.append(
+                f"lora_alpha={alpha!r} must be a finite number in (0, {MAX_LORA_ALPHA:g}] (the "
+                "update is scaled by alpha / rank; None: the rank, a scale of 1)"
+            )
         return problems
 
     def peft_config(self, target_modules: list[str]):

@@ -23,7 +23,7 @@ from torch import nn
 from ncfinetune.backbones import BackboneAdapter, get_adapter
 from ncfinetune.backbones.base import Prediction, arch_name
 from ncfinetune.backbones.hub import BASE_ATTRIBUTE
-from ncfinetune.errors import ConfigError
+from ncfinetune.errors import ConfigError, NonFiniteOutputs
 from ncfinetune.messages import warn_once
 from ncfinetune.tuning import checkpoint
 from ncfinetune.tuning.batchnorm import hold_batchnorms
@@ -354,7 +354,37 @@ class TunedModel(nn.Module):
         checkpoint.load_weights(
             path, meta, tuned.model, expected=tuned.tuned_state_dict(), verify_base=verify_base
         )
+        _check_finite_logits(tuned, path)
         return tuned
+
+
+def _check_finite_logits(tuned: TunedModel, path: str | os.PathLike) -> None:
+    """Raise NonFiniteOutputs when the loaded model's logits on a fixed probe batch (two seeded
+    normal images at the model's input size) are NaN or infinite: finite weights that overflow
+    are a diverged training run, whose predictions would be meaningless."""
+    from timm.data import resolve_model_data_config
+
+    model = tuned.model
+    channels, height, width = resolve_model_data_config(model)["input_size"]
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed:  # a ViT takes only the size it was made for
+        height, width = fixed
+    x = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x.to(next(model.parameters()).device))
+    finally:
+        model.train(was)
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteOutputs(
+            f"the tuned model in {path} gives NaN or infinite logits on a probe batch although "
+            "its weights are finite: its training diverged, so its predictions would be "
+            "meaningless. Retrain it with a lower lr.",
+            rows=int((~torch.isfinite(logits).all(1)).sum()),
+            total=2,
+        )
 
 
 _OWNER = "_ncfinetune_owner"

@@ -1,0 +1,73 @@
+"""Nothing lost, round 2 (issue 28): non-finite outputs are divergence everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import images, labels, make_model
+from test_recipes import FINETUNE, finetune
+
+from ncfinetune import get_tuned_model
+from ncfinetune.errors import NonFiniteOutputs, TrainingDiverged
+from ncfinetune.training.loop import predict_batches
+
+
+def overflowing(tuned):
+    """Finite weights whose logits overflow: the head's weights at 1e38."""
+    head = tuned.adapter.classifier_modules()[0]
+    with torch.no_grad():
+        head.weight.fill_(1e38)
+    assert all(bool(torch.isfinite(p).all()) for p in tuned.parameters())
+    return tuned
+
+
+def test_predict_batches_refuses_non_finite_logits_and_counts_the_rows():
+    tuned = get_tuned_model(make_model("test_resnet"), "linear")
+    x, y = images(6), labels(6)
+    ok = predict_batches(tuned, [(x, y)])
+    assert ok["preds"].shape == (6,) and "finite" not in ok
+    overflowing(tuned)
+    with pytest.raises(NonFiniteOutputs, match=r"NaN or infinite on 6 of 6 images") as err:
+        predict_batches(tuned, [(x[:3], y[:3]), (x[3:], y[3:])])
+    assert (err.value.rows, err.value.total) == (6, 6)
+    assert isinstance(err.value, FloatingPointError)
+
+
+def test_a_run_whose_logits_overflow_with_finite_weights_is_divergence(tmp_path, monkeypatch):
+    """The loss of every step was finite, the weights are finite, the logits are not: caught
+    after the epoch, before anything is evaluated or saved."""
+    real = FINETUNE.train_one_epoch
+
+    def then_overflow(run, epoch):
+        row = real(run, epoch)
+        overflowing(run.net)
+        return row
+
+    monkeypatch.setattr(FINETUNE, "train_one_epoch", then_overflow)
+    args = ["--epochs", 1, "--max_steps", 1, "--per_class", 5, "--nc1", "false",
+            "--output_dir", tmp_path]  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"the logits became NaN or infinite on \d+ of \d+"):
+        finetune(*args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
+def test_load_tuned_refuses_a_model_whose_logits_overflow(tmp_path, arch):
+    from ncfinetune import load_tuned
+
+    tuned = get_tuned_model(make_model(arch), "linear")
+    tuned.save_pretrained(tmp_path / "ok")
+    assert load_tuned(tmp_path / "ok", make_model(arch)).method == "linear"  # a sane one loads
+    overflowing(tuned).save_pretrained(tmp_path / "bad")
+    with pytest.raises(
+        NonFiniteOutputs, match=r"bad gives NaN or infinite logits on a probe batch"
+    ):
+        load_tuned(tmp_path / "bad", make_model(arch))
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan"), 1e30, 0, -1, True, "8"])
+def test_lora_alpha_must_be_finite_and_sane(alpha):
+    from ncfinetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lora_alpha=.* must be a finite number in \(0, 10000\]"):
+        get_tuned_model(make_model("test_resnet"), "lora-block", block=1, lora_alpha=alpha)
