@@ -71,3 +71,56 @@ def test_lora_alpha_must_be_finite_and_sane(alpha):
 
     with pytest.raises(ConfigError, match=r"lora_alpha=.* must be a finite number in \(0, 10000\]"):
         get_tuned_model(make_model("test_resnet"), "lora-block", block=1, lora_alpha=alpha)
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_its_outputs_on_resume(tmp_path):
+    import json
+    import shutil
+
+    from ncfinetune.errors import ConfigError
+
+    args = ["--epochs", 2, "--max_steps", 1, "--per_class", 5, "--output_dir", tmp_path]
+    done = finetune(*args)
+    # as if killed between the last checkpoint and the outputs (or the disk was full)
+    shutil.rmtree(tmp_path / "tuned")
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(ConfigError, match="unfinished run .* --resume"):
+        finetune(*args)
+    again = finetune(*args, "--resume", "true")
+    assert (tmp_path / "tuned").is_dir() and (tmp_path / "metrics.json").is_file()
+    assert again["test_accuracy"] == done["test_accuracy"]
+    assert again["history"] == done["history"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test_accuracy"] == done["test_accuracy"]
+    # now finished: a resume has nothing left to do and says so
+    with pytest.raises(ConfigError, match="nothing to train .* finished all 2 epochs"):
+        finetune(*args, "--resume", "true")
+
+
+def test_a_second_run_on_a_busy_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from ncfinetune.errors import ConfigError
+
+    args = ["--epochs", 1, "--max_steps", 1, "--per_class", 5, "--output_dir", tmp_path]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tmp_path.mkdir(exist_ok=True)
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "started": "2026-12-06 10:00:00"}
+        (tmp_path / ".lock").write_text(json.dumps(lock))
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {holder.pid} on .*"
+                           r"started 2026-12-06 10:00:00\)"):  # fmt: skip
+            finetune(*args)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale, taken over with a warning, released at the end
+    with pytest.warns(UserWarning, match=f"taking over the lock .*'pid': {holder.pid}"):
+        finetune(*args)
+    assert not (tmp_path / ".lock").exists() and (tmp_path / "metrics.json").is_file()
+    assert os.getpid() != holder.pid

@@ -163,10 +163,16 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    run = setup(load_config(sys.argv[1:] if argv is None else argv))
-    if not train(run):
-        return {"history": run.history, "stopped": True}
-    return finish(run)
+    from accelerate import PartialState
+
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    # one run per folder at a time: the main process holds the lock (a refusal there ends the
+    # launch; the launcher stops the other processes)
+    with runs.run_lock(Path(cfg.run.output_dir), take=PartialState().is_main_process):
+        run = setup(cfg)
+        if not train(run):
+            return {"history": run.history, "stopped": True}
+        return finish(run)
 
 
 def start_accelerator(cfg: FinetuneConfig) -> tuple[Accelerator, str, int]:
@@ -250,6 +256,11 @@ def restore(run: Run, resume: runs.Resume) -> None:
     run.start_epoch, run.history = resume.epoch, resume.history
     run.steps = resume.epoch * run.plan.steps_per_epoch
     acc.print(f"resumed from {resume.checkpoint} (epoch {resume.epoch})")
+    if resume.epoch >= run.cfg.optim.epochs:
+        acc.print(
+            f"every epoch ({resume.epoch}) was checkpointed but the outputs were not written: "
+            "writing tuned/ and metrics.json from the last checkpoint"
+        )
     if resume.changed:  # resume_override: the schedule the new epochs/lr ask for
         runs.retarget_schedule(sched, fresh)
         acc.print(

@@ -4,6 +4,11 @@ resuming one.
 * A folder that holds a run (a checkpoint under ``checkpoints/`` or ``metrics.json``) is never
   started over silently: without ``--resume`` that is an error saying how to go on (a new
   ``--output_dir``, ``--resume``, or deleting the folder).
+* A run holds an exclusive lock on its folder while it runs (``.lock``: pid, host, start time):
+  a second run on the same folder is refused naming the holder; a lock left by a process that
+  is gone is taken over with a warning (:func:`run_lock`).
+* A run whose every epoch is checkpointed but whose outputs (``tuned/``, ``metrics.json``) were
+  not written finishes them on ``--resume``.
 * ``--resume`` continues the newest checkpoint. The saved ``config.yaml`` is compared with the
   current config: a different value of any key that changes training is an error listing every
   difference (``key: saved -> now``). Only the keys named in ``resume_override`` (``epochs``,
@@ -14,15 +19,20 @@ resuming one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import write_json
+from ncfinetune.messages import warn_once
 from ncfinetune.recipes.config import (
     config_differences,
     flat_config,
@@ -38,6 +48,72 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
 OVERRIDES_FILE = "resume_overrides.json"
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, take: bool = True) -> Iterator[None]:
+    """Hold the exclusive lock of the run folder ``out`` for the block (``take=False``: a
+    process other than the main one, which holds it for all).
+
+    Raises:
+        ConfigError: another live run holds the lock (its pid, host and start time named).
+    """
+    if not take:
+        yield
+        return
+    path = Path(out) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}  # fmt: skip
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and _alive(holder):
+                raise ConfigError(
+                    f"output_dir {out} is in use by another run (pid {holder['pid']} on "
+                    f"{holder['host']}, started {holder['started']}); two runs in one folder "
+                    "would overwrite each other's files. Wait for it, or pass another "
+                    f"--output_dir (if that process is gone, delete {path})."
+                ) from None
+            warn_once(
+                f"taking over the lock of {out}: its holder ({holder or 'unreadable lock'}) is "
+                "no longer running (a run that was killed)."
+            )
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise ConfigError(f"could not take the lock {path}: another run keeps taking it.")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if {"pid", "host", "started"} <= set(holder) else None
+    except (OSError, ValueError):
+        return None  # a half-written or foreign lock file: treated as stale
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the lock's holder may still run (another host cannot be checked: assume so)."""
+    if holder["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -140,6 +216,10 @@ def check_resume(
     now = flat_config(config)
     allowed = {k for k in override if k in RESUME_OVERRIDABLE}
     check_same_training(out, saved, config, ignore=ignore, allowed=allowed)
+    if epoch == now["epochs"] and not (out / METRICS_FILE).is_file():
+        # every epoch checkpointed, the outputs never written (killed, or a full disk, between
+        # the last checkpoint and tuned/ + metrics.json): finishing them is what is left
+        return Resume(path, epoch, history, {})
     if epoch >= now["epochs"]:
         more = (
             f"it finished all {epoch} epochs"
