@@ -58,12 +58,13 @@ def leftovers(target: str | os.PathLike) -> list[Path]:
     for kind in ("staging", "old"):
         for path in target.parent.glob(f".{target.name}.{kind}-*"):
             pid = path.name.rsplit("-", 2)[-2]
-            if not (pid.isdigit() and _alive(int(pid))):
+            if not (pid.isdigit() and pid_alive(int(pid))):
                 found.append(path)
     return found
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this machine) is running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

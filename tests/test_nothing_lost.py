@@ -124,3 +124,20 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_a_stale_lock_taken_over(tm
         finetune(*args)
     assert not (tmp_path / ".lock").exists() and (tmp_path / "metrics.json").is_file()
     assert os.getpid() != holder.pid
+
+
+def test_an_edited_config_yaml_is_refused_on_resume_naming_each_key(tmp_path):
+    from ncfinetune.errors import ConfigError
+
+    args = ["--epochs", 2, "--max_steps", 1, "--per_class", 5, "--output_dir", tmp_path]
+    assert finetune(*args, "--stop_after", 1)["stopped"]
+    assert (tmp_path / "checkpoints" / "run_config.yaml").is_file()
+    path = tmp_path / "config.yaml"
+    text = path.read_text()
+    assert "lr: 0.05" in text and "per_class: 5" in text
+    path.write_text(text.replace("lr: 0.05", "lr: 0.07").replace("per_class: 5", "per_class: 6"))
+    with pytest.raises(ConfigError, match=r"config.yaml was edited after the run started") as err:
+        finetune("--output_dir", tmp_path, "--resume", "true")
+    assert "lr: 0.05 -> 0.07" in str(err.value) and "per_class: 5 -> 6" in str(err.value)
+    path.write_text(text)  # restored: the run continues
+    assert finetune("--output_dir", tmp_path, "--resume", "true")["lr"] == 0.05

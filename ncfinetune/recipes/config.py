@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from ncfinetune.errors import ConfigError, NcFinetuneError
+from ncfinetune.files import write_text
 
 _NOT_KEYS = ("config", "help", "debug")  # options of every command that are not config keys
 
@@ -476,5 +477,5 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML, by section."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    """Write the resolved config as YAML, by section (atomically, creating the folder)."""
+    write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

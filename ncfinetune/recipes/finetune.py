@@ -278,7 +278,7 @@ def record_start(run: Run, cache_note: str) -> None:
     cfg, acc, out = run.cfg, run.acc, run.out
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        runs.write_run_config(out, save_config, cfg)  # + the copy --resume checks it against
         if run.selection is not None:
             record = {"method": run.net.method, "block": run.block, "lr": run.lr, **run.selection}
             write_json(out / "selection.json", record, None)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ncfinetune.errors import ConfigError
-from ncfinetune.files import write_json
+from ncfinetune.files import pid_alive, write_json
 from ncfinetune.messages import warn_once
 from ncfinetune.recipes.config import (
     config_differences,
@@ -49,6 +49,7 @@ METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
 OVERRIDES_FILE = "resume_overrides.json"
 LOCK_FILE = ".lock"
+RUN_CONFIG = "run_config.yaml"  # under checkpoints/: config.yaml as the run last wrote it
 
 
 @contextlib.contextmanager
@@ -105,15 +106,7 @@ def _lock_holder(path: Path) -> dict | None:
 
 def _alive(holder: dict) -> bool:
     """Whether the lock's holder may still run (another host cannot be checked: assume so)."""
-    if holder["host"] != socket.gethostname():
-        return True
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return holder["host"] != socket.gethostname() or pid_alive(int(holder["pid"]))
 
 
 @dataclass
@@ -213,6 +206,7 @@ def check_resume(
             f"--resume: {out / CONFIG_FILE} is missing, so the checkpoint in {path} cannot be "
             "checked against the current config. Restore the file, or start a new run."
         )
+    check_unedited(out, saved, type(config), ignore=ignore)
     now = flat_config(config)
     allowed = {k for k in override if k in RESUME_OVERRIDABLE}
     check_same_training(out, saved, config, ignore=ignore, allowed=allowed)
@@ -238,6 +232,38 @@ def check_resume(
         if before != after:
             changed[key] = (before, after)
     return Resume(path, epoch, history, changed)
+
+
+def check_unedited(out: Path, saved: dict[str, Any], cls: type, *, ignore: Iterable[str]) -> None:
+    """Raise naming every key that changes training whose value in ``config.yaml`` differs from
+    the copy the run wrote beside its checkpoints (``checkpoints/run_config.yaml``): the file was
+    edited after the run started, and the checkpoints were trained with the other values."""
+    path = Path(out) / CHECKPOINTS / RUN_CONFIG
+    if not path.is_file():  # a run started by an older version
+        return
+    written = flat_values(cls, read_config_file(path), [])
+    skip = set(ignore)
+    edits = [
+        f"{k}: {show_value(written.get(k))} -> {show_value(v)}"
+        for k, v in sorted(saved.items())
+        if k not in skip and written.get(k) != v
+    ]
+    if edits:
+        raise ConfigError(
+            f"--resume: {Path(out) / CONFIG_FILE} was edited after the run started; its "
+            f"checkpoints were trained with other values of {len(edits)} key(s):\n  - "
+            + "\n  - ".join(edits)
+            + f"\nRestore the file (the run's own copy is {path}); to change the epochs or "
+            "the lr, pass --resume_override epochs,lr with the new values; anything else needs "
+            "a new run (a new --output_dir)."
+        )
+
+
+def write_run_config(out: Path, save: Any, config: Any) -> None:
+    """Write ``config.yaml`` and the run's own copy beside its checkpoints (``save``: the
+    recipe's ``save_config``)."""
+    save(config, Path(out) / CONFIG_FILE)
+    save(config, Path(out) / CHECKPOINTS / RUN_CONFIG)
 
 
 def check_same_training(
