@@ -260,6 +260,10 @@ def test_two_process_interrupt_and_resume_gives_the_same_history(tmp_path):
     launch_two_processes(*args, "--output_dir", tmp_path / "a")
     launch_two_processes(*args, "--output_dir", tmp_path / "b", "--stop_after", 1)
     assert not (tmp_path / "b" / "metrics.json").exists()  # stopped after epoch 1
+    # resumed by one process: refused (the schedule counts steps of the 2-process batch)
+    with pytest.raises(ConfigError, match=r"trained with 2 process\(es\) and a global batch of "
+                       r"32; this launch has 1 process\(es\) and a global batch of 16"):  # fmt: skip
+        finetune(*args, "--output_dir", tmp_path / "b", "--resume", "true")
     launch_two_processes(*args, "--output_dir", tmp_path / "b", "--resume")
     full, resumed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
     assert resumed["num_processes"] == full["num_processes"] == 2

@@ -34,6 +34,7 @@ from ncfinetune.recipes import launch, runs
 from ncfinetune.recipes.config import (
     config_file_arg,
     flat_config,
+    is_main_process,
     parse_config,
     run_cli,
     save_config,
@@ -163,12 +164,10 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from accelerate import PartialState
-
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     # one run per folder at a time: the main process holds the lock (a refusal there ends the
     # launch; the launcher stops the other processes)
-    with runs.run_lock(Path(cfg.run.output_dir), take=PartialState().is_main_process):
+    with runs.run_lock(Path(cfg.run.output_dir), take=is_main_process()):
         run = setup(cfg)
         if not train(run):
             return {"history": run.history, "stopped": True}
@@ -218,6 +217,9 @@ def setup(cfg: FinetuneConfig) -> Run:
     batch_size = launch.per_process_batch(
         o.batch_size, o.global_batch_size, acc.num_processes, o.grad_accum
     )
+    global_batch = batch_size * acc.num_processes * o.grad_accum
+    if resume is not None:
+        runs.check_launch(out, acc.num_processes, global_batch)
     data = cfg.load_data()
     train_idx, val_idx = training_rows(cfg, data)
     model, tuned, block, lr, selection = build_tuned(acc, cfg, data, train_idx, precision)
@@ -279,6 +281,9 @@ def record_start(run: Run, cache_note: str) -> None:
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         runs.write_run_config(out, save_config, cfg)  # + the copy --resume checks it against
+        runs.write_launch(
+            out, acc.num_processes, run.batch_size * acc.num_processes * cfg.optim.grad_accum
+        )
         if run.selection is not None:
             record = {"method": run.net.method, "block": run.block, "lr": run.lr, **run.selection}
             write_json(out / "selection.json", record, None)

@@ -259,6 +259,39 @@ def check_unedited(out: Path, saved: dict[str, Any], cls: type, *, ignore: Itera
         )
 
 
+LAUNCH_FILE = "launch.json"  # under checkpoints/: the processes and global batch it trained with
+
+
+def write_launch(out: Path, num_processes: int, global_batch: int) -> None:
+    """Record beside the checkpoints how many processes trained and the global batch."""
+    write_json(Path(out) / CHECKPOINTS / LAUNCH_FILE,
+               {"num_processes": num_processes, "global_batch_size": global_batch})  # fmt: skip
+
+
+def check_launch(out: Path, num_processes: int, global_batch: int) -> None:
+    """Raise when a resumed run is launched with another number of processes or global batch
+    than it trained with: its schedule and epochs count optimizer steps of that batch."""
+    path = Path(out) / CHECKPOINTS / LAUNCH_FILE
+    if not path.is_file():  # a run started by an older version
+        return
+    try:
+        was = json.loads(path.read_text())
+        before = (int(was["num_processes"]), int(was["global_batch_size"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"--resume: {path} is not readable ({type(err).__name__}: {err}); it records the "
+            "processes and batch the run trained with. Restore it, or start a new run."
+        ) from None
+    if before != (num_processes, global_batch):
+        raise ConfigError(
+            f"--resume: the run in {out} trained with {before[0]} process(es) and a global batch "
+            f"of {before[1]}; this launch has {num_processes} process(es) and a global batch of "
+            f"{global_batch}. The schedule counts optimizer steps of that batch, so it would no "
+            f"longer match. Launch it again with --num_processes {before[0]} (and the same "
+            "batch_size / global_batch_size), or start a new run."
+        )
+
+
 def write_run_config(out: Path, save: Any, config: Any) -> None:
     """Write ``config.yaml`` and the run's own copy beside its checkpoints (``save``: the
     recipe's ``save_config``)."""
