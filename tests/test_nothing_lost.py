@@ -131,7 +131,7 @@ def test_an_edited_config_yaml_is_refused_on_resume_naming_each_key(tmp_path):
 
     args = ["--epochs", 2, "--max_steps", 1, "--per_class", 5, "--output_dir", tmp_path]
     assert finetune(*args, "--stop_after", 1)["stopped"]
-    assert (tmp_path / "checkpoints" / "run_config.yaml").is_file()
+    assert (tmp_path / "checkpoints" / "epoch_1" / "run_config.yaml").is_file()
     path = tmp_path / "config.yaml"
     text = path.read_text()
     assert "lr: 0.05" in text and "per_class: 5" in text
@@ -141,3 +141,34 @@ def test_an_edited_config_yaml_is_refused_on_resume_naming_each_key(tmp_path):
     assert "lr: 0.05 -> 0.07" in str(err.value) and "per_class: 5 -> 6" in str(err.value)
     path.write_text(text)  # restored: the run continues
     assert finetune("--output_dir", tmp_path, "--resume", "true")["lr"] == 0.05
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("flip", r"model.safetensors differs from what was written \(SHA-256 mismatch"),
+        ("truncate", r"optimizer.bin differs from what was written"),
+        ("delete", r"scheduler.json is missing"),
+        ("history", r"history.json is unreadable"),
+    ],
+)
+def test_a_corrupt_training_checkpoint_is_refused_before_anything_trains(tmp_path, fault, message):
+    from ncfinetune.errors import ConfigError
+
+    args = ["--epochs", 2, "--max_steps", 1, "--per_class", 5, "--output_dir", tmp_path]
+    assert finetune(*args, "--stop_after", 1)["stopped"]
+    ck = tmp_path / "checkpoints" / "epoch_1"
+    if fault == "flip":  # one frozen weight's bytes changed
+        data = bytearray((ck / "model.safetensors").read_bytes())
+        data[-10] ^= 0xFF
+        (ck / "model.safetensors").write_bytes(bytes(data))
+    elif fault == "truncate":
+        data = (ck / "optimizer.bin").read_bytes()
+        (ck / "optimizer.bin").write_bytes(data[: len(data) // 2])
+    elif fault == "delete":
+        (ck / "scheduler.json").unlink()
+    else:
+        (ck / "history.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=message):
+        finetune(*args, "--resume", "true")
+    assert not (tmp_path / "tuned").exists() and not (tmp_path / "metrics.json").exists()

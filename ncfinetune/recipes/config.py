@@ -478,4 +478,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML, by section (atomically, creating the folder)."""
-    write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    write_text(path, config_text(config))
+
+
+def config_text(config: Any) -> str:
+    """The resolved config as YAML text, by section (what :func:`save_config` writes)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -25,7 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
 from ncfinetune.errors import ConfigError
-from ncfinetune.files import install_folder, write_json
+from ncfinetune.files import install_folder, sha256_file, write_json, write_text
 from ncfinetune.metrics.stream import NC1Accumulator
 from ncfinetune.training.device import cpu_threads, model_device
 from ncfinetune.training.loop import (
@@ -348,12 +348,15 @@ def save_training_state(
     *,
     scheduler=None,
     keep_last: int = 1,
+    extra: dict[str, str] | None = None,
 ) -> Path:
     """Save model/optimizer/RNG state (accelerate, safetensors) and the ``scheduler``'s state
     (JSON) after ``epoch`` (1-based) under ``root`` as ``epoch_{epoch}``: written to a staging
     folder, then moved into place (:func:`ncfinetune.files.install_folder`), so a folder named
     ``epoch_N`` is always complete. Afterwards only the ``keep_last`` newest checkpoints are
-    kept (and leftovers of interrupted writes are removed)."""
+    kept (and leftovers of interrupted writes are removed). ``extra``: more files (name ->
+    text) written into the checkpoint, e.g. the config it was trained with. Every file's
+    SHA-256 goes into ``manifest.json`` (:func:`verify_training_state`)."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root.mkdir(parents=True, exist_ok=True)
@@ -368,6 +371,9 @@ def save_training_state(
         if scheduler is not None:
             write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
         write_json(tmp / "history.json", {"epoch": epoch, "history": history}, None)
+        for name, text in (extra or {}).items():
+            write_text(tmp / name, text)
+        write_json(tmp / MANIFEST_FILE, {f: sha256_file(tmp / f) for f in _state_files(tmp)})
         install_folder(tmp, final)
         done = sorted(
             (d for d in root.glob("epoch_*") if d.name.split("_")[-1].isdigit()),
@@ -381,6 +387,52 @@ def save_training_state(
     return final
 
 
+MANIFEST_FILE = "manifest.json"  # SHA-256 of every other file of a training checkpoint
+
+
+def _state_files(folder: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST_FILE
+    )
+
+
+def verify_training_state(path: Path) -> None:
+    """Raise naming the file when a training checkpoint is not as written: a file missing,
+    added, truncated or changed (its SHA-256 against ``manifest.json``). A checkpoint written
+    before manifests existed is not checked.
+
+    Raises:
+        ConfigError: the first file that differs, with how to go on.
+    """
+    path = Path(path)
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return
+    how = (
+        "The checkpoint is corrupt; delete that epoch folder to resume from an earlier one (if "
+        "kept), or start a new run (a new --output_dir)."
+    )
+    try:
+        expected = json.loads(manifest.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"checkpoint {path}: {MANIFEST_FILE} is unreadable ({err}). {how}"
+        ) from None
+    present = _state_files(path)
+    for name in sorted(set(expected) | set(present)):
+        if name not in present:
+            raise ConfigError(f"checkpoint {path}: {name} is missing. {how}")
+        if name not in expected:
+            raise ConfigError(f"checkpoint {path}: {name} was not written with it. {how}")
+        if sha256_file(path / name) != expected[name]:
+            raise ConfigError(
+                f"checkpoint {path}: {name} differs from what was written (SHA-256 mismatch: "
+                f"changed or truncated). {how}"
+            )
+
+
 def load_training_state(accelerator: Accelerator, path: Path, scheduler) -> None:
     """Restore what :func:`save_training_state` wrote: accelerate's state (loaded with
     ``weights_only=True``: nothing is unpickled) and the scheduler's JSON state.
@@ -389,6 +441,7 @@ def load_training_state(accelerator: Accelerator, path: Path, scheduler) -> None
         ConfigError: the checkpoint holds pickles, or has no scheduler state (incomplete, or
             not written by ncfinetune).
     """
+    verify_training_state(path)
     file = Path(path) / SCHEDULER_FILE
     pickles = sorted(p.name for p in Path(path).glob("custom_checkpoint_*"))
     if pickles:
@@ -413,6 +466,13 @@ def latest_training_state(root: Path) -> tuple[Path, int, list] | None:
     for d in root.glob("epoch_*"):
         meta = d / "history.json"
         if d.is_dir() and meta.is_file():
-            info = json.loads(meta.read_text())
-            found.append((d, int(info["epoch"]), info["history"]))
+            try:
+                info = json.loads(meta.read_text())
+                found.append((d, int(info["epoch"]), info["history"]))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ConfigError(
+                    f"checkpoint {d}: {meta.name} is unreadable ({type(err).__name__}: {err}); "
+                    "the checkpoint is corrupt. Delete that folder to use an earlier one (if "
+                    "kept), or start a new run (a new --output_dir)."
+                ) from None
     return max(found, key=lambda t: t[1]) if found else None

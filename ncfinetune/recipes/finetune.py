@@ -33,6 +33,7 @@ from ncfinetune.metrics.modules import load_metric
 from ncfinetune.recipes import launch, runs
 from ncfinetune.recipes.config import (
     config_file_arg,
+    config_text,
     flat_config,
     is_main_process,
     parse_config,
@@ -144,6 +145,7 @@ class Run:
     clock: Stopwatch = field(default_factory=Stopwatch)
     seconds: float = 0.0  # this invocation's wall time in train()
     metric: Any = None  # the test metric (an evaluate module)
+    checkpoint_files: dict = field(default_factory=dict)  # the config and launch, per checkpoint
 
     @property
     def out(self) -> Path:
@@ -219,7 +221,7 @@ def setup(cfg: FinetuneConfig) -> Run:
     )
     global_batch = batch_size * acc.num_processes * o.grad_accum
     if resume is not None:
-        runs.check_launch(out, acc.num_processes, global_batch)
+        runs.check_launch(resume.checkpoint, acc.num_processes, global_batch)
     data = cfg.load_data()
     train_idx, val_idx = training_rows(cfg, data)
     model, tuned, block, lr, selection = build_tuned(acc, cfg, data, train_idx, precision)
@@ -243,6 +245,7 @@ def setup(cfg: FinetuneConfig) -> Run:
         opt, sched, plan, loaders, channels_last, block, lr, selection,
     )  # fmt: skip
     run.metric = load_metric(cfg.run.metric)
+    run.checkpoint_files = runs.checkpoint_files(config_text(cfg), acc.num_processes, global_batch)
     if resume is not None:  # checked above: it continues with the saved config
         restore(run, resume)
     record_start(run, cache_note)
@@ -280,10 +283,7 @@ def record_start(run: Run, cache_note: str) -> None:
     cfg, acc, out = run.cfg, run.acc, run.out
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        runs.write_run_config(out, save_config, cfg)  # + the copy --resume checks it against
-        runs.write_launch(
-            out, acc.num_processes, run.batch_size * acc.num_processes * cfg.optim.grad_accum
-        )
+        save_config(cfg, out / "config.yaml")  # each checkpoint keeps its own copy too
         if run.selection is not None:
             record = {"method": run.net.method, "block": run.block, "lr": run.lr, **run.selection}
             write_json(out / "selection.json", record, None)
@@ -327,7 +327,7 @@ def train(run: Run) -> bool:
             with run.clock("checkpoints"):
                 save_training_state(
                     acc, run.out / "checkpoints", n, run.history, scheduler=run.sched,
-                    keep_last=cfg.run.keep_last,
+                    keep_last=cfg.run.keep_last, extra=run.checkpoint_files,
                 )  # fmt: skip
         if stop:
             acc.print(f"stopping after epoch {n} (stop_after); continue with --resume")

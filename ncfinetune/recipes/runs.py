@@ -41,7 +41,7 @@ from ncfinetune.recipes.config import (
     read_config_file,
     show_value,
 )
-from ncfinetune.recipes.engine import latest_training_state
+from ncfinetune.recipes.engine import latest_training_state, verify_training_state
 from ncfinetune.recipes.sections import RESUME_OVERRIDABLE
 
 CONFIG_FILE = "config.yaml"
@@ -49,7 +49,7 @@ METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
 OVERRIDES_FILE = "resume_overrides.json"
 LOCK_FILE = ".lock"
-RUN_CONFIG = "run_config.yaml"  # under checkpoints/: config.yaml as the run last wrote it
+RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the config it was trained with
 
 
 @contextlib.contextmanager
@@ -200,13 +200,14 @@ def check_resume(
             "the run without --resume."
         )
     path, epoch, history = found
+    verify_training_state(path)  # before anything loads or trains
     saved = saved_config(out, type(config))
     if saved is None:
         raise ConfigError(
             f"--resume: {out / CONFIG_FILE} is missing, so the checkpoint in {path} cannot be "
             "checked against the current config. Restore the file, or start a new run."
         )
-    check_unedited(out, saved, type(config), ignore=ignore)
+    check_unedited(out, path, saved, type(config), ignore=ignore)
     now = flat_config(config)
     allowed = {k for k in override if k in RESUME_OVERRIDABLE}
     check_same_training(out, saved, config, ignore=ignore, allowed=allowed)
@@ -234,11 +235,13 @@ def check_resume(
     return Resume(path, epoch, history, changed)
 
 
-def check_unedited(out: Path, saved: dict[str, Any], cls: type, *, ignore: Iterable[str]) -> None:
+def check_unedited(
+    out: Path, checkpoint: Path, saved: dict[str, Any], cls: type, *, ignore: Iterable[str]
+) -> None:
     """Raise naming every key that changes training whose value in ``config.yaml`` differs from
-    the copy the run wrote beside its checkpoints (``checkpoints/run_config.yaml``): the file was
-    edited after the run started, and the checkpoints were trained with the other values."""
-    path = Path(out) / CHECKPOINTS / RUN_CONFIG
+    the config saved in the ``checkpoint`` (``run_config.yaml``): the file was edited after the
+    run started, and the checkpoint was trained with other values."""
+    path = Path(checkpoint) / RUN_CONFIG
     if not path.is_file():  # a run started by an older version
         return
     written = flat_values(cls, read_config_file(path), [])
@@ -253,25 +256,27 @@ def check_unedited(out: Path, saved: dict[str, Any], cls: type, *, ignore: Itera
             f"--resume: {Path(out) / CONFIG_FILE} was edited after the run started; its "
             f"checkpoints were trained with other values of {len(edits)} key(s):\n  - "
             + "\n  - ".join(edits)
-            + f"\nRestore the file (the run's own copy is {path}); to change the epochs or "
+            + f"\nRestore the file (the checkpoint holds the config it was trained with: {path}); to change the epochs or "
             "the lr, pass --resume_override epochs,lr with the new values; anything else needs "
             "a new run (a new --output_dir)."
         )
 
 
-LAUNCH_FILE = "launch.json"  # under checkpoints/: the processes and global batch it trained with
+LAUNCH_FILE = "launch.json"  # in each checkpoint: the processes and global batch it trained with
 
 
-def write_launch(out: Path, num_processes: int, global_batch: int) -> None:
-    """Record beside the checkpoints how many processes trained and the global batch."""
-    write_json(Path(out) / CHECKPOINTS / LAUNCH_FILE,
-               {"num_processes": num_processes, "global_batch_size": global_batch})  # fmt: skip
+def checkpoint_files(config_text: str, num_processes: int, global_batch: int) -> dict[str, str]:
+    """What each training checkpoint records besides the state: the config it was trained with
+    and how it was launched (checked on ``--resume``)."""
+    launch = {"num_processes": num_processes, "global_batch_size": global_batch}
+    return {RUN_CONFIG: config_text, LAUNCH_FILE: json.dumps(launch)}
 
 
-def check_launch(out: Path, num_processes: int, global_batch: int) -> None:
+def check_launch(checkpoint: Path, num_processes: int, global_batch: int) -> None:
     """Raise when a resumed run is launched with another number of processes or global batch
-    than it trained with: its schedule and epochs count optimizer steps of that batch."""
-    path = Path(out) / CHECKPOINTS / LAUNCH_FILE
+    than ``checkpoint`` was trained with: its schedule counts optimizer steps of that batch."""
+    out = Path(checkpoint).parents[1]
+    path = Path(checkpoint) / LAUNCH_FILE
     if not path.is_file():  # a run started by an older version
         return
     try:
@@ -290,13 +295,6 @@ def check_launch(out: Path, num_processes: int, global_batch: int) -> None:
             f"longer match. Launch it again with --num_processes {before[0]} (and the same "
             "batch_size / global_batch_size), or start a new run."
         )
-
-
-def write_run_config(out: Path, save: Any, config: Any) -> None:
-    """Write ``config.yaml`` and the run's own copy beside its checkpoints (``save``: the
-    recipe's ``save_config``)."""
-    save(config, Path(out) / CONFIG_FILE)
-    save(config, Path(out) / CHECKPOINTS / RUN_CONFIG)
 
 
 def check_same_training(

@@ -33,7 +33,7 @@ from torch import nn
 
 from ncfinetune._version import __version__
 from ncfinetune.errors import CheckpointError
-from ncfinetune.files import install_folder, set_aside, staging_folder, write_json
+from ncfinetune.files import install_folder, set_aside, sha256_file, staging_folder, write_json
 from ncfinetune.messages import warn_once
 
 WEIGHTS_NAME = "tuned.safetensors"
@@ -55,14 +55,6 @@ def base_fingerprint(model: nn.Module, exclude: set[str]) -> str:
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -165,11 +157,11 @@ def write_checkpoint(
             (staging / PEFT_CONFIG_NAME).write_text(
                 json.dumps(peft_config.to_dict(), indent=2, default=list) + "\n"
             )
-            meta["peft_adapter_sha256"] = _file_sha256(staging / PEFT_WEIGHTS_NAME)
+            meta["peft_adapter_sha256"] = sha256_file(staging / PEFT_WEIGHTS_NAME)
         safetensors.torch.save_file(
             tensors, staging / WEIGHTS_NAME, {"format": "pt", _EMBEDDED: recipe}
         )
-        meta["weights_sha256"] = _file_sha256(staging / WEIGHTS_NAME)
+        meta["weights_sha256"] = sha256_file(staging / WEIGHTS_NAME)
         write_json(staging / CONFIG_NAME, meta)
         install_folder(staging, out)
     except BaseException:
@@ -311,7 +303,7 @@ def _verified(path: Path, name: str, sha: str | None) -> Path:
     file = path / name
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has {CONFIG_NAME} but no {name}.")
-    if sha is not None and _file_sha256(file) != sha:
+    if sha is not None and sha256_file(file) != sha:
         raise CheckpointError(
             f"{file} does not match the SHA-256 recorded in {CONFIG_NAME}: the checkpoint was "
             "partly overwritten, edited or damaged. Save it again."
