@@ -416,6 +416,11 @@ def test_a_training_state_with_a_pickle_is_refused_and_custom_pickles_are_ignore
     state = save_training_state(acc, tmp_path / "ck", 1, [], scheduler=sched)
     evil, marker = evil_file(tmp_path)
     os.replace(evil, state / "custom_checkpoint_0.pkl")
+    # the manifest written with the checkpoint refuses any file it did not list
+    with pytest.raises(ConfigError, match=r"custom_checkpoint_0.pkl was not written with it"):
+        load_training_state(acc, state, sched)
+    manifest = (state / "manifest.json").read_bytes()
+    (state / "manifest.json").unlink()  # a checkpoint without one: the pickle itself is refused
     with pytest.raises(
         ConfigError, match=r"pickled objects \(custom_checkpoint_0.pkl\).*not unpickle"
     ):
@@ -423,9 +428,14 @@ def test_a_training_state_with_a_pickle_is_refused_and_custom_pickles_are_ignore
     assert not marker.exists()
     (state / "custom_checkpoint_0.pkl").unlink()
     load_training_state(acc, state, sched)  # the state as written loads
+    (state / "manifest.json").write_bytes(manifest)
+    load_training_state(acc, state, sched)
     evil, marker = evil_file(tmp_path)
     optimizer_file = next(p for p in state.iterdir() if p.name.startswith("optimizer"))
     os.replace(evil, optimizer_file)
+    with pytest.raises(ConfigError, match=rf"{optimizer_file.name} differs from what was written"):
+        load_training_state(acc, state, sched)
+    (state / "manifest.json").unlink()
     with pytest.raises(Exception, match="(?i)weights.only"):
         load_training_state(acc, state, sched)
     assert not marker.exists()

@@ -90,6 +90,9 @@ def test_build_schedule_ends_at_min_lr_and_is_checkpointed_as_json(tmp_path):
         again.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
     (path / "scheduler.json").unlink()  # an incomplete checkpoint
+    with pytest.raises(ConfigError, match="scheduler.json is missing.*corrupt"):
+        load_training_state(acc, path, again)  # the manifest names the missing file
+    (path / "manifest.json").unlink()  # one without a manifest: the schedule's own check
     with pytest.raises(ConfigError, match="no scheduler.json.*incomplete.*new run"):
         load_training_state(acc, path, again)
 
