@@ -86,6 +86,7 @@ def test_a_pretrain_folder_loads_as_a_backbone(tmp_path):
 
 def test_bundling_a_pretrain_folder_is_a_separate_maintainer_step(tmp_path, monkeypatch):
     import runpy
+    import shutil
 
     from ncfinetune.backbones.hub import ASSETS as REAL
 
@@ -94,14 +95,30 @@ def test_bundling_a_pretrain_folder_is_a_separate_maintainer_step(tmp_path, monk
     monkeypatch.setitem(tool["main"].__globals__, "ASSETS", assets)
     run = tmp_path / "run"
     run.mkdir()
-    for ext in ("safetensors", "json", "md"):
-        (run / f"backbone.{ext}").write_text(ext)
+    for ext in ("safetensors", "json", "md"):  # a real backbone folder: the bundled one's files
+        shutil.copyfile(REAL / f"resnet18_fmnist04.{ext}", run / f"backbone.{ext}")
     assert tool["main"]([str(run), "mine"]) == 0
     assert sorted(p.name for p in assets.iterdir()) == ["mine.json", "mine.md", "mine.safetensors"]
     with pytest.raises(SystemExit):  # already bundled: --replace needed
         tool["main"]([str(run), "mine"])
     assert tool["main"]([str(run), "mine", "--replace"]) == 0
-    for bad in (["Bad Name"], ["ok"]):
-        (run / "backbone.md").unlink(missing_ok=bad == ["ok"])
+    for bad in (["Bad Name"], ["resnet18"], ["vit_tiny_patch16_224"]):  # not a name, timm's own
         with pytest.raises(SystemExit):
             tool["main"]([str(run), *bad])
+    assert sorted(p.name for p in assets.iterdir()) == ["mine.json", "mine.md", "mine.safetensors"]
+    card = (run / "backbone.json").read_text()
+    (run / "backbone.json").write_text("{not json")  # the card: refused before anything is copied
+    with pytest.raises(SystemExit):
+        tool["main"]([str(run), "other"])
+    with pytest.raises(ConfigError, match=r"backbone.json is not a readable JSON backbone card"):
+        create_backbone(str(run), 3)
+    (run / "backbone.json").write_text(card)
+    (run / "backbone.safetensors").write_bytes(b"junk")  # weights that do not load
+    with pytest.raises(SystemExit):
+        tool["main"]([str(run), "other"])
+    with pytest.raises(ConfigError, match=r"backbone.safetensors do not load into resnet18"):
+        create_backbone(str(run), 3)
+    assert not (assets / "other.json").exists()
+    (run / "backbone.md").unlink()
+    with pytest.raises(SystemExit):
+        tool["main"]([str(run), "ok"])

@@ -172,3 +172,16 @@ def test_a_corrupt_training_checkpoint_is_refused_before_anything_trains(tmp_pat
     with pytest.raises(ConfigError, match=message):
         finetune(*args, "--resume", "true")
     assert not (tmp_path / "tuned").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_pretrain_refuses_an_output_folder_inside_the_installed_package():
+    from pathlib import Path
+
+    import ncfinetune
+    from ncfinetune.errors import ConfigError
+    from ncfinetune.recipes import pretrain
+    from ncfinetune.recipes.config import parse_config
+
+    assets = Path(ncfinetune.__file__).parent / "assets"
+    with pytest.raises(ConfigError, match=r"output_dir .*assets is inside the installed package"):
+        parse_config(pretrain.PretrainConfig, ["--output_dir", str(assets)])

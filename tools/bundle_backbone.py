@@ -16,7 +16,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from ncfinetune.backbones.hub import ASSETS
+import timm
+
+from ncfinetune.backbones.hub import ASSETS, bundled_names, create_backbone
+from ncfinetune.errors import NcFinetuneError
 from ncfinetune.files import atomic_write
 
 
@@ -28,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not re.fullmatch(r"[a-z0-9_]+", args.name):
         ap.error(f"name {args.name!r} must match [a-z0-9_]+ (it becomes a file name)")
+    if timm.is_model(args.name) or timm.list_models(args.name):
+        ap.error(
+            f"name {args.name!r} is a timm architecture: create_backbone({args.name!r}) would "
+            "then load this backbone instead of timm's model. Pick a name timm does not have "
+            "(e.g. add the source data: resnet18_fmnist04)."
+        )
+    clash = [n for n in bundled_names() if n.lower() == args.name.lower() and n != args.name]
+    if clash:
+        ap.error(f"name {args.name!r} differs only in case from bundled {clash[0]!r}")
     missing = [
         f for f in ("safetensors", "json", "md") if not (args.folder / f"backbone.{f}").is_file()
     ]
@@ -35,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(
             f"{args.folder} lacks backbone.{{{','.join(missing)}}}: is it a finished pretrain run?"
         )
+    try:  # the whole folder, as create_backbone will load it: card, weights, architecture
+        create_backbone(str(args.folder), 2)
+    except NcFinetuneError as err:
+        ap.error(f"{args.folder} does not load as a backbone: {err}")
     if (ASSETS / f"{args.name}.json").exists() and not args.replace:
         ap.error(f"{args.name} is already bundled ({ASSETS}); pass --replace to overwrite it")
     for ext in ("safetensors", "md", "json"):  # the card last: it makes the backbone visible

@@ -43,7 +43,37 @@ def backbone_files(name: str) -> tuple[dict, Path] | None:
     weights = folder / "backbone.safetensors"
     if not weights.is_file():
         raise ConfigError(f"{folder} has backbone.json but no backbone.safetensors.")
-    return json.loads((folder / "backbone.json").read_text()), weights
+    return read_card(folder / "backbone.json"), weights
+
+
+CARD_KEYS = ("architecture", "pretrained_cfg")
+
+
+def read_card(path: Path) -> dict:
+    """A backbone's JSON card, checked: valid JSON, an object with ``architecture`` (a timm
+    name) and ``pretrained_cfg``.
+
+    Raises:
+        ConfigError: naming the file and what is wrong with it.
+    """
+    try:
+        card = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(
+            f"{path} is not a readable JSON backbone card ({type(err).__name__}: {err}); it is "
+            "written by recipes/pretrain.py. Re-run the pretraining, or restore the file."
+        ) from None
+    missing = [k for k in CARD_KEYS if not isinstance(card, dict) or k not in card]
+    if missing:
+        raise ConfigError(
+            f"{path} lacks {', '.join(missing)}: not a backbone card written by "
+            "recipes/pretrain.py."
+        )
+    if not timm.is_model(card["architecture"]):
+        raise ConfigError(
+            f"{path} names architecture {card['architecture']!r}, which timm does not know."
+        )
+    return card
 
 
 def create_backbone(
@@ -95,13 +125,20 @@ def _create(
             )
         card, weights = found
         overlay = {**card["pretrained_cfg"], "file": str(weights)}
-        return timm.create_model(
-            card["architecture"],
-            pretrained=True,
-            num_classes=num_classes,
-            pretrained_cfg_overlay=overlay,
-            **{**card.get("model_kwargs", {}), **kwargs},
-        )
+        try:
+            return timm.create_model(
+                card["architecture"],
+                pretrained=True,
+                num_classes=num_classes,
+                pretrained_cfg_overlay=overlay,
+                **{**card.get("model_kwargs", {}), **kwargs},
+            )
+        except Exception as err:  # safetensors, torch and timm each raise their own
+            raise ConfigError(
+                f"the weights {weights} do not load into {card['architecture']} as its card "
+                f"describes ({type(err).__name__}: {str(err)[:200]}): the file is damaged or "
+                "belongs to another model. Restore it, or re-run the pretraining."
+            ) from err
     if not timm.is_model(name):
         raise ConfigError(
             f"unknown model {name!r}: not a bundled backbone ({', '.join(bundled_names()) or 'none'}), "
