@@ -84,10 +84,10 @@ def test_eval_recipe_reproduces_the_runs_test_accuracy_and_writes_its_report(tun
 def test_predict_recipe_writes_a_properly_quoted_csv(tuned_run, tmp_path):
     tuned_dir, _, _ = tuned_run
     data = nd.load_image_dataset("digits")
-    images = [data.test[i]["image"] for i in range(4)]
+    images = [data.test[i]["image"] for i in range(5)]
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
-    names = ['a, "quoted" name.png', "plain.png", "sub/b.png", "été.png"]
+    names = ['a, "quoted" name.png', "plain.png", "sub/b.png", "été.png", "=cmd|' calc'!A0.png"]
     for name, image in zip(names, images, strict=True):
         image.save(folder / name)
     (folder / "notes.txt").write_text("not an image")
@@ -96,10 +96,11 @@ def test_predict_recipe_writes_a_properly_quoted_csv(tuned_run, tmp_path):
     PREDICT.main(["--tuned", str(tuned_dir), "--images", str(folder), "--output", str(out)])
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert [r["file"] for r in rows] == sorted(names)
+    # a cell a spreadsheet would evaluate is written with a leading apostrophe
+    assert [r["file"] for r in rows] == sorted("'" + n if n[0] == "=" else n for n in names)
     in_memory = {n: p for n, p in zip(names, predict(tuned_dir, images), strict=True)}
     for r in rows:
-        want = in_memory[r["file"]]
+        want = in_memory[r["file"].removeprefix("'")]
         assert (r["class"], int(r["class_id"])) == (want.class_name, want.class_id)
         assert float(r["probability"]) == pytest.approx(want.probability, abs=1e-6)
         assert 0.1 <= float(r["probability"]) <= 1  # the argmax of 10 classes

@@ -185,3 +185,11 @@ def test_pretrain_refuses_an_output_folder_inside_the_installed_package():
     assets = Path(ncfinetune.__file__).parent / "assets"
     with pytest.raises(ConfigError, match=r"output_dir .*assets is inside the installed package"):
         parse_config(pretrain.PretrainConfig, ["--output_dir", str(assets)])
+
+
+@pytest.mark.parametrize("block", ["²", "٣", "3.0", "-"])
+def test_a_block_that_is_not_an_ascii_integer_or_a_name_is_refused(block):
+    from ncfinetune.errors import BlockError
+
+    with pytest.raises(BlockError, match=rf"block {block!r} is not a block of test_resnet"):
+        get_tuned_model(make_model("test_resnet"), "scl", block=block)

@@ -151,7 +151,8 @@ class BackboneAdapter:
                 f"{block!r}. Valid for {arch} ({n} blocks: {listing})."
             )
         if isinstance(block, str):
-            if block.lstrip("-").isdigit():
+            digits = block.removeprefix("-")
+            if digits.isascii() and digits.isdigit():  # "3" and "-1"; not "²" or "٣"
                 return self.resolve(int(block))
             if block in names:
                 return names.index(block)

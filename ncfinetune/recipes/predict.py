@@ -5,6 +5,9 @@
 Reads every image under ``images`` (recursively; the extensions PIL reads) or one image file,
 and writes one CSV row per image: ``file`` (relative to the folder), ``class`` (its name, as
 recorded when tuning), ``probability`` (softmax) and ``class_id``, quoted by Python's csv module.
+A text cell that a spreadsheet would evaluate as a formula (starting with ``=``, ``+``, ``-``,
+``@``, a tab or a carriage return: a file or class name such as ``=cmd|...``) is written with a
+leading apostrophe, as the OWASP guidance on CSV injection advises.
 The model is rebuilt from the folder alone when its base is a bundled backbone or a
 recipes/pretrain.py folder (``ncfinetune.inference``).
 """
@@ -29,7 +32,11 @@ class PredictConfig(TunedConfig):
     :class:`TunedConfig`, and the images to predict."""
 
     images: str | None = key(None, "a folder of images (searched recursively) or one image file")
-    output: str = key("predictions.csv", "the CSV written: file, class, probability, class_id")
+    output: str = key(
+        "predictions.csv",
+        "the CSV written: file, class, probability, class_id (text cells starting with = + - @ "
+        "are prefixed with ' so that spreadsheets do not evaluate them)",
+    )
     skip_unreadable: bool = key(
         False, "decode every image first and leave out unreadable ones (listed in the summary)"
     )
@@ -44,6 +51,14 @@ class PredictConfig(TunedConfig):
         return p
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(text: str) -> str:
+    """``text`` with a leading apostrophe when a spreadsheet would evaluate it as a formula."""
+    return "'" + text if str(text).startswith(FORMULA_START) else str(text)
+
+
 def write_csv(rows: list[ImagePrediction], path: str | Path) -> Path:
     """Write the predictions as CSV (header file, class, probability, class_id), atomically."""
 
@@ -52,7 +67,9 @@ def write_csv(rows: list[ImagePrediction], path: str | Path) -> Path:
             writer = csv.writer(f)
             writer.writerow(["file", "class", "probability", "class_id"])
             for r in rows:
-                writer.writerow([r.file, r.class_name, f"{r.probability:.6f}", r.class_id])
+                writer.writerow(
+                    [safe_cell(r.file), safe_cell(r.class_name), f"{r.probability:.6f}", r.class_id]
+                )
 
     return atomic_write(path, write)
 
