@@ -193,3 +193,12 @@ def test_a_block_that_is_not_an_ascii_integer_or_a_name_is_refused(block):
 
     with pytest.raises(BlockError, match=rf"block {block!r} is not a block of test_resnet"):
         get_tuned_model(make_model("test_resnet"), "scl", block=block)
+
+
+def test_eval_and_predict_refuse_a_device_torch_does_not_know(tmp_path):
+    from ncfinetune.errors import ConfigError
+    from ncfinetune.recipes import eval as eval_recipe
+    from ncfinetune.recipes.config import parse_config
+
+    with pytest.raises(ConfigError, match=r"device 'banana' is not a torch device: pass cpu, cuda"):
+        parse_config(eval_recipe.EvaluateConfig, ["--tuned", str(tmp_path), "--device", "banana"])

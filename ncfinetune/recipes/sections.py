@@ -403,6 +403,16 @@ class TunedConfig:
             p.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.image_size is not None and self.image_size < 1:
             p.append(f"image_size must be >= 1 or null, got {self.image_size}")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                p.append(
+                    f"device {self.device!r} is not a torch device: pass cpu, cuda, cuda:N or mps "
+                    "(or null: cuda when available, else cpu)"
+                )
         if not Path(self.tuned).is_dir():
             p.append(
                 f"tuned {self.tuned} is not a folder: pass the tuned/ folder a finetune run "
