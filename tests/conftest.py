@@ -96,6 +96,17 @@ SLOW_TESTS: dict[str, dict[str, tuple[str, ...]]] = {
         "test_errors_exit_2_with_the_message_and_a_traceback_only_with_debug": SUB,
         "test_two_processes_print_a_config_error_once": MULTI,
     },
+    "test_select_method.py": {
+        "test_finetune_method_auto_records_and_resumes_the_choice": E2E,
+        "test_select_recipe_method_auto_prints_and_writes_the_plan": E2E,
+    },
+    "test_nothing_lost.py": {
+        "test_a_run_whose_logits_overflow_with_finite_weights_is_divergence": E2E,
+        "test_a_run_killed_after_its_last_checkpoint_finishes_its_outputs_on_resume": E2E,
+        "test_a_second_run_on_a_busy_folder_is_refused_and_a_stale_lock_taken_over": E2E,
+        "test_an_edited_config_yaml_is_refused_on_resume_naming_each_key": E2E,
+        "test_a_corrupt_training_checkpoint_is_refused_before_anything_trains": E2E,
+    },
     "test_launch.py": {"test_an_accelerator_without_a_setting_takes_the_launchers_choice": SUB},
     "test_plotting.py": {"test_plotting_leaves_the_backend_alone_and_never_imports_pyplot": SUB},
     "test_bad_inputs.py": {
