@@ -202,3 +202,18 @@ def test_eval_and_predict_refuse_a_device_torch_does_not_know(tmp_path):
 
     with pytest.raises(ConfigError, match=r"device 'banana' is not a torch device: pass cpu, cuda"):
         parse_config(eval_recipe.EvaluateConfig, ["--tuned", str(tmp_path), "--device", "banana"])
+
+
+def test_predict_replaces_an_existing_output_file_as_eval_replaces_its_report(tmp_path):
+    from ncfinetune.recipes.checks import output_problems
+
+    out = tmp_path / "preds.csv"
+    out.write_text("old")
+    assert output_problems("output", str(out), folder=False) == []
+    assert "is a folder" in output_problems("output", str(tmp_path), folder=False)[0]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert (
+        "is a file, not a folder"
+        in output_problems("output", str(blocker / "p.csv"), folder=False)[0]
+    )

@@ -74,7 +74,9 @@ def output_problems(name: str, path: str | None, *, folder: bool = True) -> list
         ]
     if not folder and target.is_dir():
         return [f"{name} {path} is a folder: pass a file path, e.g. {target / 'predictions.csv'}"]
-    existing = next((a for a in (target, *target.parents) if a.exists()), Path("."))
+    # an existing file where a file is wanted is replaced (as eval replaces its report)
+    start = target.parents if not folder and target.is_file() else (target, *target.parents)
+    existing = next((a for a in start if a.exists()), Path("."))
     if not existing.is_dir():
         return [f"{name} {path} cannot be created: {existing} is a file, not a folder"]
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -34,7 +34,8 @@ class PredictConfig(TunedConfig):
     images: str | None = key(None, "a folder of images (searched recursively) or one image file")
     output: str = key(
         "predictions.csv",
-        "the CSV written: file, class, probability, class_id (text cells starting with = + - @ "
+        "the CSV written (an existing file is replaced, as eval replaces its report): file, "
+        "class, probability, class_id (text cells starting with = + - @ "
         "are prefixed with ' so that spreadsheets do not evaluate them)",
     )
     skip_unreadable: bool = key(
@@ -81,9 +82,10 @@ def main(argv: list[str] | None = None) -> list[ImagePrediction]:
         cfg.tuned, cfg.images, **cfg.run_kwargs(), **cfg.load_kwargs(),
         skip_unreadable=cfg.skip_unreadable, skipped=skipped,
     )  # fmt: skip
+    replaced = Path(cfg.output).is_file()
     path = write_csv(rows, cfg.output)
     left = f", {len(skipped)} unreadable left out" if skipped else ""
-    print(f"{len(rows)} images predicted{left}; wrote {path}")
+    print(f"{len(rows)} images predicted{left}; {'replaced' if replaced else 'wrote'} {path}")
     for name, why in skipped[:5]:
         print(f"  left out {name}: {why}")
     return rows
