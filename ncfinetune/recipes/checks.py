@@ -60,6 +60,20 @@ def seed_problems(seed: int, name: str = "seed") -> list[str]:
     return []
 
 
+def inside_package_problems(name: str, path: str) -> list[str]:
+    """A problem when ``path`` lies inside the installed ncfinetune package: a recipe never
+    writes there (a backbone in its assets/ would be loaded by every user)."""
+    package = Path(__file__).resolve().parents[1]
+    out = Path(path).expanduser().resolve()
+    if out != package and package not in out.parents:
+        return []
+    return [
+        f"{name} {path} is inside the installed package ({package}): a recipe never writes "
+        "there (a backbone in its assets/ would be loaded by every user). Pretrain into another "
+        "folder, then (maintainers) run `python tools/bundle_backbone.py FOLDER NAME`."
+    ]
+
+
 def output_problems(name: str, path: str | None, *, folder: bool = True) -> list[str]:
     """Problems writing to ``path`` (the value of config key ``name``), found before any data
     or model is loaded: a file where a folder is needed (or the reverse), a parent that is a

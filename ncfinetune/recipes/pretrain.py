@@ -37,12 +37,12 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 
-import ncfinetune
 import ncfinetune.data as nd
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import write_json
 from ncfinetune.recipes.checks import (
     bound_problems,
+    inside_package_problems,
     output_problems,
     seed_problems,
     tracker_problems,
@@ -216,15 +216,7 @@ class PretrainRun:
                 "installed package. Pretrain into output_dir, then (maintainers) run "
                 f"`python tools/bundle_backbone.py {self.output_dir} NAME`; drop bundle_as."
             )
-        package = Path(ncfinetune.__file__).resolve().parent
-        out = Path(self.output_dir).expanduser().resolve()
-        if out == package or package in out.parents:
-            p.append(
-                f"output_dir {self.output_dir} is inside the installed package ({package}): a "
-                "recipe never writes there (a backbone in its assets/ would be loaded by every "
-                "user). Pretrain into another folder, then (maintainers) run "
-                "`python tools/bundle_backbone.py FOLDER NAME`."
-            )
+        p += inside_package_problems("output_dir", self.output_dir)
         if self.cpu_threads is not None and self.cpu_threads < 1:
             p.append(f"cpu_threads must be >= 1 or null (auto), got {self.cpu_threads}")
         if self.nc1_samples < 1:

@@ -132,7 +132,9 @@ def _uses_skip(method: str) -> bool:
     return cls.tunes_block and cls(block=0).uses_skip
 
 
-def _fits(adapter, index: int) -> bool:
+def fits_skip(adapter, index: int) -> bool:
+    """Whether block ``index``'s output is no wider than the penultimate features, as the SCL
+    skip (zero-padded to them) needs."""
     return adapter.block_channels(index) <= adapter.feature_dim
 
 
@@ -146,7 +148,7 @@ def default_candidates(
     scl, whose width fits the skip) within the parameter budget, at most ``max_candidates`` of
     them evenly spaced in depth (the first and the deepest always included)."""
     adapter = get_adapter(model)
-    idx = [i for i in range(len(adapter.blocks)) if not _uses_skip(method) or _fits(adapter, i)]
+    idx = [i for i in range(len(adapter.blocks)) if not _uses_skip(method) or fits_skip(adapter, i)]
     if max_trainable_percent is not None:
         idx = [i for i in idx if _trainable_percent(adapter, i) <= max_trainable_percent]
     if len(idx) > max_candidates:
@@ -168,7 +170,7 @@ def budget_candidates(
         return idx, None
     adapter = get_adapter(model)
     names = adapter.block_names
-    allowed = [i for i in range(len(names)) if not _uses_skip(method) or _fits(adapter, i)]
+    allowed = [i for i in range(len(names)) if not _uses_skip(method) or fits_skip(adapter, i)]
     least = min(allowed, key=lambda i: _trainable_percent(adapter, i))
     share = _trainable_percent(adapter, least)
     note = (
@@ -351,7 +353,7 @@ def _explicit_candidates(model, adapter, method, candidates, max_trainable_perce
             f"(0..{len(names) - 1}) or None for the default candidates."
         )
     idx = sorted({adapter.resolve(c) for c in candidates})
-    wide = [i for i in idx if _uses_skip(method) and not _fits(adapter, i)]
+    wide = [i for i in idx if _uses_skip(method) and not fits_skip(adapter, i)]
     if wide:
         raise ConfigError(
             f"SCL skip cannot fit candidate block(s) "

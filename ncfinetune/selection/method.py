@@ -35,7 +35,7 @@ from ncfinetune.backbones import get_adapter
 from ncfinetune.backbones.base import arch_name
 from ncfinetune.errors import ConfigError
 from ncfinetune.files import write_json
-from ncfinetune.selection.block import _fits, budget_candidates
+from ncfinetune.selection.block import budget_candidates, fits_skip
 from ncfinetune.selection.probe import (
     Prober,
     as_fetch,
@@ -373,7 +373,7 @@ def _candidates(model, methods, blocks, lora_blocks) -> list[MethodCandidate]:
         elif m.startswith("lora"):
             at = lora_blocks
         else:  # SCL only where the block's width fits the skip
-            at = [b for b in blocks if m != "scl" or _fits(adapter, b)]
+            at = [b for b in blocks if m != "scl" or fits_skip(adapter, b)]
         for b in at:
             # trainable_percent: counted on the first probe's model
             out.append(MethodCandidate(m, b, None if b is None else names[b], 0.0))
