@@ -91,6 +91,20 @@ def test_the_plan_round_trips_through_get_tuned_model_and_leaves_the_rng_alone()
     assert f"chosen: {plan.method}" in str(plan)
 
 
+def test_blocks_middle_probes_the_one_block_methods_at_the_middle_candidate_only():
+    model = make_model("test_resnet")
+    blocks = default_candidates(model, "scl")
+    plan = select_method(model, class_data(), steps=5, blocks="middle", **FAST)
+    mid = blocks[len(blocks) // 2]
+    assert {(c.method, c.block) for c in plan.candidates} == {
+        ("linear", None),
+        ("layer", mid),
+        ("scl", mid),
+        ("lora-block", mid),
+        ("full", None),
+    }
+
+
 def test_a_budget_gives_each_candidate_the_steps_that_fit_it():
     model = make_model("test_resnet")
     kw = {"steps": 10, "methods": ["linear", "scl", "full"], "blocks": [1], **FAST}
@@ -123,6 +137,7 @@ def test_a_budget_gives_each_candidate_the_steps_that_fit_it():
         ({"lr_grid": ()}, "lr_grid"),
         ({"probe_steps": 0}, "probe_steps"),
         ({"blocks": []}, "blocks is empty"),
+        ({"blocks": "layer1"}, "blocks must be None, 'middle' or a list"),
     ],
 )
 def test_bad_input_is_refused_before_any_probe(kwargs, message):

@@ -208,7 +208,7 @@ def select_method(
     methods: Sequence[str] | None = None,
     budget: float | str | None = None,
     *,
-    blocks: Sequence[int | str] | None = None,
+    blocks: Sequence[int | str] | str | None = None,
     lora_blocks: Sequence[int | str] | None = None,
     max_trainable_percent: float | None = MAX_TRAINABLE_PERCENT,
     margin: float = METHOD_MARGIN,
@@ -232,7 +232,8 @@ def select_method(
         budget: None (equal steps), seconds (a number) or ``"<k>x"``: k times full FT's
             measured time for ``steps`` steps (as ``benchmarks/budget.py``). Each candidate then
             trains the steps that fit the budget at its own step time.
-        blocks: the blocks of Layer FT and SCL FT (default: ``default_candidates``).
+        blocks: the blocks of Layer FT and SCL FT (default: ``default_candidates``), or
+            ``"middle"``: the middle one of those only (fewer probes).
         lora_blocks: the blocks of LoRA-in-block (default: the middle of ``blocks``).
         max_trainable_percent: the default blocks' parameter budget; when no block fits, the
             smallest block's share is used and ``.budget_note`` says so.
@@ -350,8 +351,13 @@ def _blocks(model, methods, blocks, lora_blocks, max_trainable_percent):
     if not tuned:
         return [], [], None
     note = None
-    if blocks is None:
-        blocks, note = budget_candidates(model, "scl", max_trainable_percent)
+    if blocks is None or blocks == "middle":
+        found, note = budget_candidates(model, "scl", max_trainable_percent)
+        blocks = found if blocks is None else found[len(found) // 2 : len(found) // 2 + 1]
+    elif isinstance(blocks, str):
+        raise ConfigError(
+            f"blocks must be None, 'middle' or a list of block indices or names, got {blocks!r}."
+        )
     else:
         blocks = sorted({adapter.resolve(b) for b in blocks})
     if not blocks:
