@@ -316,7 +316,11 @@ def report(subs: list[dict]) -> None:
         r["auto"]["accuracy"] - max(r["scl-middle"]["accuracy"], r["full"]["accuracy"])
         for r in res.values()
     ]
+    overall = design(subs)
     lines += [
+        "",
+        f"The design chosen the same way on every pair (the library's default): probes "
+        f"{overall[1]}, margin {overall[2]:g}.",
         "",
         f"Over the {len(res)} pairs (each scored by the design chosen without it): mean regret "
         f"auto {mean['auto']:.2f}, SCL middle {mean['scl-middle']:.2f}, full FT "

@@ -62,7 +62,7 @@ def test_the_plan_round_trips_through_get_tuned_model_and_leaves_the_rng_alone()
     model = make_model("test_resnet")
     before_weights = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    plan = select_method(model, class_data(), steps=20, seed=3, **FAST)
+    plan = select_method(model, class_data(), steps=20, seed=3, blocks=None, **FAST)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, before_weights[k]) for k, v in model.state_dict().items())
     blocks = default_candidates(model, "scl")
@@ -86,7 +86,7 @@ def test_the_plan_round_trips_through_get_tuned_model_and_leaves_the_rng_alone()
     # the plan as JSON, and the same seed gives the same numbers
     d = json.loads(json.dumps(plan.to_dict()))
     assert d["config"]["method"] == plan.method and len(d["candidates"]) == len(expected)
-    again = select_method(model, class_data(), steps=20, seed=3, **FAST)
+    again = select_method(model, class_data(), steps=20, seed=3, blocks=None, **FAST)
     assert [c.accuracy for c in again.candidates] == [c.accuracy for c in plan.candidates]
     assert f"chosen: {plan.method}" in str(plan)
 
@@ -94,7 +94,7 @@ def test_the_plan_round_trips_through_get_tuned_model_and_leaves_the_rng_alone()
 def test_blocks_middle_probes_the_one_block_methods_at_the_middle_candidate_only():
     model = make_model("test_resnet")
     blocks = default_candidates(model, "scl")
-    plan = select_method(model, class_data(), steps=5, blocks="middle", **FAST)
+    plan = select_method(model, class_data(), steps=5, **FAST)  # blocks="middle" by default
     mid = blocks[len(blocks) // 2]
     assert {(c.method, c.block) for c in plan.candidates} == {
         ("linear", None),
