@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, NUM_CLASSES, make_model
+from conftest import make_model
 from test_recipes import finetune
+from test_selection import class_data
 
 from ncfinetune import get_tuned_model
 from ncfinetune.errors import ConfigError
@@ -24,14 +25,6 @@ from ncfinetune.selection import (
 )
 
 FAST = {"probe_steps": 2, "lr_grid": (0.1,), "precision": "no"}
-
-
-def class_data(per_class: int = 8, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-    x = torch.randn(y.numel(), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
-    x[:, 0] += y[:, None, None].float() * 0.5
-    return x, y
 
 
 def cand(method, block, share, acc, budget_acc=None):
