@@ -144,6 +144,8 @@ class Run:
     # such a run fills its own prefix cache, so its training time includes the prefix outputs
     budget: float | None = None
     optimizer: str = "sgd"  # issue 27's ViT question: "adamw" (timm's, as build_optimizer)
+    # a benchmark whose records live apart (results/<bench>/runs), e.g. "train_length"
+    bench: str | None = None
 
     @property
     def key(self) -> str:
@@ -168,7 +170,9 @@ class Run:
         target: ``budget.py``'s runs, ``selection_loto.py``'s grid (scored on ``test_max``
         test images), ``--quick`` runs (a shorter budget, not committed), and the rest (the
         method benchmarks) under ``RUNS``."""
-        if self.budget is not None:
+        if self.bench is not None:
+            root = RESULTS / self.bench / "runs"
+        elif self.budget is not None:
             root = RESULTS / "budget" / "runs"
         elif self.optimizer != "sgd":
             root = RESULTS / "vit_gap" / "runs"

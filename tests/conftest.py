@@ -106,6 +106,12 @@ SLOW_TESTS: dict[str, dict[str, tuple[str, ...]]] = {
         "test_a_second_run_on_a_busy_folder_is_refused_and_a_stale_lock_taken_over": E2E,
         "test_an_edited_config_yaml_is_refused_on_resume_naming_each_key": E2E,
         "test_a_corrupt_training_checkpoint_is_refused_before_anything_trains": E2E,
+        "test_resume_with_another_launch_is_refused_or_rebuilt_with_the_override": E2E,
+    },
+    "test_train_length.py": {
+        "test_a_small_run_trains_to_the_floor_and_records_its_length": E2E,
+        "test_given_epochs_and_max_steps_work_as_given": E2E,
+        "test_a_run_that_ends_with_most_of_its_loss_left_warns_with_the_flag": E2E,
     },
     "test_launch.py": {"test_an_accelerator_without_a_setting_takes_the_launchers_choice": SUB},
     "test_plotting.py": {"test_plotting_leaves_the_backend_alone_and_never_imports_pyplot": SUB},

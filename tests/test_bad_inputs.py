@@ -473,7 +473,7 @@ def a_file(tmp_path):
         ),
         (FINETUNE, lambda t: ["--tracker", "all"], r"tracker 'all' is not one of"),
         (FINETUNE, lambda t: ["--max_steps", "0"], r"max_steps must be >= 1 or null, got 0"),
-        (FINETUNE, lambda t: ["--epochs", "0"], r"epochs must be >= 1, got 0"),
+        (FINETUNE, lambda t: ["--epochs", "0"], r"epochs must be >= 1 or null, got 0"),
         (
             FINETUNE,
             lambda t: ["--method", "linear", "--block", "auto"],

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import images, labels, make_model
-from test_recipes import FINETUNE, finetune
+from safetensors.torch import save_file
+from test_recipes import FINETUNE, finetune, launch_two_processes
 
 from ncfinetune import get_tuned_model
-from ncfinetune.errors import NonFiniteOutputs, TrainingDiverged
+from ncfinetune.backbones.hub import create_backbone
+from ncfinetune.errors import (
+    ConfigError,
+    DataError,
+    NonFiniteOutputs,
+    TrainingDiverged,
+    UnsupportedModelError,
+)
+from ncfinetune.selection import select_block
+from ncfinetune.selection.probe import as_fetch
 from ncfinetune.training.loop import predict_batches
 
 
@@ -217,3 +229,133 @@ def test_predict_replaces_an_existing_output_file_as_eval_replaces_its_report(tm
         "is a file, not a folder"
         in output_problems("output", str(blocker / "p.csv"), folder=False)[0]
     )
+
+
+# -- weak messages of the sweep: each names what was received and how to fix it -------------------
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda x: x[:, :1], r"takes 3-channel images, got shape 2x1x32x32 .* x.expand\(-1, 3"),
+        (lambda x: x[0], r"4-D batch N x C x H x W, got a 3-D .* x.unsqueeze\(0\)"),
+        (lambda x: x.permute(0, 2, 3, 1), r"got shape 2x32x32x3 .* x.permute\(0, 3, 1, 2\)"),
+        (lambda x: (x * 255).to(torch.uint8), r"got uint8 pixels \(0-255\), shape 2x3x32x32"),
+        (lambda x: x.double(), r"got a float64 tensor, shape 2x3x32x32.* pass x.float\(\)"),
+        (lambda x: x.tolist(), r"expected a torch.Tensor batch of images, got list"),
+    ],
+)
+def test_a_tuned_model_names_what_is_wrong_with_a_batch(make, message):
+    tuned = get_tuned_model(make_model("test_resnet"), "scl", block=1)
+    with pytest.raises(DataError, match=message):
+        tuned(make(images(2)))
+    assert tuned(images(2)).shape == (2, 5)  # the right batch still works (5 classes)
+
+
+def test_a_vit_names_the_patch_size_a_batch_must_fit():
+    tuned = get_tuned_model(make_model("test_vit"), "scl", block=1)
+    with pytest.raises(DataError, match=r"cuts images into 16x16 patches, got 40x40"):
+        tuned(torch.rand(2, 3, 40, 40))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("labels 3 7 9", r"class indices 0..2 for this model's 3-class head; got 3, 7, 9"),
+        ("float labels", r"integer class indices 0..C-1, got float32 values such as 0.5"),
+        ("nan images", r"30 of 30 sampled images hold NaN or infinite pixels"),
+        ("1 channel", r"takes 3-channel images, got shape 30x1x32x32"),
+        ("identical", r"all 30 sampled images are identical, so every candidate would score"),
+    ],
+)
+def test_block_selection_refuses_data_no_choice_can_be_made_on(case, message):
+    x, y = images(30), torch.arange(30) % 3
+    data = {
+        "labels 3 7 9": (x, torch.tensor([3, 7, 9] * 10)),
+        "float labels": (x, y.float() + 0.5),
+        "nan images": (torch.full_like(x, float("nan")), y),
+        "1 channel": (x[:, :1], y),
+        "identical": (torch.zeros_like(x), y),
+    }[case]
+    with pytest.raises(DataError, match=message):
+        select_block(make_model("test_resnet", num_classes=3), data, probe_steps=2)
+
+
+def test_whole_number_float_labels_are_taken_as_classes():
+    fetch, labels_ = as_fetch((images(6), torch.tensor([0.0, 1.0, 2.0] * 2)))
+    assert labels_.dtype.kind == "i" and fetch([0, 4])[1].tolist() == [0, 1]
+
+
+def test_a_dangling_or_looping_symlink_output_dir_is_refused_before_loading(tmp_path):
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"dangling is a symlink to .*gone, which does not"):
+        finetune("--output_dir", tmp_path / "dangling" / "run")
+    with pytest.raises(ConfigError, match=r"a is a symlink loop"):
+        finetune("--output_dir", tmp_path / "a")
+
+
+def test_a_config_file_that_is_not_utf8_says_so(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("optim:\n  lr: 0.1  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xe9 at position 23\)"):
+        finetune("--config", bad)
+
+
+def test_a_checkpoint_of_another_architecture_or_junk_is_refused_naming_why(tmp_path):
+    resnet = make_model("test_resnet", num_classes=0)
+    save_file(resnet.state_dict(), tmp_path / "resnet.safetensors")
+    with pytest.raises(ConfigError, match=r"does not fit 'test_vit': \d+ of its weights are "
+                       r"not in the file .* another architecture\? Pass the --model"):  # fmt: skip
+        create_backbone("test_vit", 3, checkpoint=str(tmp_path / "resnet.safetensors"))
+    (tmp_path / "junk.pth").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=r"neither a safetensors file nor a torch checkpoint"):
+        create_backbone("test_resnet", 3, checkpoint=str(tmp_path / "junk.pth"))
+    torch.save({"model": print}, tmp_path / "code.pth")  # a pickle that would call code
+    with pytest.raises(ConfigError, match=r"holds pickled objects besides tensors, which are "
+                       r"never loaded"):  # fmt: skip
+        create_backbone("test_resnet", 3, checkpoint=str(tmp_path / "code.pth"))
+    torch.save(resnet.state_dict(), tmp_path / "ok.pth")  # its own weights still load exactly
+    loaded = create_backbone("test_resnet", 3, checkpoint=str(tmp_path / "ok.pth"))
+    assert torch.equal(loaded.conv1[0].weight, resnet.conv1[0].weight)
+
+
+class _NoMatcher(torch.nn.Module):
+    def forward_features(self, x):
+        return x
+
+    def forward_head(self, x, pre_logits=False):
+        return x
+
+    def get_classifier(self):
+        return torch.nn.Linear(2, 2)
+
+
+def test_an_unsupported_model_says_which_requirement_it_misses():
+    with pytest.raises(UnsupportedModelError, match=r"into blocks: it has no group_matcher\(\)"):
+        get_tuned_model(_NoMatcher(), "scl", block=0)
+    with pytest.raises(UnsupportedModelError, match=r"it has no forward_features\(\), forward"):
+        get_tuned_model(torch.nn.Linear(3, 3), "scl", block=0)
+
+
+def test_resume_with_another_launch_is_refused_or_rebuilt_with_the_override(tmp_path):
+    """2 -> 1 and 1 -> 2 processes: refused by default; with --resume_override launch the
+    cosine is rebuilt for the steps left (ends at min_lr) and the change recorded. 60 images,
+    batch 8 per process: 8 steps an epoch on 1 process, 4 on 2."""
+    args = ["--epochs", 3, "--per_class", 6, "--batch_size", 8, "--seed", 3, "--nc1", "false",
+            "--mixed_precision", "no", "--cpu_threads", 1, "--min_lr", 0.001]  # fmt: skip
+    two_one, one_two = tmp_path / "21", tmp_path / "12"
+    launch_two_processes(*args, "--output_dir", two_one, "--stop_after", 1)
+    m = finetune(*args, "--output_dir", two_one, "--resume", "true",
+                 "--resume_override", "launch")  # fmt: skip
+    assert [r["step"] for r in m["history"]] == [4, 12, 20] and m["optimizer_steps"] == 20
+    assert m["final_lr"] == pytest.approx(0.001) and m["num_processes"] == 1
+    change = m["resume_overrides"][0]
+    assert change["at_epoch"] == 1 and change["num_processes"] == {"saved": 2, "now": 1}
+    assert change["global_batch_size"] == {"saved": 16, "now": 8}
+    finetune(*args, "--output_dir", one_two, "--stop_after", 1)
+    refused = launch_two_processes(*args, "--output_dir", one_two, "--resume", check=False)
+    assert refused.returncode != 0 and "add --resume_override launch" in refused.stderr
+    launch_two_processes(*args, "--output_dir", one_two, "--resume", "--resume_override", "launch")
+    m = json.loads((one_two / "metrics.json").read_text())
+    assert [r["step"] for r in m["history"]] == [8, 12, 16] and m["optimizer_steps"] == 16
+    assert m["final_lr"] == pytest.approx(0.001) and m["num_processes"] == 2

@@ -238,14 +238,15 @@ def test_two_process_block_and_lr_auto_select_once_and_agree(tmp_path):
     assert saved["test_samples_evaluated"] == saved["num_test"] == 360
 
 
-def launch_two_processes(*args) -> subprocess.CompletedProcess:
-    """Run recipes/finetune.py on 2 gloo CPU processes (as `accelerate launch` would)."""
+def launch_two_processes(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """Run recipes/finetune.py on 2 gloo CPU processes (as `accelerate launch` would); with
+    ``check``, assert it succeeded."""
     env = checkout_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "recipes" / "finetune.py"), *TINY_RUN, *map(str, args)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-3000:]
     return proc
 
 

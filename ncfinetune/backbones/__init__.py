@@ -27,7 +27,8 @@ def get_adapter(model: nn.Module) -> BackboneAdapter:
             return cls(model)
     families = ", ".join(sorted({c.family for c in ADAPTERS if c.splittable}))
     raise UnsupportedModelError(
-        f"ncfinetune cannot split a {type(model).__module__}.{type(model).__name__} into blocks. "
+        f"ncfinetune cannot split a {type(model).__module__}.{type(model).__name__} into blocks: "
+        f"{TimmAdapter.why_not(model)}. "
         f"Supported timm families: {families} (hand-written adapters whose frozen prefix can be "
         "cached: resnet18, resnet50d, vit_base_patch32_224, deit_small_patch16_224, ...), and "
         "any other timm classifier that has forward_features(x), forward_head(x, "

@@ -115,6 +115,25 @@ class TimmAdapter(BackboneAdapter):
         except Exception:  # a matcher or classifier outside timm's contract (a tuple of heads)
             return False
 
+    @classmethod
+    def why_not(cls, model: nn.Module) -> str:
+        """Which part of the contract ``model`` misses (for the error of ``get_adapter``)."""
+        missing = [a for a in _CONTRACT if not callable(getattr(model, a, None))]
+        if missing:
+            return f"it has no {', '.join(f'{a}()' for a in missing)}"
+        try:
+            head = model.get_classifier()
+            if not isinstance(head, nn.Linear):
+                return (
+                    f"get_classifier() returns a {type(head).__name__}, not one nn.Linear "
+                    "(a distilled or multi-head classifier)"
+                )
+            if not _block_groups(model):
+                return "group_matcher() puts no block in a group of its own"
+        except Exception as err:  # noqa: BLE001 - the reason is the message
+            return f"its group_matcher()/get_classifier() failed: {type(err).__name__}: {err}"
+        return "its forward does not split at the groups group_matcher() names"
+
     def _named_blocks(self) -> list[tuple[str, nn.Module]]:
         return [(g.block, self.model.get_submodule(g.block)) for g in self._groups]
 

@@ -7,6 +7,8 @@ Every path goes through ``timm.create_model``; local and bundled weights use tim
 from __future__ import annotations
 
 import json
+import sys
+import zipfile
 from pathlib import Path
 
 import timm
@@ -146,15 +148,7 @@ def _create(
             "architecture (see timm.list_models())."
         )
     if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise ConfigError(f"checkpoint file {checkpoint} does not exist.")
-        return timm.create_model(
-            name,
-            pretrained=True,
-            num_classes=num_classes,
-            pretrained_cfg_overlay={"file": str(checkpoint), "num_classes": 0},
-            **kwargs,
-        )
+        return _from_checkpoint(name, num_classes, Path(checkpoint), kwargs)
     if pretrained:
         try:
             return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
@@ -165,3 +159,66 @@ def _create(
                 f"({', '.join(bundled_names()) or 'none'}) or --checkpoint PATH to a local weights file."
             ) from e
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def _from_checkpoint(name: str, num_classes: int, path: Path, kwargs: dict) -> nn.Module:
+    """timm's ``name`` with the backbone weights of ``path`` (its classifier dropped: the head is
+    new), checked strictly: every backbone weight must be in the file and fit, and the file may
+    hold nothing else (timm's own loader would skip what does not fit with a warning)."""
+    if not path.is_file():
+        raise ConfigError(f"checkpoint file {path} does not exist.")
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    try:  # safetensors, or a torch file read with weights_only=True (no code runs)
+        state = timm.models.load_state_dict(str(path), use_ema=True, weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"checkpoint {path} {_unreadable(path, err)}") from err
+    convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if convert is not None:  # the family's own conversion of original-format checkpoints
+        state = convert(state, model)
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    is_head = lambda k: any(k == h or k.startswith(h + ".") for h in heads)  # noqa: E731
+    state = {k: v for k, v in state.items() if not is_head(k)}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape that does not fit
+        first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), "")
+        raise ConfigError(
+            f"checkpoint {path} does not fit {name!r}: {first or str(err)[:200]}. Is it a "
+            "checkpoint of another architecture? Pass the --model it was saved from."
+        ) from err
+    missing = [k for k in result.missing_keys if not is_head(k)]
+    extra = list(result.unexpected_keys)
+    found = []
+    if missing:
+        found.append(f"{len(missing)} of its weights are not in the file ({_some(missing)})")
+    if extra:
+        found.append(f"the file holds {len(extra)} weights it does not have ({_some(extra)})")
+    if found:
+        raise ConfigError(
+            f"checkpoint {path} does not fit {name!r}: {'; '.join(found)}. Is it a checkpoint "
+            "of another architecture? Pass the --model it was saved from."
+        )
+    return model
+
+
+def _some(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why a checkpoint file could not be read, by what the file is."""
+    first = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    if zipfile.is_zipfile(path):  # torch.save's format: it pickles more than tensors
+        return (
+            f"holds pickled objects besides tensors, which are never loaded (no code from a "
+            f"file runs here; {first}). Where you trust the file, convert it: "
+            "safetensors.torch.save_file(torch.load(f, weights_only=False)['state_dict' or "
+            "...], 'weights.safetensors'), and pass that."
+        )
+    if path.suffix == ".safetensors":
+        return f"is not a readable safetensors file ({first}): it is damaged or truncated."
+    return (
+        "is neither a safetensors file nor a torch checkpoint (torch.save's zip archive): "
+        "damaged, truncated or another format. Pass a .safetensors file or a torch state dict."
+    )

@@ -4,6 +4,7 @@ the value is fine), found before any data or model is loaded."""
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,22 @@ def output_problems(name: str, path: str | None, *, folder: bool = True) -> list
     if path is None:
         return []
     target = Path(path)
+    for link in (target, *target.parents):  # a dangling or looping link fails only when written
+        if link.is_symlink() and not link.exists():
+            loop = False
+            try:
+                link.resolve(strict=True)
+            except (RuntimeError, OSError) as err:  # Python < 3.13: a loop is a RuntimeError
+                loop = isinstance(err, RuntimeError) or getattr(err, "errno", 0) == errno.ELOOP
+            why = (
+                "is a symlink loop"
+                if loop
+                else f"is a symlink to {os.readlink(link)}, which does not exist"
+            )
+            return [
+                f"{name} {path}: {link} {why}; remove the link or point it at an existing "
+                "folder, or pass another path"
+            ]
     if folder and target.exists() and not target.is_dir():
         return [
             f"{name} {path} is a file, not a folder: pass a folder path (the run writes "

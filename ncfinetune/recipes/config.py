@@ -205,7 +205,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
     try:
-        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 (safe)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at position "
+            f"{e.start}); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from e
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 (safe)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(loaded, dict):

@@ -53,6 +53,7 @@ from ncfinetune.recipes.engine import (
 from ncfinetune.recipes.finetune_setup import (
     build_loaders,
     build_tuned,
+    run_length_for,
     training_rows,
     tuned_metadata,
 )
@@ -68,6 +69,7 @@ from ncfinetune.training.device import (
     launch_device_type,
     use_channels_last,
 )
+from ncfinetune.training.length import still_high, undertrained_warning
 from ncfinetune.training.loop import build_optimizer, diverged, predict_batches
 
 DEFAULTS = Path(__file__).parent / "configs" / "default.yaml"
@@ -146,6 +148,8 @@ class Run:
     seconds: float = 0.0  # this invocation's wall time in train()
     metric: Any = None  # the test metric (an evaluate module)
     checkpoint_files: dict = field(default_factory=dict)  # the config and launch, per checkpoint
+    length: Any = None  # training.length.Length: epochs, steps per epoch and the rule that set them
+    step_losses: list = field(default_factory=list)  # this invocation's, for the end-of-run check
 
     @property
     def out(self) -> Path:
@@ -220,10 +224,19 @@ def setup(cfg: FinetuneConfig) -> Run:
         o.batch_size, o.global_batch_size, acc.num_processes, o.grad_accum
     )
     global_batch = batch_size * acc.num_processes * o.grad_accum
-    if resume is not None:
-        runs.check_launch(resume.checkpoint, acc.num_processes, global_batch)
+    if resume is not None:  # another launch: refused, or with --resume_override launch recorded
+        relaunch = runs.check_launch(
+            resume.checkpoint, acc.num_processes, global_batch,
+            allow="launch" in (cfg.run.resume_override or ()),
+        )  # fmt: skip
+        resume.changed.update(relaunch or {})
     data = cfg.load_data()
     train_idx, val_idx = training_rows(cfg, data)
+    # epochs null: the default length for this much data; config.yaml records the epochs run
+    num_train = len(data.labels("train")) if train_idx is None else len(train_idx)
+    length = run_length_for(acc, cfg, num_train)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(o, epochs=length.epochs))
+    o = cfg.optim
     model, tuned, block, lr, selection = build_tuned(acc, cfg, data, train_idx, precision)
     channels_last = use_channels_last(model, cfg.run.channels_last)
     if channels_last:
@@ -245,6 +258,8 @@ def setup(cfg: FinetuneConfig) -> Run:
         opt, sched, plan, loaders, channels_last, block, lr, selection,
     )  # fmt: skip
     run.metric = load_metric(cfg.run.metric)
+    # as counted on the prepared loaders (run_length_for predicts the same count)
+    run.length = dataclasses.replace(length, steps_per_epoch=plan.steps_per_epoch)
     run.checkpoint_files = runs.checkpoint_files(config_text(cfg), acc.num_processes, global_batch)
     if resume is not None:  # checked above: it continues with the saved config
         restore(run, resume)
@@ -259,15 +274,17 @@ def restore(run: Run, resume: runs.Resume) -> None:
     fresh = getattr(sched, "scheduler", sched).state_dict()  # the current config's schedule
     load_training_state(acc, resume.checkpoint, sched)
     run.start_epoch, run.history = resume.epoch, resume.history
-    run.steps = resume.epoch * run.plan.steps_per_epoch
+    # the optimizer steps done (under the launch that did them)
+    run.steps = (resume.history or [{}])[-1].get("step", resume.epoch * run.plan.steps_per_epoch)
     acc.print(f"resumed from {resume.checkpoint} (epoch {resume.epoch})")
     if resume.epoch >= run.cfg.optim.epochs:
         acc.print(
             f"every epoch ({resume.epoch}) was checkpointed but the outputs were not written: "
             "writing tuned/ and metrics.json from the last checkpoint"
         )
-    if resume.changed:  # resume_override: the schedule the new epochs/lr ask for
-        runs.retarget_schedule(sched, fresh)
+    if resume.changed:  # resume_override: the schedule the new epochs/lr/launch ask for
+        left = (run.cfg.optim.epochs - resume.epoch) * run.plan.steps_per_epoch
+        runs.retarget_schedule(sched, {**fresh, "T_max": run.steps + left})
         acc.print(
             "resume_override: "
             + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in resume.changed.items())
@@ -291,7 +308,8 @@ def record_start(run: Run, cache_note: str) -> None:
         acc.init_trackers("finetune", config={k: str(v) for k, v in flat_config(cfg).items()})
     acc.print(
         f"{run.net.describe()}\ndata: {nd.describe(run.data)}; training on "
-        f"{len(run.loaders.train.dataset)} images\nprefix cache: {cache_note}"
+        f"{len(run.loaders.train.dataset)} images\nlength: {run.length.describe()}"
+        f"\nprefix cache: {cache_note}"
         f"\nmixed precision: {run.precision}; channels_last: {run.channels_last}; "
         f"compile: {compiled(acc)}"
         + (f"; {run.threads} CPU threads per process" if acc.device.type == "cpu" else "")
@@ -359,6 +377,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
         channels_last=run.channels_last, steps_before=run.steps,
     )  # fmt: skip
     run.clock.add("train", stats.seconds)
+    run.step_losses += [float(v) for v in stats.step_losses]
     for i, (loss, step_lr) in enumerate(zip(stats.step_losses, stats.lrs, strict=True)):
         acc.log({"train/loss": loss, "train/lr": step_lr}, step=run.steps + i + 1)
     run.steps += stats.steps
@@ -415,6 +434,8 @@ def run_metrics(run: Run) -> dict:
         "val_" + name: last.get("val_" + name),  # null: no validation rows
         "num_val": last.get("val_samples", 0),
         "epochs": cfg.optim.epochs,
+        "length_rule": run.length.rule,  # given | epochs | min_steps | max_steps (length.py)
+        "min_steps": cfg.optim.min_steps,
         "grad_accum": cfg.optim.grad_accum,
         "optimizer_steps": run.steps,  # epochs x ceil(min(batches, max_steps) / grad_accum)
         "steps_per_epoch": run.plan.steps_per_epoch,
@@ -436,6 +457,9 @@ def run_metrics(run: Run) -> dict:
         "lr": run.lr,
         "selection": run.selection,  # --block auto / --lr auto: what was chosen, at what cost
         "resume_overrides": run.overrides,  # --resume_override: what changed, at which epoch
+        # the training loss left at the end (last tenth / first tenth of this invocation's
+        # steps) when it is high: an undertrained run (null: it is not)
+        "loss_left": still_high(run.step_losses),
         "history": run.history,
     }
 
@@ -460,6 +484,7 @@ def finish(run: Run) -> dict:
             f"   trainable {metrics['trainable_percent']:.2f}%\n"
             f"   {cfg.optim.epochs - run.start_epoch} epochs in {run.seconds:.1f}s "
             f"({metrics['train_images_per_s']:.0f} img/s); outputs in {out}/"
+            + undertrained_warning(metrics["loss_left"], cfg.optim.epochs, run.steps)
         )
     acc.end_training()
     return metrics

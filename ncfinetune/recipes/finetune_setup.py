@@ -17,6 +17,7 @@ from ncfinetune.recipes import launch
 from ncfinetune.recipes.config import flat_config
 from ncfinetune.recipes.engine import latest_training_state
 from ncfinetune.training.device import loop_precision
+from ncfinetune.training.length import Length, run_length
 from ncfinetune.tuning.model import get_tuned_model
 from ncfinetune.tuning.prefix_cache import CacheTooLarge, prefix_blocker, prefix_loader
 
@@ -132,16 +133,22 @@ def build_tuned(acc, cfg: FinetuneConfig, data, train_idx, precision: str):
     return model, tuned, block, lr, selection
 
 
-def run_steps(acc, cfg: FinetuneConfig, num_train: int) -> int:
-    """The optimizer steps the run will take (as ``engine.build_schedule`` counts them, before
-    the loaders exist): what ``--method auto`` compares the candidates at."""
+def run_length_for(acc, cfg: FinetuneConfig, num_train: int) -> Length:
+    """The run's length (``ncfinetune.training.length.run_length``: the given epochs, else the
+    default rule), with its optimizer steps per epoch counted as ``engine.build_schedule``
+    counts them on the prepared loaders, before they exist: each process takes
+    ceil(rows / (batch x processes)) batches, at most ``max_steps``, in groups of grad_accum."""
     o = cfg.optim
     per_step = launch.per_process_batch(
         o.batch_size, o.global_batch_size, acc.num_processes, o.grad_accum
     )
     batches = -(-num_train // (per_step * acc.num_processes))
-    steps = o.epochs * -(-batches // o.grad_accum)
-    return steps if o.max_steps is None else min(steps, o.max_steps)
+    if o.max_steps is not None:
+        batches = min(batches, o.max_steps)
+    return run_length(
+        -(-batches // o.grad_accum), o.epochs, min_steps=o.min_steps,
+        capped=o.max_steps is not None,
+    )  # fmt: skip
 
 
 def choose_method(acc, cfg, model, data, train_idx, eval_tf, precision, out: Path):
@@ -156,7 +163,7 @@ def choose_method(acc, cfg, model, data, train_idx, eval_tf, precision, out: Pat
         num_train = len(data.labels("train")) if train_idx is None else len(train_idx)
         plan = ncfinetune.selection.select_method_on_split(
             model, data, eval_tf, train_idx,
-            steps=run_steps(acc, cfg, num_train),
+            steps=run_length_for(acc, cfg, num_train).steps,
             max_images=cfg.tuning.select_max_images,
             max_trainable_percent=cfg.tuning.select_max_percent,
             bn=cfg.tuning.bn,

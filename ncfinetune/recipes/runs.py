@@ -227,7 +227,7 @@ def check_resume(
             "new --output_dir."
         )
     changed = {}
-    for key in sorted(allowed):
+    for key in sorted(allowed - {"launch"}):  # launch: check_launch, once processes are known
         before = saved.get(key)
         after = now[key]
         if before != after:
@@ -272,9 +272,13 @@ def checkpoint_files(config_text: str, num_processes: int, global_batch: int) ->
     return {RUN_CONFIG: config_text, LAUNCH_FILE: json.dumps(launch)}
 
 
-def check_launch(checkpoint: Path, num_processes: int, global_batch: int) -> None:
+def check_launch(
+    checkpoint: Path, num_processes: int, global_batch: int, *, allow: bool = False
+) -> dict | None:
     """Raise when a resumed run is launched with another number of processes or global batch
-    than ``checkpoint`` was trained with: its schedule counts optimizer steps of that batch."""
+    than ``checkpoint`` was trained with: its schedule counts optimizer steps of that batch.
+    With ``allow`` (``--resume_override launch``) return the change instead, as
+    ``{"num_processes": (saved, now), "global_batch_size": (saved, now)}`` (None: no change)."""
     out = Path(checkpoint).parents[1]
     path = Path(checkpoint) / LAUNCH_FILE
     if not path.is_file():  # a run started by an older version
@@ -287,14 +291,21 @@ def check_launch(checkpoint: Path, num_processes: int, global_batch: int) -> Non
             f"--resume: {path} is not readable ({type(err).__name__}: {err}); it records the "
             "processes and batch the run trained with. Restore it, or start a new run."
         ) from None
-    if before != (num_processes, global_batch):
-        raise ConfigError(
-            f"--resume: the run in {out} trained with {before[0]} process(es) and a global batch "
-            f"of {before[1]}; this launch has {num_processes} process(es) and a global batch of "
-            f"{global_batch}. The schedule counts optimizer steps of that batch, so it would no "
-            f"longer match. Launch it again with --num_processes {before[0]} (and the same "
-            "batch_size / global_batch_size), or start a new run."
-        )
+    if before == (num_processes, global_batch):
+        return None
+    if allow:
+        return {
+            "num_processes": (before[0], num_processes),
+            "global_batch_size": (before[1], global_batch),
+        }
+    raise ConfigError(
+        f"--resume: the run in {out} trained with {before[0]} process(es) and a global batch "
+        f"of {before[1]}; this launch has {num_processes} process(es) and a global batch of "
+        f"{global_batch}. The schedule counts optimizer steps of that batch, so it would no "
+        f"longer match. Launch it again with --num_processes {before[0]} (and the same "
+        "batch_size / global_batch_size), add --resume_override launch to continue with this "
+        "launch (the schedule is rebuilt for the steps left), or start a new run."
+    )
 
 
 def check_same_training(

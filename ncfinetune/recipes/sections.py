@@ -28,10 +28,12 @@ from ncfinetune.recipes.checks import (
 )
 from ncfinetune.recipes.config import key, section
 from ncfinetune.training.device import LOOP_PRECISIONS, precision_problem
+from ncfinetune.training.length import DEFAULT_BATCH, DEFAULT_EPOCHS, MIN_STEPS
 from ncfinetune.tuning.methods import BN_POLICIES, method_class, method_config, method_names
 
-RESUME_OVERRIDABLE = ("epochs", "lr")
-"""The keys ``resume_override`` may name: the schedule can be rebuilt for new values of these."""
+RESUME_OVERRIDABLE = ("epochs", "lr", "launch")
+"""The keys ``resume_override`` may name: the schedule can be rebuilt for new values of these
+(``launch``: the number of processes and the global batch)."""
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")  # torch.compile, via accelerate
 
 
@@ -277,8 +279,21 @@ class OptimSection:
     min_lr: float = key(1e-4, "the cosine schedule's final lr")
     momentum: float = key(0.9, "SGD momentum")
     weight_decay: float = key(1e-4, "on every trained parameter")
-    epochs: int = key(10, "passes over the training subset")
-    batch_size: int = key(64, "images per process per step (x processes x grad_accum per update)")
+    epochs: int | None = key(
+        None,
+        f"passes over the training subset; null = the default length: {DEFAULT_EPOCHS} epochs, "
+        "raised on small data to reach at least min_steps optimizer steps (with max_steps: "
+        f"{DEFAULT_EPOCHS}; ncfinetune.training.length); printed at the start, recorded in "
+        "metrics.json",
+    )
+    min_steps: int = key(
+        MIN_STEPS,
+        "with epochs null: the fewest optimizer steps of a run (0 = always "
+        f"{DEFAULT_EPOCHS} epochs); chosen leave one target out (benchmarks/train_length.py)",
+    )
+    batch_size: int = key(
+        DEFAULT_BATCH, "images per process per step (x processes x grad_accum per update)"
+    )
     global_batch_size: int | None = key(
         None,
         "images per optimizer update over all processes; replaces batch_size with "
@@ -291,13 +306,15 @@ class OptimSection:
         p = []
         if self.optimizer not in ("sgd", "adamw"):
             p.append(f"optimizer {self.optimizer!r} is not one of sgd, adamw")
-        for name in ("epochs", "batch_size", "grad_accum"):
+        for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr != "auto" and not (isinstance(self.lr, float) and self.lr > 0):
             p.append(f"lr must be a number > 0 or auto, got {self.lr!r}")
-        p += every_problems(self, ("max_steps", "global_batch_size"))
-        p += bound_problems(self, weight_decay=">=0", min_lr=">=0", momentum="[0,1)")
+        p += every_problems(self, ("epochs", "max_steps", "global_batch_size"))
+        p += bound_problems(
+            self, weight_decay=">=0", min_lr=">=0", momentum="[0,1)", min_steps=">=0"
+        )
         if isinstance(self.lr, float) and self.min_lr > self.lr:
             p.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr}): the cosine decays to it")
         return p
@@ -338,7 +355,9 @@ class FinetuneRun:
         False, "continue the newest checkpoint in output_dir, its saved config.yaml as defaults"
     )
     resume_override: list[str] | None = key(
-        None, "with resume: keys allowed to differ from the saved config: epochs and/or lr"
+        None,
+        "with resume: what may differ from the saved run: epochs, lr, launch (processes and "
+        "global batch); the schedule is rebuilt to end at min_lr and the change recorded",
     )
     stop_after: int | None = key(None, "stop after this many epochs (simulates an interruption)")
     tracker: str | None = key(

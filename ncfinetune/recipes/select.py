@@ -26,10 +26,11 @@ import torch
 import ncfinetune.data as nd
 import ncfinetune.selection as S
 import ncfinetune.tuning.methods
-from ncfinetune.recipes.checks import output_problems, seed_problems
+from ncfinetune.recipes.checks import every_problems, output_problems, seed_problems
 from ncfinetune.recipes.config import key, parse_config, run_cli, save_config, section
 from ncfinetune.recipes.sections import DownstreamConfig
 from ncfinetune.training.device import LOOP_PRECISIONS, launch_device_type, precision_problem
+from ncfinetune.training.length import default_steps
 
 
 @dataclass
@@ -42,7 +43,11 @@ class SelectionSection:
         "a one-block method: layer | scl | lora-block (the block is chosen), or auto: the method "
         "too (ncfinetune.selection.select_method: linear, Layer/SCL FT, LoRA-in-block, full FT)",
     )
-    steps: int = key(150, "method auto: the fine-tune's optimizer steps the candidates compare at")
+    steps: int | None = key(
+        None,
+        "method auto: the fine-tune's optimizer steps the candidates compare at (null: the "
+        "default length of finetune for these rows at batch 64: ncfinetune.training.length)",
+    )
     candidates: list[str] | None = key(None, "block indices or names; default: within the budget")
     max_trainable_percent: float | None = key(
         S.MAX_TRAINABLE_PERCENT, "% of the parameters trainable at most (null: any)"
@@ -64,8 +69,7 @@ class SelectionSection:
         one_block = [n for n, c in ncfinetune.tuning.methods.METHODS.items() if c.tunes_block]
         if self.method not in (*one_block, "auto"):
             p.append(f"method {self.method!r} is not one of {', '.join(one_block)} or auto")
-        if self.steps < 1:
-            p.append(f"steps must be >= 1, got {self.steps}")
+        p += every_problems(self, ("steps",))
         if self.probe_steps < 1:
             p.append(f"probe_steps must be >= 1, got {self.probe_steps}")
         if self.lr != "auto" and not (isinstance(self.lr, float) and self.lr > 0):
@@ -150,7 +154,8 @@ def _select_method(cfg: SelectConfig, data, model, rows) -> ncfinetune.selection
     sc = cfg.selection
     plan = ncfinetune.selection.select_method_on_split(
         model, data, nd.build_transforms(model, image_size=cfg.data.image_size), rows,
-        max_images=sc.select_max_images, steps=sc.steps,
+        max_images=sc.select_max_images,
+        steps=sc.steps or default_steps(len(data.labels("train")) if rows is None else len(rows)),
         blocks=[int(c) if str(c).lstrip("-").isdigit() else c for c in sc.candidates]
         if sc.candidates else None,
         max_trainable_percent=sc.max_trainable_percent, probe_steps=sc.probe_steps, bn=sc.bn,

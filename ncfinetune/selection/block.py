@@ -253,7 +253,7 @@ def select_block(
     adapter = get_adapter(model)
     names = adapter.block_names
     rows, note = _candidate_rows(model, adapter, method, candidates, max_trainable_percent)
-    fetch, labels = as_fetch(train_data)
+    fetch, labels = as_fetch(train_data, model)
     check_samples(labels, rule, lr, heldout_fraction)
     diagnostics = rule in ("recall", "mlp") if diagnostics is None else diagnostics
     curve = _measure_blocks(model, fetch, labels, rows, seed, diagnostics)

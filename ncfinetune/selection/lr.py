@@ -59,7 +59,7 @@ def select_lr(
     check_probe(probe_steps, batch_size)
     model = on_device(model, device)
     precision = probe_precision(precision, model_device(model))
-    fetch, labels = as_fetch(train_data)
+    fetch, labels = as_fetch(train_data, model)
     check_samples(labels, "lr", "auto", heldout_fraction)
     index = None if block is None else get_adapter(model).resolve(block)
     prober = Prober(

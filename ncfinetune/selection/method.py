@@ -60,6 +60,7 @@ from ncfinetune.selection.rules import (
     positive,
 )
 from ncfinetune.training.device import model_device
+from ncfinetune.training.length import default_steps
 from ncfinetune.tuning.methods import MethodConfig, method_class, method_config
 
 METHOD_CANDIDATES = ("linear", "layer", "scl", "lora-block", "full")
@@ -206,7 +207,7 @@ def _score(c: MethodCandidate) -> float | None:
 def select_method(
     model: nn.Module,
     train_data: Any,
-    steps: int = 150,
+    steps: int | None = None,
     seed: int = 0,
     methods: Sequence[str] | None = None,
     budget: float | str | None = None,
@@ -229,7 +230,9 @@ def select_method(
         model: the pretrained timm model with its downstream classifier (not modified).
         train_data: the downstream *training* data, as for
             :func:`~ncfinetune.selection.select_block`; the test split is never an input.
-        steps: the fine-tune's length in optimizer steps (equal steps for every candidate).
+        steps: the fine-tune's length in optimizer steps (equal steps for every candidate);
+            None: the default length of ``ncfinetune.training.length`` for this many rows at
+            the recipe's batch (``default_steps``), as ``ncfinetune finetune`` would train.
         seed: the probes' own RNG (torch's global RNG is left as it was).
         methods: the method names to consider (default :data:`METHOD_CANDIDATES`).
         budget: None (equal steps), seconds (a number) or ``"<k>x"``: k times full FT's
@@ -256,8 +259,9 @@ def select_method(
     methods = _check(methods, steps, budget, margin, lr_grid, probe_steps, batch_size)
     model = on_device(model, device)
     precision = probe_precision(precision, model_device(model))
-    fetch, labels = as_fetch(train_data)
+    fetch, labels = as_fetch(train_data, model)
     check_samples(labels, "method", "auto", heldout_fraction)
+    steps = default_steps(len(labels)) if steps is None else steps
     blocks, lora_blocks, note = _blocks(model, methods, blocks, lora_blocks, max_trainable_percent)
     cands = _candidates(model, methods, blocks, lora_blocks)
     prober = Prober(
@@ -306,8 +310,10 @@ def _check(methods, steps, budget, margin, lr_grid, probe_steps, batch_size) -> 
         method_class(m)  # a clear error for an unknown name
     if len(set(methods)) != len(methods):
         raise ConfigError(f"methods lists a method twice: {methods}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps must be a positive integer (optimizer steps), got {steps!r}.")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(
+            f"steps must be a positive integer (optimizer steps) or None, got {steps!r}."
+        )
     if not (isinstance(margin, (int, float)) and 0 <= margin < float("inf")):
         raise ConfigError(
             f"margin must be a finite number of accuracy points >= 0, got {margin!r}."

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ncfinetune.data.subsets import balanced_subset, validation_split
-from ncfinetune.errors import ConfigError
+from ncfinetune.errors import ConfigError, DataError
 from ncfinetune.messages import warn_once
 from ncfinetune.metrics.collapse import nc1_or_none
 from ncfinetune.selection.report import CandidateRow
@@ -34,6 +34,7 @@ from ncfinetune.training.device import (
     use_channels_last,
 )
 from ncfinetune.training.loop import evaluate_rows, train_steps
+from ncfinetune.tuning.inputs import image_problem
 from ncfinetune.tuning.methods import method_config
 from ncfinetune.tuning.model import TunedModel, get_tuned_model
 from ncfinetune.tuning.prefix_cache import (
@@ -186,8 +187,9 @@ def training_cache(data, transform, rows, max_images, seed):
     )
 
 
-def as_fetch(data: Any) -> tuple[Any, np.ndarray]:
-    """(fetch(list of rows) -> (x, y), all labels) for a (images, labels) pair or a dataset."""
+def as_fetch(data: Any, model: nn.Module | None = None) -> tuple[Any, np.ndarray]:
+    """(fetch(list of rows) -> (x, y), all labels) for a (images, labels) pair or a dataset;
+    with ``model``, the data is checked against it first (:func:`check_train_data`)."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
         images, labels = data
         labels = torch.as_tensor(labels)
@@ -196,25 +198,75 @@ def as_fetch(data: Any) -> tuple[Any, np.ndarray]:
                 f"train_data has {images.shape[0]} images but {labels.shape[0]} labels; "
                 "pass (images N x C x H x W, labels N) of the same length."
             )
+        labels = class_indices(labels.numpy())
 
         def fetch(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             index = torch.as_tensor(rows, dtype=torch.long)
-            return images.index_select(0, index), labels.index_select(0, index)
+            return images.index_select(0, index), torch.as_tensor(labels[rows])
 
-        return fetch, labels.numpy()
-    if hasattr(data, "__getitems__") and hasattr(data, "labels"):  # e.g. data.TensorCache
-        return data.__getitems__, np.asarray(data.labels)
-    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+    elif hasattr(data, "__getitems__") and hasattr(data, "labels"):  # e.g. data.TensorCache
+        fetch, labels = data.__getitems__, class_indices(np.asarray(data.labels))
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
 
         def fetch(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             items = [data[i] for i in rows]
             return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
 
-        return fetch, np.asarray([int(data[i][1]) for i in range(len(data))])
-    raise ConfigError(
-        f"train_data of type {type(data).__name__} is not supported; pass (images, labels) "
-        "tensors, a ncfinetune.data.loaders.TensorCache, or a map-style dataset of (image, label) pairs."
+        labels = class_indices(np.asarray([np.asarray(data[i][1]) for i in range(len(data))]))
+    else:
+        raise ConfigError(
+            f"train_data of type {type(data).__name__} is not supported; pass (images, labels) "
+            "tensors, a ncfinetune.data.loaders.TensorCache, or a map-style dataset of (image, "
+            "label) pairs."
+        )
+    if model is not None:
+        check_train_data(model, fetch, labels)
+    return fetch, labels
+
+
+def class_indices(labels: np.ndarray) -> np.ndarray:
+    """``labels`` as int64 class indices; float labels are refused unless whole numbers."""
+    if labels.dtype.kind in "iub":
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels == labels.round()).all():
+        return labels.astype(np.int64)
+    odd = [v for v in labels.ravel()[:1000] if not (np.isfinite(v) and float(v).is_integer())]
+    raise DataError(
+        f"labels must be integer class indices 0..C-1, got {labels.dtype} values such as "
+        f"{(odd or labels.ravel().tolist())[0]}; pass integer labels (one-hot or soft labels: "
+        "argmax them first)."
     )
+
+
+def check_train_data(model: nn.Module, fetch, labels: np.ndarray, sample: int = 64) -> None:
+    """Refuse data that no selection can be made on, before any probe: labels outside the
+    model's classes, a batch the model cannot take (channels, dtype, size), non-finite pixels,
+    or images that are all identical (every candidate would score the same)."""
+    classes = getattr(model, "num_classes", None)
+    if classes and labels.size and (labels.min() < 0 or labels.max() >= classes):
+        found = np.unique(labels)
+        shown = ", ".join(map(str, found[:10])) + (", ..." if found.size > 10 else "")
+        raise DataError(
+            f"labels must be class indices 0..{classes - 1} for this model's {classes}-class "
+            f"head; got {shown}. Remap them to 0..K-1 (np.unique(labels, return_inverse=True)"
+            "[1]) and create the model with num_classes=K."
+        )
+    rows = np.unique(np.linspace(0, labels.size - 1, min(labels.size, sample)).astype(int))
+    x, _ = fetch(rows.tolist())
+    problem = image_problem(model, x)
+    if problem is not None:
+        raise DataError(f"train_data: {problem}.")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+        raise DataError(
+            f"train_data: {bad} of {len(rows)} sampled images hold NaN or infinite pixels; "
+            "check the loading and normalisation of the images."
+        )
+    if len(rows) > 1 and bool((x == x[:1]).all()):
+        raise DataError(
+            f"train_data: all {len(rows)} sampled images are identical, so every candidate "
+            "would score the same and no choice could be made; check the loading of the images."
+        )
 
 
 def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,15 @@ from ncfinetune.training.device import (
     resolve_precision,
     use_channels_last,
 )
+from ncfinetune.training.length import (
+    DEFAULT_BATCH,
+    DEFAULT_EPOCHS,
+    MIN_STEPS,
+    Length,
+    default_steps,
+    run_length,
+    still_high,
+)
 from ncfinetune.training.loop import (
     OPTIMIZERS,
     FitStats,
@@ -35,6 +44,13 @@ from ncfinetune.training.loop import (
 )
 
 __all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_EPOCHS",
+    "MIN_STEPS",
+    "Length",
+    "default_steps",
+    "run_length",
+    "still_high",
     "LOOP_PRECISIONS",
     "OPTIMIZERS",
     "PRECISIONS",

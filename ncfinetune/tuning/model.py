@@ -27,6 +27,7 @@ from ncfinetune.errors import ConfigError, NonFiniteOutputs
 from ncfinetune.messages import warn_once
 from ncfinetune.tuning import checkpoint
 from ncfinetune.tuning.batchnorm import hold_batchnorms
+from ncfinetune.tuning.inputs import check_images
 from ncfinetune.tuning.methods import (
     BN_POLICIES,
     FullConfig,
@@ -221,7 +222,10 @@ class TunedModel(nn.Module):
 
     def forward_with_features(self, x: torch.Tensor) -> Prediction:
         """``Prediction(logits, features)`` in one pass; features are the classifier's input."""
-        return self.forward_suffix(x if self.prefix_inputs else self.forward_prefix(x))
+        if self.prefix_inputs:
+            return self.forward_suffix(x)
+        check_images(self.model, x)  # a DataError saying how to convert a wrong batch
+        return self.forward_suffix(self.forward_prefix(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of images (or of prefix outputs when ``prefix_inputs`` is set)."""
