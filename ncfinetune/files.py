@@ -208,3 +208,23 @@ __all__ = [
     "write_json",
     "write_text",
 ]
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether ``err`` (or what caused it) is a full disk: ENOSPC, or safetensors' and torch's
+    wrappers of it, which carry the OS message but not the errno."""
+    while err is not None:
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full_message(err: BaseException) -> str:
+    """What a command says when ``err`` was a full disk (:func:`disk_full`)."""
+    return (
+        f"no space left on the device while writing ({type(err).__name__}: "
+        f"{str(err).splitlines()[0][:160]}). Nothing half-written is kept: files are written "
+        "under a temporary name, then renamed. Free space or pass another --output_dir; a "
+        "fine-tuning run continues from its last complete checkpoint with --resume."
+    )

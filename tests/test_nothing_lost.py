@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -19,6 +20,7 @@ from ncfinetune.errors import (
     TrainingDiverged,
     UnsupportedModelError,
 )
+from ncfinetune.recipes.config import run_cli
 from ncfinetune.selection import select_block
 from ncfinetune.selection.probe import as_fetch
 from ncfinetune.training.loop import predict_batches
@@ -359,3 +361,51 @@ def test_resume_with_another_launch_is_refused_or_rebuilt_with_the_override(tmp_
     m = json.loads((one_two / "metrics.json").read_text())
     assert [r["step"] for r in m["history"]] == [8, 12, 16] and m["optimizer_steps"] == 16
     assert m["final_lr"] == pytest.approx(0.001) and m["num_processes"] == 2
+
+
+def test_a_full_disk_is_one_message_saying_how_to_go_on(capsys):
+    class SafetensorError(Exception):  # safetensors' error carries the OS text, not errno
+        pass
+
+    for raised in (
+        OSError(errno.ENOSPC, "No space left on device", "/out/tuned/tuned.safetensors"),
+        SafetensorError('IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                        'on device" })'),  # fmt: skip
+    ):
+
+        def main(argv, raised=raised):
+            raise raised
+
+        with pytest.raises(SystemExit) as stop:
+            run_cli(main, [])
+        printed = capsys.readouterr().err
+        assert stop.value.code == 2 and "Traceback" not in printed
+        assert "no space left on the device while writing" in printed
+        assert "Free space or pass another --output_dir" in printed and "--resume" in printed
+
+    def other(argv):
+        raise KeyError("a bug, not the disk")
+
+    with pytest.raises(KeyError):  # anything else keeps its traceback
+        run_cli(other, [])
+
+
+def test_pretraining_takes_the_run_lock_too(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from test_recipes import PRETRAIN, fresh_accelerate
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "started": "2026-12-06 11:00:00"}
+        (tmp_path / ".lock").write_text(json.dumps(lock))
+        fresh_accelerate()
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {holder.pid} "):
+            PRETRAIN.main(["--model", "test_resnet", "--dataset", "digits", "--epochs", "1",
+                           "--max_steps", "1", "--output_dir", str(tmp_path)])  # fmt: skip
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from ncfinetune.errors import ConfigError, NcFinetuneError
-from ncfinetune.files import write_text
+from ncfinetune.files import disk_full, disk_full_message, write_text
 
 _NOT_KEYS = ("config", "help", "debug")  # options of every command that are not config keys
 
@@ -466,7 +466,12 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
     argv = [a for a in argv if a not in ("--debug", "--debug=true", "--debug=false")]
     try:
         return main(argv)
-    except NcFinetuneError as err:
+    except Exception as caught:
+        err = caught
+        if not isinstance(err, NcFinetuneError):  # a full disk gets one message; others raise
+            if debug or not disk_full(err):
+                raise
+            err = NcFinetuneError(disk_full_message(err))
         if debug:
             raise
         if is_main_process():

@@ -47,7 +47,15 @@ from ncfinetune.recipes.checks import (
     seed_problems,
     tracker_problems,
 )
-from ncfinetune.recipes.config import flat_config, key, parse_config, run_cli, save_config, section
+from ncfinetune.recipes.config import (
+    flat_config,
+    is_main_process,
+    key,
+    parse_config,
+    run_cli,
+    save_config,
+    section,
+)
 from ncfinetune.recipes.engine import (
     build_schedule,
     collect_nc1,
@@ -67,13 +75,13 @@ from ncfinetune.recipes.pretrain_parts import (
     PretrainNet,
     Targets,
     backbone_card,
-    channel_stats,
+    build_backbone,
     fit_teacher,
     fp16_state,
     init_problems,
-    load_init,
     write_backbone,
 )
+from ncfinetune.recipes.runs import run_lock
 from ncfinetune.training.device import choose_precision, launch_device_type, precision_problem
 from ncfinetune.training.loop import predict_batches
 
@@ -268,10 +276,12 @@ class Pretraining:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    run = setup(parse_config(PretrainConfig, argv))
-    run.argv = list(argv)
-    train(run)
-    finish(run, argv)
+    cfg = parse_config(PretrainConfig, argv)
+    with run_lock(Path(cfg.run.output_dir), take=is_main_process()):  # one run per folder
+        run = setup(cfg)
+        run.argv = list(argv)
+        train(run)
+        finish(run, argv)
     return {"history": run.history}
 
 
@@ -301,31 +311,6 @@ def start(cfg: PretrainConfig) -> tuple[PretrainConfig, Accelerator]:
     if cfg.run.tracker not in (None, "none"):
         acc.init_trackers("pretrain", config={k: str(v) for k, v in flat_config(cfg).items()})
     return cfg, acc
-
-
-def build_backbone(cfg: PretrainConfig, data) -> tuple[nn.Module, dict]:
-    """The timm backbone (no classifier) and its data config: normalised with the source
-    data's own statistics, or with those of the ``init_from`` backbone whose weights it takes."""
-    data_cfg = {
-        "input_size": (3, cfg.data.image_size, cfg.data.image_size),
-        "mean": (0.0,) * 3,
-        "std": (1.0,) * 3,
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "num_classes": 0,
-    }
-    backbone = timm.create_model(
-        cfg.backbone.model,
-        num_classes=0,
-        pretrained_cfg_overlay=data_cfg,
-        **cfg.backbone.timm_kwargs(),
-    )
-    if cfg.backbone.init_from:
-        data_cfg["mean"], data_cfg["std"] = load_init(cfg.backbone.init_from, backbone)
-    else:  # recorded in the card for fine-tuning
-        data_cfg["mean"], data_cfg["std"] = channel_stats(backbone, data.train)
-    backbone.pretrained_cfg.update(mean=data_cfg["mean"], std=data_cfg["std"])
-    return backbone, data_cfg
 
 
 def setup(cfg: PretrainConfig) -> Pretraining:

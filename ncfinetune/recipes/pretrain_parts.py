@@ -147,6 +147,31 @@ def load_init(name: str, backbone: nn.Module) -> tuple[tuple, tuple]:
     return tuple(cfg["mean"]), tuple(cfg["std"])
 
 
+def build_backbone(cfg, data) -> tuple[nn.Module, dict]:
+    """The timm backbone (no classifier) and its data config: normalised with the source
+    data's own statistics, or with those of the ``init_from`` backbone whose weights it takes."""
+    data_cfg = {
+        "input_size": (3, cfg.data.image_size, cfg.data.image_size),
+        "mean": (0.0,) * 3,
+        "std": (1.0,) * 3,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "num_classes": 0,
+    }
+    backbone = timm.create_model(
+        cfg.backbone.model,
+        num_classes=0,
+        pretrained_cfg_overlay=data_cfg,
+        **cfg.backbone.timm_kwargs(),
+    )
+    if cfg.backbone.init_from:
+        data_cfg["mean"], data_cfg["std"] = load_init(cfg.backbone.init_from, backbone)
+    else:  # recorded in the card for fine-tuning
+        data_cfg["mean"], data_cfg["std"] = channel_stats(backbone, data.train)
+    backbone.pretrained_cfg.update(mean=data_cfg["mean"], std=data_cfg["std"])
+    return backbone, data_cfg
+
+
 def fit_teacher(cfg, acc, data, student: nn.Module) -> tuple[nn.Module, dict]:
     """The teacher backbone with a linear classifier fitted (multinomial logistic regression,
     scikit-learn) on its features of the unaugmented source training images. Returns the
