@@ -213,7 +213,7 @@ def test_an_edited_method_is_detected_even_when_the_tensors_fit(tmp_path):
 def test_an_edited_block_names_the_change_and_the_tensors(tmp_path):
     _, path = saved(tmp_path, method="layer", block=1)
     rewrite_json(path, lambda m: m.update(block=2))
-    with pytest.raises(CheckpointError, match=r"block: 1 -> 2.*Restore it"):
+    with pytest.raises(CheckpointError, match=r"block: 1 -> 2.*Restore the file"):
         load_tuned(path, make_model("test_resnet", seed=0))
 
 
@@ -277,6 +277,11 @@ def test_a_lora_adapter_with_a_tensor_removed_names_it(tmp_path):
         (lambda m: m.update(method="foo"), r"'method' 'foo' is not a registered method \(linear"),
         (lambda m: m.update(config=[]), r"'config' must be dict, got \[\] \(list\)"),
         (lambda m: m.update(class_names=["a"]), r"'class_names' has 1 names for num_classes=5"),
+        (  # an edited class count blames the config, not the base model
+            lambda m: m.update(num_classes=3),
+            r"does not describe the weights saved beside it \(weights file -> config: "
+            r"num_classes: 5 -> 3\): the config was edited",
+        ),
         (lambda m: m.update(skip_norm="yes"), r"'skip_norm' must be true, false or null"),
         (lambda m: m.update(architecture=None), r"'architecture' must be str, got None"),
     ],

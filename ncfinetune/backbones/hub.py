@@ -212,9 +212,9 @@ def _unreadable(path: Path, err: Exception) -> str:
     if zipfile.is_zipfile(path):  # torch.save's format: it pickles more than tensors
         return (
             f"holds pickled objects besides tensors, which are never loaded (no code from a "
-            f"file runs here; {first}). Where you trust the file, convert it: "
-            "safetensors.torch.save_file(torch.load(f, weights_only=False)['state_dict' or "
-            "...], 'weights.safetensors'), and pass that."
+            f"file runs here; {first}). Where you trust the file, load its state dict with "
+            "torch yourself, save that with safetensors.torch.save_file and pass the "
+            ".safetensors file."
         )
     if path.suffix == ".safetensors":
         return f"is not a readable safetensors file ({first}): it is damaged or truncated."

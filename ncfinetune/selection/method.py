@@ -28,7 +28,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +36,6 @@ from torch import nn
 from ncfinetune.backbones import get_adapter
 from ncfinetune.backbones.base import arch_name
 from ncfinetune.errors import ConfigError
-from ncfinetune.files import write_json
 from ncfinetune.selection.block import budget_candidates, fits_skip
 from ncfinetune.selection.probe import (
     Prober,
@@ -46,7 +44,7 @@ from ncfinetune.selection.probe import (
     probe_precision,
     training_cache,
 )
-from ncfinetune.selection.report import CandidateRow
+from ncfinetune.selection.report import CandidateRow, JsonReport
 from ncfinetune.selection.rules import (
     HELDOUT_FRACTION,
     LR_GRID,
@@ -100,7 +98,7 @@ class MethodCandidate:
 
 
 @dataclass
-class MethodPlan:
+class MethodPlan(JsonReport):
     """The result of :func:`select_method`: the chosen method, block, lr and steps, every
     candidate's probes, and why. ``.config`` is a method config ``get_tuned_model`` accepts."""
 
@@ -168,10 +166,6 @@ class MethodPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "config": {"method": self.method, **self.config.to_dict()}}
-
-    def save_json(self, path: str | Path) -> Path:
-        """Write the plan as JSON (atomically)."""
-        return write_json(path, self.to_dict(), indent=1)
 
 
 def choose_method(

@@ -39,8 +39,20 @@ class CandidateRow:
     probes: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
+class JsonReport:
+    """A dataclass report written as JSON: ``to_dict`` (override to add fields) and
+    ``save_json`` (atomic), shared by :class:`BlockSelection` and ``MethodPlan``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write the report as JSON (atomically)."""
+        return write_json(path, self.to_dict(), indent=1)
+
+
 @dataclass
-class BlockSelection:
+class BlockSelection(JsonReport):
     """The result of :func:`select_block`: one row per candidate, the choice and why."""
 
     rule: str
@@ -129,13 +141,6 @@ class BlockSelection:
         return f"block selection for {self.method} FT of {self.arch}, rule {self.rule!r}\n" + (
             self.table()
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def save_json(self, path: str | Path) -> Path:
-        """Write the report as JSON (atomically)."""
-        return write_json(path, self.to_dict(), indent=1)
 
     def save(self, output_dir: str | Path) -> tuple[Path, Path]:
         """Write ``block_selection.json`` and ``block_selection.png`` under ``output_dir``."""

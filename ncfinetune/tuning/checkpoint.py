@@ -293,6 +293,9 @@ def check_base(path: str | os.PathLike, meta: dict, arch: str, base_model: nn.Mo
         )
     num_classes = getattr(base_model, "num_classes", None)
     if num_classes != meta["num_classes"]:
+        edited = _edited_recipe(checkpoint_dir(path), meta)  # the config, not the base, is off
+        if edited:
+            raise CheckpointError(edited)
         raise CheckpointError(
             f"checkpoint {path} has a {meta['num_classes']}-class classifier, but the base model "
             f"has num_classes={num_classes}. Create it with num_classes={meta['num_classes']}."
@@ -332,6 +335,30 @@ def _mismatch(path, what: str, found: dict, expected: dict, meta: dict) -> str |
         f"(block {meta['block']}) on {meta['architecture']} rebuilds: {'; '.join(parts)}. The "
         "file or its config was edited, or it belongs to another model; save it again."
     )
+
+
+def _recipe_diff(root: Path, saved: dict, meta: dict) -> str | None:
+    """The error when the config's recipe keys differ from those the weights were saved with."""
+    now = {k: meta.get(k) for k in RECIPE_KEYS}
+    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RECIPE_KEYS if saved.get(k) != now[k]]
+    if not diff:
+        return None
+    return (
+        f"{root / CONFIG_NAME} does not describe the weights saved beside it "
+        f"(weights file -> config: {'; '.join(diff)}): the config was edited. Restore the "
+        "file written with the weights, or tune the model again with the new settings."
+    )
+
+
+def _edited_recipe(root: Path, meta: dict) -> str | None:
+    """:func:`_recipe_diff` from the weights file's metadata alone (no tensors read); None
+    when the file or its metadata is missing (the full load says so)."""
+    try:
+        with safe_open(root / WEIGHTS_NAME, framework="pt") as f:
+            embedded = (f.metadata() or {}).get(_EMBEDDED)
+        return None if embedded is None else _recipe_diff(root, json.loads(embedded), meta)
+    except Exception:  # noqa: BLE001 - unreadable here: load_weights names the problem
+        return None
 
 
 def _read_tensors(file: Path, device) -> tuple[dict[str, torch.Tensor], dict]:
@@ -376,15 +403,9 @@ def load_weights(
             f"{weights} carries no ncfinetune recipe in its metadata: it was not written by "
             "TunedModel.save_pretrained (or was re-saved without its metadata). Save it again."
         )
-    saved = json.loads(metadata[_EMBEDDED])
-    now = {k: meta.get(k) for k in RECIPE_KEYS}
-    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RECIPE_KEYS if saved.get(k) != now[k]]
-    if diff:
-        raise CheckpointError(
-            f"{root / CONFIG_NAME} does not describe the weights saved beside it "
-            f"(weights file -> config: {'; '.join(diff)}): the config was edited. Restore "
-            "it, or tune the model again with the new settings."
-        )
+    edited = _recipe_diff(root, json.loads(metadata[_EMBEDDED]), meta)
+    if edited:
+        raise CheckpointError(edited)
     wanted = {k: tuple(v.shape) for k, v in expected.items() if not _is_lora_key(k)}
     if adapter_file is None:
         wanted = {k: tuple(v.shape) for k, v in expected.items()}

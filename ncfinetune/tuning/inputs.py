@@ -73,7 +73,10 @@ def image_problem(model: nn.Module, x) -> str | None:
 
 
 def check_images(model: nn.Module, x) -> None:
-    """Raise DataError naming what is wrong with ``x`` as a batch of images for ``model``."""
+    """Raise DataError naming what is wrong with ``x`` as a batch of images for ``model``
+    (skipped while torch.compile traces the model: a compiled step keeps one graph)."""
+    if torch.compiler.is_compiling():
+        return
     problem = image_problem(model, x)
     if problem is not None:
         raise DataError(f"images for {type(model).__name__}: {problem}.")
