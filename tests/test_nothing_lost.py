@@ -369,8 +369,9 @@ def test_a_full_disk_is_one_message_saying_how_to_go_on(capsys):
 
     for raised in (
         OSError(errno.ENOSPC, "No space left on device", "/out/tuned/tuned.safetensors"),
-        SafetensorError('IoError(Os { code: 28, kind: StorageFull, message: "No space left '
-                        'on device" })'),  # fmt: skip
+        SafetensorError(
+            'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        ),  # fmt: skip
     ):
 
         def main(argv, raised=raised):

@@ -37,6 +37,10 @@ TINY_RUN = [
     "none",
     "--lr",
     "0.05",
+    # the old default length (10 epochs) keeps these runs short; the floor has its own tests
+    # (test_train_length.py), where a later --min_steps overrides this one
+    "--min_steps",
+    "0",
 ]
 
 

@@ -5,6 +5,7 @@ loss left says so."""
 import json
 
 import pytest
+import torch
 from test_recipes import finetune
 
 from ncfinetune.errors import ConfigError
@@ -116,3 +117,15 @@ def test_a_run_that_ends_with_most_of_its_loss_left_warns_with_the_flag(tmp_path
     m = finetune("--per_class", 2, "--epochs", 12, "--lr", 0.1, "--nc1", "false",
                  "--output_dir", tmp_path / "fast")  # fmt: skip
     assert m["loss_left"] is None and "undertrained" not in capsys.readouterr().out
+
+
+def test_select_method_compares_the_candidates_at_the_default_length():
+    from conftest import images, make_model
+
+    from ncfinetune.selection import select_method
+
+    x, y = images(60), torch.arange(60) % 3
+    plan = select_method(make_model("test_resnet", num_classes=3), (x, y),
+                         methods=["linear", "scl"], probe_steps=1, lr_grid=[0.1])  # fmt: skip
+    assert plan.steps == default_steps(60) == MIN_STEPS  # 60 rows: one step an epoch
+    assert all(c.steps == MIN_STEPS for c in plan.candidates)
