@@ -146,6 +146,7 @@ class Run:
     optimizer: str = "sgd"  # issue 27's ViT question: "adamw" (timm's, as build_optimizer)
     # a benchmark whose records live apart (results/<bench>/runs), e.g. "train_length"
     bench: str | None = None
+    head_warmup: int = 0  # LP-FT (issue 27): the first steps train the classifier alone
 
     @property
     def key(self) -> str:
@@ -158,6 +159,7 @@ class Run:
             + ("" if self.test_max is None else f"-test{self.test_max}")
             + ("" if self.budget is None else f"-budget{self.budget:g}")
             + ("" if self.optimizer == "sgd" else f"-{self.optimizer}")
+            + (f"-lp{self.head_warmup}" if self.head_warmup else "")
         )
         return (
             f"{self.method}{block}-n{self.per_class}-s{self.seed}-lr{self.lr:g}"
@@ -370,6 +372,7 @@ def execute(run: Run) -> dict:
             prefix=pre_train,
             precision=run.precision,
             optimizer=run.optimizer,
+            head_warmup=run.head_warmup,
         )
     except FloatingPointError as err:  # a diverged run is a result, recorded as such
         none = dict.fromkeys(("test_accuracy", "train_accuracy", "nc1_train", "nc1_test"))

@@ -47,6 +47,17 @@ def test_every_problem_is_listed_in_one_error(tmp_path):
     assert "Valid keys: name, lr, epochs" in msg
 
 
+def test_a_list_given_as_separate_words_says_how_to_write_it():
+    with pytest.raises(ConfigError) as e:
+        parse_config(Toy, ["--classes", "5", "6", "7"])
+    msg = str(e.value)
+    assert msg.startswith("2 problem(s) in the config")
+    assert (
+        "unexpected argument '6' (use --key value; a list is one value, comma-separated: "
+        "--classes 5,6,7)" in msg
+    )
+
+
 def test_validate_runs_after_types(tmp_path):
     with pytest.raises(ConfigError, match="lr must be > 0, got -1.0"):
         parse_config(Toy, ["--lr", "-1"])

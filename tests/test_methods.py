@@ -176,3 +176,30 @@ def test_trainable_set_is_what_the_method_says():
     got = {id(p) for p in tuned.trainable_parameters()}
     assert got == want
     assert all(isinstance(m, nn.Module) for m in tuned.trainable_modules())
+
+
+def test_head_warmup_trains_the_classifier_alone_first_then_the_block():
+    """LP-FT in train_steps: the warm-up steps are a linear probe's (same losses), the block
+    changes only afterwards, and the trainable set is restored."""
+    fetch = fetcher()
+    kw = {"batch_size": 8, "lr": 0.05, "seed": 1}
+    lp = get_tuned_model(make_model("test_vit", seed=0), "linear")
+    lp_losses = train_steps(lp, fetch, range(24), steps=2, **kw)
+    warm = get_tuned_model(make_model("test_vit", seed=0), "layer", block=1)
+    block0 = [p.detach().clone() for p in warm.adapter.blocks[1].parameters()]
+    head_only = get_tuned_model(make_model("test_vit", seed=0), "layer", block=1)
+    train_steps(head_only, fetch, range(24), steps=3, head_warmup=2, **kw)
+    losses = train_steps(warm, fetch, range(24), steps=4, head_warmup=2, **kw)
+    assert losses.shape == (4,)
+    torch.testing.assert_close(losses[:2], lp_losses)
+    blocks = [warm.adapter.blocks[1], head_only.adapter.blocks[1]]
+    assert all(
+        any(not torch.equal(a, p) for a, p in zip(block0, b.parameters(), strict=True))
+        for b in blocks
+    )
+    assert {id(p) for p in warm.trainable_parameters()} >= {
+        id(p) for p in warm.adapter.blocks[1].parameters()
+    }
+    for bad in (4, 5, -1, 1.5, True):
+        with pytest.raises(ConfigError, match=r"head_warmup must be an int in \[0, steps=4\)"):
+            train_steps(warm, fetch, range(24), steps=4, head_warmup=bad, **kw)

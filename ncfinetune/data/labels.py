@@ -56,6 +56,10 @@ class ImageData:
             raise DataError(f"split {split!r} does not exist; pass 'train' or 'test'.")
         return labels_of(getattr(self, split), self.label_column)
 
+    def num_training_rows(self, rows: Sequence[int] | None = None) -> int:
+        """How many rows a run trains on: ``rows`` of the training split, or all of it (None)."""
+        return len(self.train) if rows is None else len(rows)
+
 
 def labels_of(dataset: datasets.Dataset, column: str) -> np.ndarray:
     """Values of an integer column as an int64 array, read through Arrow (no per-row Python)."""

@@ -339,7 +339,7 @@ def parse_config(
             name, _, value = arg[2:].partition("=")
             raw[name] = (value, True)
         else:
-            problems.append(f"unexpected argument {arg!r} (use --key value)")
+            problems.append(f"unexpected argument {arg!r} (use --key value; a list is one value, comma-separated: --classes 5,6,7)")  # fmt: skip
     kwargs = _typed(cls, raw, problems)
     if not problems:
         top = kwargs.pop(None, {})

@@ -233,7 +233,7 @@ def setup(cfg: FinetuneConfig) -> Run:
     data = cfg.load_data()
     train_idx, val_idx = training_rows(cfg, data)
     # epochs null: the default length for this much data; config.yaml records the epochs run
-    num_train = len(data.labels("train")) if train_idx is None else len(train_idx)
+    num_train = data.num_training_rows(train_idx)
     length = run_length_for(acc, cfg, num_train)
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(o, epochs=length.epochs))
     o = cfg.optim
@@ -415,7 +415,7 @@ def run_metrics(run: Run) -> dict:
     """What ``metrics.json`` records of a finished run."""
     cfg, acc, net, last, name = run.cfg, run.acc, run.net, run.history[-1], run.cfg.run.metric
     trainable, total = net.parameter_counts()
-    num_train = len(run.loaders.train.dataset) if run.train_idx is None else len(run.train_idx)
+    num_train = run.data.num_training_rows(run.train_idx)
     return {
         "test_" + name: last["test_" + name],
         "nc1_train": last.get("nc1_train"),

@@ -160,7 +160,7 @@ def choose_method(acc, cfg, model, data, train_idx, eval_tf, precision, out: Pat
 
     found = [None, None, None, None]
     if acc.is_main_process:
-        num_train = len(data.labels("train")) if train_idx is None else len(train_idx)
+        num_train = data.num_training_rows(train_idx)
         plan = ncfinetune.selection.select_method_on_split(
             model, data, eval_tf, train_idx,
             steps=run_length_for(acc, cfg, num_train).steps,

@@ -155,7 +155,7 @@ def _select_method(cfg: SelectConfig, data, model, rows) -> ncfinetune.selection
     plan = ncfinetune.selection.select_method_on_split(
         model, data, nd.build_transforms(model, image_size=cfg.data.image_size), rows,
         max_images=sc.select_max_images,
-        steps=sc.steps or default_steps(len(data.labels("train")) if rows is None else len(rows)),
+        steps=sc.steps or default_steps(data.num_training_rows(rows)),
         blocks=[int(c) if str(c).lstrip("-").isdigit() else c for c in sc.candidates]
         if sc.candidates else None,
         max_trainable_percent=sc.max_trainable_percent, probe_steps=sc.probe_steps, bn=sc.bn,

@@ -12,6 +12,7 @@ fixed step budget, which is what keeps benchmark runs and probes comparable.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -402,6 +403,7 @@ def train_steps(
     min_lr: float = 1e-4,
     prefix: PrefixCache | None = None,
     precision: str = "no",
+    head_warmup: int = 0,
 ) -> torch.Tensor:
     """Train ``tuned`` for a fixed number of optimizer steps on ``rows`` of an in-memory dataset,
     through :func:`fit_batches`.
@@ -417,6 +419,11 @@ def train_steps(
     once. Same seed, same batches: the result equals the uncached path up to float rounding.
     ``precision="bf16"`` runs forward passes under bf16 autocast.
 
+    ``head_warmup`` (LP-FT): the first ``head_warmup`` of the ``steps`` train the classifier
+    alone (the rest of the trainable set frozen; its own optimizer and cosine from ``lr``), then
+    the whole trainable set trains for the steps left, from fresh optimizer state. The same
+    batches in the same order as without it.
+
     Returns:
         The training loss of every step (float32 tensor, on the CPU).
 
@@ -427,12 +434,42 @@ def train_steps(
     rows = np.asarray(rows)
     if rows.size == 0:
         raise ConfigError("train_steps got no rows to train on.")
-    opt = build_optimizer(tuned, optimizer, lr, momentum, weight_decay)
-    sched = build_cosine_schedule(opt, steps, min_lr)
+    if (
+        isinstance(head_warmup, bool)
+        or not isinstance(head_warmup, int)
+        or not (0 <= head_warmup < steps)
+    ):
+        raise ConfigError(f"head_warmup must be an int in [0, steps={steps}), got {head_warmup!r}.")
+    losses = []
     with _prefix_inputs(tuned, prefix, fetch) as source:
-        batches = _row_batches(source, rows, steps, min(batch_size, rows.size), seed)
-        stats = fit_batches(tuned, batches, opt, sched, precision=precision)
-    return stats.losses.cpu()
+        batches = iter(_row_batches(source, rows, steps, min(batch_size, rows.size), seed))
+        for n, head_only in ((head_warmup, True), (steps - head_warmup, False)):
+            if n == 0:
+                continue
+            with _classifier_only(tuned, head_only):
+                opt = build_optimizer(tuned, optimizer, lr, momentum, weight_decay)
+                sched = build_cosine_schedule(opt, n, min_lr)
+                phase = itertools.islice(batches, n)  # the shared stream goes on after it
+                stats = fit_batches(tuned, phase, opt, sched, precision=precision)
+            losses.append(stats.losses.cpu())
+    return torch.cat(losses)
+
+
+@contextlib.contextmanager
+def _classifier_only(tuned: TunedModel, active: bool):
+    """Inside, only the classifier of ``tuned`` takes gradients (when ``active``)."""
+    if not active:
+        yield
+        return
+    head = {id(p) for m in tuned.adapter.classifier_modules() for p in m.parameters()}
+    paused = [p for p in tuned.trainable_parameters() if id(p) not in head]
+    for p in paused:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in paused:
+            p.requires_grad_(True)
 
 
 def evaluate_rows(
