@@ -148,6 +148,7 @@ class Run:
     seconds: float = 0.0  # this invocation's wall time in train()
     metric: Any = None  # the test metric (an evaluate module)
     checkpoint_files: dict = field(default_factory=dict)  # the config and launch, per checkpoint
+    logit_batch: Any = None  # check_logits' fixed batch, read once
     length: Any = None  # training.length.Length: epochs, steps per epoch and the rule that set them
     step_losses: list = field(default_factory=list)  # this invocation's, for the end-of-run check
 
@@ -359,10 +360,11 @@ def check_logits(run: Run) -> None:
     """Raise NonFiniteOutputs (on every process) when the logits of a small fixed batch, the
     first batch of the training rows in order, are NaN or infinite: finite weights can still
     overflow, and a loss that was finite before the last step does not show it."""
-    x, y = next(iter(run.loaders.train_eval))
-    n = min(8, len(y))
+    if run.logit_batch is None:
+        x, y = next(iter(run.loaders.train_eval))
+        run.logit_batch = (x[:8], y[:8])
     predict_batches(
-        run.tuned, [(x[:n], y[:n])], accelerator=run.acc, channels_last=run.channels_last
+        run.tuned, [run.logit_batch], accelerator=run.acc, channels_last=run.channels_last
     )
 
 
