@@ -58,6 +58,39 @@ def variants() -> dict[str, list]:
     return out
 
 
+def skip_scale() -> list[str]:
+    """The SCL skip's size beside phi(x) at the start of fine-tuning (the pretrained weights,
+    the 20-per-class subset of seed 0): mean ||skip|| / ||phi(x)|| and mean cosine, per image,
+    on the ViT's middle block and on resnet18's (block 4) for comparison."""
+    import torch
+    from common import BACKBONES, load_data, subset
+
+    from ncfinetune.backbones.hub import create_backbone
+    from ncfinetune.tuning import get_tuned_model
+
+    rows = []
+    for b, block, skip_norm in (
+        ("vit_p4", MID, None),
+        ("vit_p4", MID, False),
+        ("resnet18", 4, None),
+    ):
+        data = load_data(b, T)
+        x, _ = data["train"].__getitems__(subset(data, N, 0).tolist())
+        tuned = get_tuned_model(
+            create_backbone(BACKBONES[b]["model"], data["num_classes"]), "scl", block=block,
+            skip_norm=skip_norm,
+        ).eval()  # fmt: skip
+        a = tuned.adapter
+        with torch.no_grad():
+            h, out = a.forward_capture(x, {block})
+            phi, skip = a.penultimate(h), tuned.skip(out[block])
+        ratio = (skip.norm(dim=1) / phi.norm(dim=1)).mean().item()
+        cos = torch.nn.functional.cosine_similarity(skip, phi, dim=1).mean().item()
+        where = "through the final norm" if tuned.skip_norm else "pooled, no norm"
+        rows.append(f"| {b} block {block} ({where}) | {ratio:.2f} | {cos:.2f} |")
+    return rows
+
+
 def report() -> None:
     rows, res = [], {}
     for name, runs in variants().items():
@@ -92,6 +125,15 @@ def report() -> None:
             f"{full_sgd - sgd_one[b0]:+.1f} points ({b0} vs full SGD); after (any variant here) "
             f"{full - one[b1]:+.1f} points ({b1} vs the best full FT variant, {full:.1f})."
         )
+    lines += [
+        "",
+        "The skip's scale at the start (pretrained weights, seed 0's subset): per image, "
+        "||skip|| / ||phi(x)|| and cos(skip, phi(x)), means.",
+        "",
+        "| backbone, block (skip path) | norm ratio | cosine |",
+        "|---|---:|---:|",
+        *skip_scale(),
+    ]
     (RESULTS / "vit_gap.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "vit_gap.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
     print("\n".join(lines))
