@@ -250,7 +250,7 @@ def select_method(
             few training samples per class to hold some out.
     """
     t0 = time.perf_counter()
-    methods = _check(methods, steps, budget, margin, lr_grid, probe_steps, batch_size)
+    methods, budget = _check(methods, steps, budget, margin, lr_grid, probe_steps, batch_size)
     model = on_device(model, device)
     precision = probe_precision(precision, model_device(model))
     fetch, labels = as_fetch(train_data, model)
@@ -296,7 +296,8 @@ def select_method_on_split(
     return select_method(model, cache, seed=seed, **kwargs)
 
 
-def _check(methods, steps, budget, margin, lr_grid, probe_steps, batch_size) -> list[str]:
+def _check(methods, steps, budget, margin, lr_grid, probe_steps, batch_size):
+    """(the method names, the budget as ``(value, relative)`` or None), or a ConfigError."""
     methods = list(METHOD_CANDIDATES if methods is None else methods)
     if not methods:
         raise ConfigError(f"methods is empty; pass some of {', '.join(METHOD_CANDIDATES)} or None.")
@@ -312,11 +313,9 @@ def _check(methods, steps, budget, margin, lr_grid, probe_steps, batch_size) -> 
         raise ConfigError(
             f"margin must be a finite number of accuracy points >= 0, got {margin!r}."
         )
-    if budget is not None:
-        _parse_budget(budget)
     check_grid(lr_grid)
     check_probe(probe_steps, batch_size)
-    return methods
+    return methods, None if budget is None else _parse_budget(budget)
 
 
 def _parse_budget(budget: float | str) -> tuple[float, bool]:
@@ -338,7 +337,7 @@ def _parse_budget(budget: float | str) -> tuple[float, bool]:
 def _budget_seconds(budget, steps, cands, prober) -> float | None:
     if budget is None:
         return None
-    value, relative = _parse_budget(budget)
+    value, relative = budget
     if not relative:
         return value
     full = next((c for c in cands if c.method == "full"), None)
