@@ -16,9 +16,10 @@ The development pairs, sizes (10, 20, 100 per class) and seeds (0, 1, 2) of
    probe (``probe_steps`` SGD steps on 70% of the subset, scored on the other 30%), timed.
 
 ``report`` applies each procedure (``ncfinetune.selection.choose_method``, the library's one code
-path) to the recorded probes. Its design choices (the margin by which a candidate with more
-trainable parameters must lead on held-out rows, the score) are chosen on the other pairs and
-scored on the held-out pair. Regret = the best grid cell in hindsight (any method, block, lr;
+path) to the recorded probes. Its design choices (which probes; the margin within which
+candidates count as tied on held-out accuracy; the tie-break among them: the fewest trainable
+parameters or the lowest held-out NC1) are chosen on the other pairs and scored on the held-out
+pair. Regret = the best grid cell in hindsight (any method, block, lr;
 same subset and seed) minus the chosen cell. Fixed policies in the same table: always SCL FT at
 the middle block, always full FT (each with its lr chosen by its own probes).
 """
@@ -227,7 +228,7 @@ def pick(sub: dict, policy) -> tuple[tuple[str, int | None, float], float]:
     overhead = plan["seconds"] - sum(p["seconds"] for p in everything)
     if isinstance(policy, tuple):
         cands = candidates_of(sub, policy[1])
-        c, _ = choose_method(cands, policy[2])
+        c, _ = choose_method(cands, policy[2], policy[3])
         used = [p for d in cands for p in d.probes.values()]
     else:
         cands = candidates_of(sub)
@@ -280,7 +281,13 @@ def evaluate(subs: list[dict], policy) -> dict:
             "chose": [f"{m}" + ("" if b is None else f"@{b}") for (m, b, _), _ in picks]}  # fmt: skip
 
 
-AUTO = [("auto", v, m) for v in VARIANTS for m in MARGINS]
+TIEBREAKS = ("params", "nc1")  # among the candidates within the margin: fewest parameters / NC1
+AUTO = [("auto", v, m, t) for v in VARIANTS for m in MARGINS for t in TIEBREAKS]
+
+
+def name(policy: tuple) -> str:
+    """A design's short name: probes, margin, tie-break."""
+    return f"{policy[1]} m{policy[2]:g} {policy[3]}"
 
 
 def design(subs: list[dict]) -> tuple:
@@ -290,7 +297,7 @@ def design(subs: list[dict]) -> tuple:
     ok = [(p, e) for p, e in scored if e["cost"] <= MAX_COST]
     if not ok:
         return min(scored, key=lambda t: t[1]["cost"])[0]
-    return max(ok, key=lambda t: (round(t[1]["accuracy"], 6), -t[1]["cost"], t[0][2]))[0]
+    return max(ok, key=lambda t: (round(t[1]["accuracy"], 6), -t[1]["cost"], t[0][2], t[0][3]))[0]
 
 
 def oracle_floor(subs: list[dict], pair: str) -> dict:
@@ -328,7 +335,7 @@ def loto(subs: list[dict]) -> dict:
         row["full"] = evaluate(held, "full")
         row["best_in_hindsight"] = float(np.mean([max(s["acc"].values()) for s in held]))
         row["oracle_floor"] = oracle_floor(subs, p)
-        row["every_design"] = {f"{v} m{m:g}": evaluate(held, ("auto", v, m)) for _, v, m in AUTO}
+        row["every_design"] = {name(p): evaluate(held, p) for p in AUTO}
         out[p] = row
     return out
 
@@ -347,8 +354,8 @@ def report(subs: list[dict]) -> None:
         f"their middle; full FT) at lr {', '.join(f'{v:g}' for v in LR_GRID)}: 150 SGD steps of "
         f"batch 32, test accuracy. `select_method` probes every candidate and lr for "
         f"{PROBE_STEPS} steps on 70% of the subset, scored on the other 30%; its design (which "
-        f"probes: {', '.join(VARIANTS)}; the margin a candidate with more trainable parameters "
-        f"must lead by, in {MARGINS}) is chosen on the other pairs: the highest mean accuracy "
+        f"probes: {', '.join(VARIANTS)}; the margin within which candidates tie, in {MARGINS}; "
+        f"the tie-break: {' or '.join(TIEBREAKS)}) is chosen on the other pairs: the highest mean accuracy "
         f"among designs costing at most {100 * MAX_COST:.0f}% of the fine-tune. Regret: best grid cell in hindsight minus the chosen cell "
         "(accuracy points). Fixed policies: SCL FT at the middle block, full FT (each at the lr "
         "its own probes chose); and, for reference, the one grid cell (method, block by its "
@@ -357,7 +364,7 @@ def report(subs: list[dict]) -> None:
         "default length (`default_steps` of the subset at batch 64), estimated from the step "
         "time the same call measured (`results/method_cost.md` measures it in the recipe).",
         "",
-        "| pair | design (LOTO: probes, margin) | auto acc | auto regret (mean / max) | SCL middle "
+        "| pair | design (LOTO: probes, margin, ties) | auto acc | auto regret (mean / max) | SCL middle "
         "acc | regret | full FT acc | regret | auto - better fixed | best cell of the other "
         "pairs: acc / regret | best in hindsight | cost mean / max | auto chose |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
@@ -367,7 +374,7 @@ def report(subs: list[dict]) -> None:
         better = max(m["accuracy"], f["accuracy"])
         cell = "{}@{} lr {:g}".format(*r["fixed_design"]).replace("@None", "")
         lines.append(
-            f"| {p} | {r['design'][0]}, {r['design'][1]:g} | {a['accuracy']:.2f} "
+            f"| {p} | {r['design'][0]}, {r['design'][1]:g}, {r['design'][2]} | {a['accuracy']:.2f} "
             f"| {a['regret']:.2f} / {a['max_regret']:.2f} | {m['accuracy']:.2f} | {m['regret']:.2f} "
             f"| {f['accuracy']:.2f} | {f['regret']:.2f} | {a['accuracy'] - better:+.2f} "
             f"| {cell}: {x['accuracy']:.2f} / {x['regret']:.2f} "
@@ -385,7 +392,7 @@ def report(subs: list[dict]) -> None:
     lines += [
         "",
         f"The design chosen the same way on every pair (the library's default): probes "
-        f"{overall[1]}, margin {overall[2]:g}.",
+        f"{overall[1]}, margin {overall[2]:g}, ties by {overall[3]}.",
         "",
         f"Over the {len(res)} pairs (each scored by the design chosen without it): mean regret "
         f"auto {mean['auto']:.2f}, SCL middle {mean['scl-middle']:.2f}, full FT "

@@ -27,11 +27,12 @@ from ncfinetune.selection import (
 FAST = {"probe_steps": 2, "lr_grid": (0.1,), "precision": "no"}
 
 
-def cand(method, block, share, acc, budget_acc=None):
+def cand(method, block, share, acc, budget_acc=None, nc1=1.0):
     c = MethodCandidate(method, block, None if block is None else f"b{block}", share)
     c.lr, c.accuracy = 0.1, acc
+    c.probes = {"0.1": {"accuracy": acc / 100, "nc1": nc1}}
     if budget_acc is not None:
-        c.budget_probe = {"accuracy": budget_acc / 100}
+        c.budget_probe = {"accuracy": budget_acc / 100, "nc1": nc1}
     return c
 
 
@@ -39,16 +40,42 @@ def test_choose_method_prefers_fewer_parameters_within_the_margin():
     cs = [cand("linear", None, 0.1, 60.0), cand("scl", 4, 8.0, 80.0), cand("full", None, 100, 81.5)]
     c, why = choose_method(cs, margin=2.0)
     assert (c.method, c.block) == ("scl", 4)
-    assert "within 2 points of the best (full, 81.5%)" in why
+    assert why == (
+        "Held-out accuracy 80.0% (within 2 points of the best, 81.5%); of those (full) the "
+        "fewest trainable parameters (8.00%)."
+    )
     c, why = choose_method(cs, margin=1.0)  # full leads by more than the margin
     assert c.method == "full" and why.startswith("The highest held-out accuracy (81.5%)")
     c, _ = choose_method(cs, margin=25.0)  # everything within: the fewest parameters
     assert c.method == "linear"
     # a budget probe's score replaces the equal-steps one
-    cs[0].budget_probe = {"accuracy": 0.9}
+    cs[0].budget_probe = {"accuracy": 0.9, "nc1": None}
     assert choose_method(cs, margin=0.0)[0].method == "linear"
     with pytest.raises(ConfigError, match="no method candidate has a probe score"):
         choose_method([MethodCandidate("full", None, None, 100.0)])
+
+
+def test_choose_method_breaks_ties_by_held_out_nc1_when_asked():
+    cs = [
+        cand("linear", None, 0.1, 80.0, nc1=2.0),
+        cand("scl", 4, 8.0, 80.0, nc1=0.5),
+        cand("full", None, 100, 80.0, nc1=0.5),
+        cand("layer", 4, 8.0, 79.0, nc1=0.1),
+    ]
+    assert choose_method(cs, 0.0, "params")[0].method == "linear"
+    c, why = choose_method(cs, 0.0, "nc1")  # equal NC1: the fewer parameters
+    assert (c.method, why) == (
+        "scl",
+        "Held-out accuracy 80.0% (tied with the best, 80.0%); of those (linear, full) the "
+        "lowest held-out NC1 (0.5).",
+    )
+    assert choose_method(cs, 1.0, "nc1")[0].method == "layer"  # within 1 point: its NC1 wins
+    cs[1].probes["0.1"]["nc1"] = None  # no NC1 (e.g. a class of one row) ranks last
+    assert choose_method(cs, 0.0, "nc1")[0].method == "full"
+    with pytest.raises(ConfigError, match="tiebreak must be one of nc1, params, got 'acc'"):
+        choose_method(cs, 0.0, "acc")
+    with pytest.raises(ConfigError, match="tiebreak must be one of nc1, params, got 'x'"):
+        select_method(make_model("test_resnet"), class_data(), tiebreak="x", **FAST)
 
 
 def test_the_plan_round_trips_through_get_tuned_model_and_leaves_the_rng_alone():

@@ -63,6 +63,8 @@ from ncfinetune.tuning.methods import MethodConfig, method_class, method_config
 
 METHOD_CANDIDATES = ("linear", "layer", "scl", "lora-block", "full")
 METHOD_MARGIN = 0.0  # accuracy points; chosen by benchmarks/method_loto.py (see its report)
+TIEBREAKS = ("nc1", "params")
+METHOD_TIEBREAK = "params"  # among candidates within the margin; chosen by method_loto.py
 MAX_BUDGET_PROBE = 5  # a budget probe runs at most this many times probe_steps
 
 
@@ -115,6 +117,7 @@ class MethodPlan(JsonReport):
     images_processed: int
     budget_seconds: float | None = None
     budget_note: str | None = None
+    tiebreak: str = METHOD_TIEBREAK
 
     @property
     def config(self) -> MethodConfig:
@@ -169,33 +172,57 @@ class MethodPlan(JsonReport):
 
 
 def choose_method(
-    candidates: Sequence[MethodCandidate], margin: float = METHOD_MARGIN
+    candidates: Sequence[MethodCandidate],
+    margin: float = METHOD_MARGIN,
+    tiebreak: str = METHOD_TIEBREAK,
 ) -> tuple[MethodCandidate, str]:
     """The candidate to fine-tune, and why: among the candidates within ``margin`` accuracy
-    points of the best score, the one training the fewest parameters (ties: the higher score).
-    The score is the budget probe's accuracy where measured, else the best lr's. The one place
-    the method is decided: :func:`select_method` and the benchmark both call it."""
-    scored = [(c, _score(c)) for c in candidates if _score(c) is not None]
+    points of the best score, the one with the lowest held-out NC1 (``tiebreak="nc1"``, the
+    tie-break ``choose_lr`` uses between lrs; then fewer trainable parameters) or the one
+    training the fewest parameters (``"params"``; then the higher score). The score is the
+    budget probe's where measured, else the best lr's. The one place the method is decided:
+    :func:`select_method` and the benchmark both call it."""
+    check_tiebreak(tiebreak)
+    scored = [(c, _probe(c)) for c in candidates if _probe(c) is not None]
     if not scored:
         raise ConfigError("no method candidate has a probe score; nothing to choose from.")
-    top_c, top = max(scored, key=lambda t: (t[1], -t[0].trainable_percent))
-    near = [(c, s) for c, s in scored if s >= top - margin]
-    c, s = min(near, key=lambda t: (t[0].trainable_percent, -t[1]))
-    if c is top_c:
-        why = f"The highest held-out accuracy ({s:.1f}%) among {len(scored)} candidates."
+    top_c, top = max(scored, key=lambda t: (t[1]["accuracy"], -t[0].trainable_percent))
+    best = 100 * top["accuracy"]
+    near = [(c, p) for c, p in scored if 100 * p["accuracy"] >= best - margin]
+    if tiebreak == "nc1":
+        c, p = min(near, key=lambda t: (_nc1(t[1]), t[0].trainable_percent, -t[1]["accuracy"]))
     else:
-        why = (
-            f"Held-out accuracy {s:.1f}%, within {margin:g} points of the best ({top_c.label}, "
-            f"{top:.1f}%) with fewer trainable parameters ({c.trainable_percent:.2f}% vs "
-            f"{top_c.trainable_percent:.2f}%)."
-        )
-    return c, why
+        c, p = min(near, key=lambda t: (t[0].trainable_percent, -t[1]["accuracy"]))
+    s = 100 * p["accuracy"]
+    if len(near) == 1:
+        return c, f"The highest held-out accuracy ({s:.1f}%) among {len(scored)} candidates."
+    within = "tied with" if margin == 0 else f"within {margin:g} points of"
+    others = ", ".join(d.label for d, _ in near if d is not c)
+    by = (
+        f"the lowest held-out NC1 ({_nc1(p):.3g})"
+        if tiebreak == "nc1"
+        else f"the fewest trainable parameters ({c.trainable_percent:.2f}%)"
+    )
+    return (
+        c,
+        f"Held-out accuracy {s:.1f}% ({within} the best, {best:.1f}%); of those ({others}) {by}.",
+    )
 
 
-def _score(c: MethodCandidate) -> float | None:
+def check_tiebreak(tiebreak: str) -> None:
+    if tiebreak not in TIEBREAKS:
+        raise ConfigError(f"tiebreak must be one of {', '.join(TIEBREAKS)}, got {tiebreak!r}.")
+
+
+def _probe(c: MethodCandidate) -> dict | None:
+    """The probe a candidate is scored on: the budget probe where measured, else its best lr's."""
     if c.budget_probe is not None:
-        return 100 * c.budget_probe["accuracy"]
-    return c.accuracy
+        return c.budget_probe
+    return None if c.lr is None else c.probes.get(f"{c.lr:g}")
+
+
+def _nc1(p: dict) -> float:
+    return float("inf") if p.get("nc1") is None else p["nc1"]
 
 
 def select_method(
@@ -210,6 +237,7 @@ def select_method(
     lora_blocks: Sequence[int | str] | None = None,
     max_trainable_percent: float | None = MAX_TRAINABLE_PERCENT,
     margin: float = METHOD_MARGIN,
+    tiebreak: str = METHOD_TIEBREAK,
     lr_grid: Sequence[float] = LR_GRID,
     heldout_fraction: float = HELDOUT_FRACTION,
     probe_steps: int = PROBE_STEPS,
@@ -238,7 +266,9 @@ def select_method(
         lora_blocks: the blocks of LoRA-in-block (default: the middle of ``blocks``).
         max_trainable_percent: the default blocks' parameter budget; when no block fits, the
             smallest block's share is used and ``.budget_note`` says so.
-        margin: accuracy points a candidate with more trainable parameters must lead by.
+        margin: accuracy points within which candidates count as tied with the best.
+        tiebreak: among those, ``"nc1"`` (the lowest held-out NC1) or ``"params"`` (the fewest
+            trainable parameters); see :func:`choose_method`.
         lr_grid, heldout_fraction, probe_steps, batch_size, bn, precision, device: the probes,
             as for :func:`~ncfinetune.selection.select_block`.
 
@@ -251,6 +281,7 @@ def select_method(
     """
     t0 = time.perf_counter()
     methods, budget = _check(methods, steps, budget, margin, lr_grid, probe_steps, batch_size)
+    check_tiebreak(tiebreak)
     model = on_device(model, device)
     precision = probe_precision(precision, model_device(model))
     fetch, labels = as_fetch(train_data, model)
@@ -278,10 +309,10 @@ def select_method(
                 MAX_BUDGET_PROBE * probe_steps, max(1, round(probe_steps * c.steps / steps))
             )
             c.budget_probe = prober.probe(c.block, c.lr, c.method, steps=share)
-    chosen, reason = choose_method(cands, margin)
+    chosen, reason = choose_method(cands, margin, tiebreak)
     return MethodPlan(
         method=chosen.method, block=chosen.block, lr=chosen.lr, steps=chosen.steps,
-        arch=arch_name(model), candidates=cands, reason=reason, margin=margin,
+        arch=arch_name(model), candidates=cands, reason=reason, margin=margin, tiebreak=tiebreak,
         probe_steps=probe_steps, seconds=time.perf_counter() - t0,
         images_processed=prober.images, budget_seconds=budget_s, budget_note=note,
     )  # fmt: skip
