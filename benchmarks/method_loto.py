@@ -88,13 +88,19 @@ def grid_cells(b: str, t: str, n: int, s: int) -> dict[tuple[str, int | None, fl
     return cells
 
 
+def signal_key(n: int, s: int) -> str:
+    """A subset's signal record; "-r": probes that record their training loss's rise (the
+    records without it, of the library before, stay in the files but are not read)."""
+    return f"n{n}-s{s}-p{PROBE_STEPS}-r"
+
+
 def signals_file(b: str, t: str):
     return SIGNALS / b / f"{t}.jsonl"
 
 
 def signal_record(b: str, t: str, n: int, s: int) -> dict:
     """select_method's probes on one training subset (every candidate and lr), cached on disk."""
-    key = f"n{n}-s{s}-p{PROBE_STEPS}"
+    key = signal_key(n, s)
     if (rec := read_record(signals_file(b, t), key)) is not None:
         return rec
     cache, model = _subset_data(b, t, n, s)
@@ -143,7 +149,7 @@ def load_subsets(pairs) -> list[dict]:
     out = []
     for b, t in pairs:
         for n, s in product(SIZES, SEEDS):
-            sig = read_record(signals_file(b, t), f"n{n}-s{s}-p{PROBE_STEPS}")
+            sig = read_record(signals_file(b, t), signal_key(n, s))
             if sig is None:
                 continue
             cells = grid_cells(b, t, n, s)
@@ -189,9 +195,10 @@ def finetune_seconds(sub: dict, c) -> float:
     return steps * c.step_seconds * DEFAULT_BATCH / PROBE_BATCH
 
 
-def candidates_of(sub: dict, variant: str = "all") -> list:
+def candidates_of(sub: dict, variant: str = "all", stable: bool = False) -> list:
     """The subset's recorded candidates as select_method saw them, restricted to a variant's
-    probes (each candidate's best lr and score recomputed by the library's choose_lr)."""
+    probes (each candidate's best lr and score recomputed by the library's choose_lr, unstable
+    probes last when ``stable``)."""
     from ncfinetune.selection import CandidateRow, MethodCandidate, choose_lr
 
     cands = [MethodCandidate(**c) for c in sub["signals"]["plan"]["candidates"]]
@@ -201,8 +208,8 @@ def candidates_of(sub: dict, variant: str = "all") -> list:
     for c in cands:
         if variant.endswith("lr0.03") or (variant.endswith("full0.03") and c.method == "full"):
             c.probes = {k: v for k, v in c.probes.items() if float(k) == 0.03}
-            c.lr, _ = choose_lr(CandidateRow(-1, "", 0, 0.0, probes=c.probes))
-            c.accuracy = 100 * c.probes[f"{c.lr:g}"]["accuracy"]
+        c.lr, _ = choose_lr(CandidateRow(-1, "", 0, 0.0, probes=c.probes), stable)
+        c.accuracy = 100 * c.probes[f"{c.lr:g}"]["accuracy"]
     return cands
 
 
@@ -227,8 +234,8 @@ def pick(sub: dict, policy) -> tuple[tuple[str, int | None, float], float]:
     everything = [p for c in plan["candidates"] for p in c["probes"].values()]
     overhead = plan["seconds"] - sum(p["seconds"] for p in everything)
     if isinstance(policy, tuple):
-        cands = candidates_of(sub, policy[1])
-        c, _ = choose_method(cands, policy[2], policy[3])
+        cands = candidates_of(sub, policy[1], policy[4])
+        c, _ = choose_method(cands, policy[2], policy[3], policy[4])
         used = [p for d in cands for p in d.probes.values()]
     else:
         cands = candidates_of(sub)
@@ -282,12 +289,13 @@ def evaluate(subs: list[dict], policy) -> dict:
 
 
 TIEBREAKS = ("params", "nc1")  # among the candidates within the margin: fewest parameters / NC1
-AUTO = [("auto", v, m, t) for v in VARIANTS for m in MARGINS for t in TIEBREAKS]
+STABLE = (False, True)  # unstable probes (training loss above its first step's) ranked last
+AUTO = [("auto", v, m, t, u) for v in VARIANTS for m in MARGINS for t in TIEBREAKS for u in STABLE]
 
 
 def name(policy: tuple) -> str:
     """A design's short name: probes, margin, tie-break."""
-    return f"{policy[1]} m{policy[2]:g} {policy[3]}"
+    return f"{policy[1]} m{policy[2]:g} {policy[3]}" + (" stable" if policy[4] else "")
 
 
 def design(subs: list[dict]) -> tuple:
@@ -297,7 +305,7 @@ def design(subs: list[dict]) -> tuple:
     ok = [(p, e) for p, e in scored if e["cost"] <= MAX_COST]
     if not ok:
         return min(scored, key=lambda t: t[1]["cost"])[0]
-    return max(ok, key=lambda t: (round(t[1]["accuracy"], 6), -t[1]["cost"], t[0][2], t[0][3]))[0]
+    return max(ok, key=lambda t: (round(t[1]["accuracy"], 6), -t[1]["cost"], t[0][2:]))[0]
 
 
 def oracle_floor(subs: list[dict], pair: str) -> dict:

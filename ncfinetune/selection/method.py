@@ -56,6 +56,7 @@ from ncfinetune.selection.rules import (
     check_samples,
     choose_lr,
     positive,
+    unstable,
 )
 from ncfinetune.training.device import model_device
 from ncfinetune.training.length import default_steps
@@ -65,6 +66,7 @@ METHOD_CANDIDATES = ("linear", "layer", "scl", "lora-block", "full")
 METHOD_MARGIN = 0.0  # accuracy points; chosen by benchmarks/method_loto.py (see its report)
 TIEBREAKS = ("nc1", "params")
 METHOD_TIEBREAK = "params"  # among candidates within the margin; chosen by method_loto.py
+METHOD_STABLE_FIRST = False  # unstable probes rank last; chosen by method_loto.py
 MAX_BUDGET_PROBE = 5  # a budget probe runs at most this many times probe_steps
 
 
@@ -175,17 +177,22 @@ def choose_method(
     candidates: Sequence[MethodCandidate],
     margin: float = METHOD_MARGIN,
     tiebreak: str = METHOD_TIEBREAK,
+    stable_first: bool = METHOD_STABLE_FIRST,
 ) -> tuple[MethodCandidate, str]:
     """The candidate to fine-tune, and why: among the candidates within ``margin`` accuracy
     points of the best score, the one with the lowest held-out NC1 (``tiebreak="nc1"``, the
     tie-break ``choose_lr`` uses between lrs; then fewer trainable parameters) or the one
     training the fewest parameters (``"params"``; then the higher score). The score is the
-    budget probe's where measured, else the best lr's. The one place the method is decided:
-    :func:`select_method` and the benchmark both call it."""
+    budget probe's where measured, else the best lr's. ``stable_first``: candidates whose probe
+    was unstable (:func:`~ncfinetune.selection.rules.unstable`) are set aside while a stable one
+    exists. The one place the method is decided: :func:`select_method` and the benchmark both
+    call it."""
     check_tiebreak(tiebreak)
     scored = [(c, _probe(c)) for c in candidates if _probe(c) is not None]
     if not scored:
         raise ConfigError("no method candidate has a probe score; nothing to choose from.")
+    if stable_first and any(not unstable(p) for _, p in scored):
+        scored = [(c, p) for c, p in scored if not unstable(p)]
     top_c, top = max(scored, key=lambda t: (t[1]["accuracy"], -t[0].trainable_percent))
     best = 100 * top["accuracy"]
     near = [(c, p) for c, p in scored if 100 * p["accuracy"] >= best - margin]
@@ -238,6 +245,7 @@ def select_method(
     max_trainable_percent: float | None = MAX_TRAINABLE_PERCENT,
     margin: float = METHOD_MARGIN,
     tiebreak: str = METHOD_TIEBREAK,
+    stable_first: bool = METHOD_STABLE_FIRST,
     lr_grid: Sequence[float] = LR_GRID,
     heldout_fraction: float = HELDOUT_FRACTION,
     probe_steps: int = PROBE_STEPS,
@@ -269,6 +277,8 @@ def select_method(
         margin: accuracy points within which candidates count as tied with the best.
         tiebreak: among those, ``"nc1"`` (the lowest held-out NC1) or ``"params"`` (the fewest
             trainable parameters); see :func:`choose_method`.
+        stable_first: rank a probe whose training loss rose above its first step's below the
+            stable ones, for the lr and the method (see :func:`choose_method`).
         lr_grid, heldout_fraction, probe_steps, batch_size, bn, precision, device: the probes,
             as for :func:`~ncfinetune.selection.select_block`.
 
@@ -296,7 +306,7 @@ def select_method(
     for c in cands:
         c.probes = {f"{v:g}": prober.probe(c.block, float(v), c.method) for v in lr_grid}
         c.trainable_percent = next(iter(c.probes.values()))["trainable_percent"]
-        c.lr, _ = choose_lr(CandidateRow(-1, "", 0, 0.0, probes=c.probes))
+        c.lr, _ = choose_lr(CandidateRow(-1, "", 0, 0.0, probes=c.probes), stable_first)
         c.accuracy = 100 * c.probes[f"{c.lr:g}"]["accuracy"]
         trained = [p["train_seconds"] / p["steps"] for p in c.probes.values()]
         c.step_seconds = min(trained)  # the least disturbed measurement
@@ -309,7 +319,7 @@ def select_method(
                 MAX_BUDGET_PROBE * probe_steps, max(1, round(probe_steps * c.steps / steps))
             )
             c.budget_probe = prober.probe(c.block, c.lr, c.method, steps=share)
-    chosen, reason = choose_method(cands, margin, tiebreak)
+    chosen, reason = choose_method(cands, margin, tiebreak, stable_first)
     return MethodPlan(
         method=chosen.method, block=chosen.block, lr=chosen.lr, steps=chosen.steps,
         arch=arch_name(model), candidates=cands, reason=reason, margin=margin, tiebreak=tiebreak,

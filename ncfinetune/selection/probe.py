@@ -315,29 +315,31 @@ class Prober:
             tuned = get_tuned_model(copy.deepcopy(self.model), method, block=block, bn=self.bn)
             if cache is None and use_channels_last(self.model):
                 tuned.to(memory_format=torch.channels_last)
-            acc, nc, train_s = self._train_and_score(tuned, lr, cache, steps)
+            acc, nc, train_s, rise = self._train_and_score(tuned, lr, cache, steps)
         self.images += steps * min(self.batch, self.fit.size) + self.held.size
         trainable, total = tuned.parameter_counts()
         return {
             "accuracy": acc, "nc1": nc, "seconds": time.perf_counter() - t1,
             "train_seconds": train_s, "steps": steps,
-            "trainable_percent": 100.0 * trainable / total,
+            "trainable_percent": 100.0 * trainable / total, "loss_rise": rise,
         }  # fmt: skip
 
-    def _train_and_score(self, tuned, lr, cache, steps) -> tuple[float, float | None, float]:
-        """Held-out (accuracy, NC1) after the probe's steps, and the training seconds; a
-        diverged probe ranks last."""
+    def _train_and_score(self, tuned, lr, cache, steps) -> tuple:
+        """Held-out (accuracy, NC1) after the probe's steps, the training seconds and the
+        training loss's rise (its highest after the first step / the first; None: one step or
+        diverged); a diverged probe ranks last."""
         t0 = time.perf_counter()
         try:
-            train_steps(
+            losses = train_steps(
                 tuned, self.fetch, self.fit, steps=steps, batch_size=self.batch, lr=lr,
                 seed=self.seed, prefix=cache, precision=self.precision,
             )  # fmt: skip
             train_s = time.perf_counter() - t0
             ev = evaluate_rows(tuned, self.fetch, self.held, prefix=cache, precision=self.precision)
         except FloatingPointError:  # diverged at this lr
-            return 0.0, None, time.perf_counter() - t0
-        return ev["accuracy"], nc1_or_none(ev["features"], ev["labels"]), train_s
+            return 0.0, None, time.perf_counter() - t0, None
+        rise = float(losses[1:].max() / losses[0]) if len(losses) > 1 and losses[0] > 0 else None
+        return ev["accuracy"], nc1_or_none(ev["features"], ev["labels"]), train_s, rise
 
     def _cache(self, block: int | None, method: str) -> PrefixCache | None:
         """A filled prefix cache for probes of ``method`` at ``block``, or None where not

@@ -110,18 +110,28 @@ def choose(
     )
 
 
-def choose_lr(row: CandidateRow) -> tuple[float, str]:
+def choose_lr(row: CandidateRow, stable_first: bool = False) -> tuple[float, str]:
     """The lr of ``row``'s probes with the highest held-out accuracy (ties: the lower held-out
-    NC1, then the larger lr), and why."""
-    lr, p = max(row.probes.items(), key=lambda kv: _accuracy_key(kv[1], kv[0]))
-    return float(lr), (
-        f"Learning rate {lr}: the highest held-out accuracy ({100 * p['accuracy']:.1f}%) of "
-        f"short probes at {', '.join(row.probes)}."
-    )
+    NC1, then the larger lr), and why. ``stable_first``: an lr whose probe was unstable (see
+    :func:`unstable`) ranks below every stable one."""
+    lr, p = max(row.probes.items(), key=lambda kv: _accuracy_key(kv[1], kv[0], stable_first))
+    why = f"the highest held-out accuracy ({100 * p['accuracy']:.1f}%) of short probes at "
+    return float(lr), f"Learning rate {lr}: {why}{', '.join(row.probes)}."
 
 
-def _accuracy_key(p: dict, lr: str) -> tuple:
-    return (p["accuracy"], p["nc1"] is not None, -(p["nc1"] or 0.0), float(lr))
+UNSTABLE_RISE = 1.0  # a probe's training loss above its first step's: set a priori, not fitted
+
+
+def unstable(p: dict) -> bool:
+    """True when a probe's training loss rose above its first step's (``loss_rise`` > 1): the
+    lr overshoots, which a short probe's held-out score may not show yet."""
+    rise = p.get("loss_rise")
+    return rise is not None and rise > UNSTABLE_RISE
+
+
+def _accuracy_key(p: dict, lr: str, stable_first: bool = False) -> tuple:
+    stable = not (stable_first and unstable(p))
+    return (stable, p["accuracy"], p["nc1"] is not None, -(p["nc1"] or 0.0), float(lr))
 
 
 def min_per_class(
