@@ -55,6 +55,26 @@ def test_choose_method_prefers_fewer_parameters_within_the_margin():
         choose_method([MethodCandidate("full", None, None, 100.0)])
 
 
+def test_stable_first_sets_aside_probes_whose_training_loss_rose():
+    from ncfinetune.selection import CandidateRow, choose_lr
+    from ncfinetune.selection.rules import unstable
+
+    assert not unstable({"loss_rise": 1.0}) and unstable({"loss_rise": 1.01})
+    assert not unstable({"loss_rise": None}) and not unstable({})
+    probes = {
+        "0.1": {"accuracy": 0.8, "nc1": 0.5, "loss_rise": 25.0},  # overshot, not yet visible
+        "0.03": {"accuracy": 0.7, "nc1": 0.9, "loss_rise": 0.6},
+    }
+    row = CandidateRow(-1, "", 0, 0.0, probes=probes)
+    assert choose_lr(row)[0] == 0.1 and choose_lr(row, stable_first=True)[0] == 0.03
+    cs = [cand("full", None, 100, 82.0), cand("scl", 4, 8.0, 75.0)]
+    cs[0].probes["0.1"]["loss_rise"] = 3.0
+    assert choose_method(cs, 0.0)[0].method == "full"
+    assert choose_method(cs, 0.0, stable_first=True)[0].method == "scl"
+    cs[1].probes["0.1"]["loss_rise"] = 2.0  # nothing stable: all stay in
+    assert choose_method(cs, 0.0, stable_first=True)[0].method == "full"
+
+
 def test_choose_method_breaks_ties_by_held_out_nc1_when_asked():
     cs = [
         cand("linear", None, 0.1, 80.0, nc1=2.0),
@@ -94,6 +114,7 @@ def test_the_plan_round_trips_through_get_tuned_model_and_leaves_the_rng_alone()
     for c in plan.candidates:
         assert set(c.probes) == {"0.1"} and c.lr == 0.1 and c.steps == 20
         assert 0 <= c.accuracy <= 100 and c.step_seconds > 0
+        assert c.probes["0.1"]["loss_rise"] > 0  # highest loss after the first step / the first
     full = next(c for c in plan.candidates if c.method == "full")
     assert full.trainable_percent == pytest.approx(100.0)
     assert all(c.trainable_percent < 100 for c in plan.candidates if c is not full)
