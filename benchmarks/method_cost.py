@@ -11,7 +11,7 @@ product leads with (resnet18_fmnist04, vit_tiny_p4_fmnist04). Each run's ``metri
 both numbers, timed in the same process one after the other: the selection's wall time
 (``selection.seconds``: every probe, the prefix caches, the held-out scoring) and the chosen
 fine-tune's training time (``time_s.train``, the same run's optimizer steps). Cost = their
-ratio. Also reported: the ratio to the whole run (training, evaluations, checkpoints).
+ratio. Also reported: the ratio to the run after the selection (training, evaluations, checkpoints: ``wall_time_s``).
 """
 
 from __future__ import annotations
@@ -40,10 +40,21 @@ def command(model: str, n: int, out) -> list[str]:
     ]  # fmt: skip
 
 
+def design() -> str:
+    """select_method's default design, which names the records (a new default, new runs)."""
+    from ncfinetune.selection import method as m
+
+    return (
+        f"mid-m{m.METHOD_MARGIN:g}-{m.METHOD_TIEBREAK}"
+        + ("-stable" if m.METHOD_STABLE_FIRST else "")
+        + ("" if tuple(m.LR_GRID) == (0.1, 0.03) else "-lr" + "_".join(f"{v:g}" for v in m.LR_GRID))
+    )
+
+
 def measure() -> None:
     done = {r["key"] for r in read()}
     for model, n in product(BACKBONES, SIZES):
-        key = f"{model}-n{n}-s{SEED}"
+        key = f"{model}-n{n}-s{SEED}-{design()}"
         if key in done:
             continue
         out = OUT / key
@@ -55,6 +66,7 @@ def measure() -> None:
         m = json.loads((out / "metrics.json").read_text())
         rec = {
             "key": key,
+            "design": design(),
             "model": model,
             "per_class": n,
             "seed": SEED,
@@ -91,16 +103,16 @@ def report() -> None:
         "`python benchmarks/method_cost.py measure && python benchmarks/method_cost.py report`: "
         "`ncfinetune finetune --method auto` on Fashion-MNIST 5-9 (seed 0), the recipe's "
         "defaults otherwise (at least 200 optimizer steps of batch 64, fp32, 2 CPU cores). "
-        "Selection and fine-tune timed in the same process.",
+        "Selection and fine-tune timed in the same process; the run after it: training, evaluations and checkpoints (`wall_time_s`).",
         "",
-        "| backbone | per class | chosen | steps | test acc. | selection s | training s | "
-        "selection / training | selection / whole run |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| design | backbone | per class | chosen | steps | test acc. | selection s | training s | "
+        "selection / training | selection / the run after it |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(recs, key=lambda r: (r["model"], r["per_class"])):
+    for r in sorted(recs, key=lambda r: (r["design"], r["model"], r["per_class"])):
         chosen = r["method"] + ("" if r["block"] is None else f"@{r['block']}")
         lines.append(
-            f"| {r['model']} | {r['per_class']} | {chosen}, lr {r['lr']:g} "
+            f"| {r['design']} | {r['model']} | {r['per_class']} | {chosen}, lr {r['lr']:g} "
             f"| {r['optimizer_steps']} | {100 * r['test_accuracy']:.2f} "
             f"| {r['selection_seconds']:.1f} | {r['train_seconds']:.1f} "
             f"| {100 * r['selection_seconds'] / r['train_seconds']:.0f}% "
