@@ -335,6 +335,7 @@ def loto(subs: list[dict]) -> dict:
         if rest:
             policy = design(rest)
             row["design"] = list(policy[1:])
+            row["design_name"] = name(policy)
             row["auto"] = evaluate(held, policy)
             fixed = best_fixed(rest)
             row["fixed_design"] = list(fixed[1:])
@@ -372,7 +373,7 @@ def report(subs: list[dict]) -> None:
         "default length (`default_steps` of the subset at batch 64), estimated from the step "
         "time the same call measured (`results/method_cost.md` measures it in the recipe).",
         "",
-        "| pair | design (LOTO: probes, margin, ties) | auto acc | auto regret (mean / max) | SCL middle "
+        "| pair | design (LOTO: probes, margin, ties, stable) | auto acc | auto regret (mean / max) | SCL middle "
         "acc | regret | full FT acc | regret | auto - better fixed | best cell of the other "
         "pairs: acc / regret | best in hindsight | cost mean / max | auto chose |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
@@ -382,7 +383,7 @@ def report(subs: list[dict]) -> None:
         better = max(m["accuracy"], f["accuracy"])
         cell = "{}@{} lr {:g}".format(*r["fixed_design"]).replace("@None", "")
         lines.append(
-            f"| {p} | {r['design'][0]}, {r['design'][1]:g}, {r['design'][2]} | {a['accuracy']:.2f} "
+            f"| {p} | {r['design_name']} | {a['accuracy']:.2f} "
             f"| {a['regret']:.2f} / {a['max_regret']:.2f} | {m['accuracy']:.2f} | {m['regret']:.2f} "
             f"| {f['accuracy']:.2f} | {f['regret']:.2f} | {a['accuracy'] - better:+.2f} "
             f"| {cell}: {x['accuracy']:.2f} / {x['regret']:.2f} "
@@ -400,7 +401,8 @@ def report(subs: list[dict]) -> None:
     lines += [
         "",
         f"The design chosen the same way on every pair (the library's default): probes "
-        f"{overall[1]}, margin {overall[2]:g}, ties by {overall[3]}.",
+        f"{overall[1]}, margin {overall[2]:g}, ties by {overall[3]}, unstable probes "
+        f"{'set aside' if overall[4] else 'kept'} (`{name(overall)}`).",
         "",
         f"Over the {len(res)} pairs (each scored by the design chosen without it): mean regret "
         f"auto {mean['auto']:.2f}, SCL middle {mean['scl-middle']:.2f}, full FT "
@@ -425,12 +427,12 @@ def report(subs: list[dict]) -> None:
         "| design | " + " | ".join(res) + " |",
         "|---|" + "---:|" * len(res),
     ]
-    for name in next(iter(res.values()))["every_design"]:
+    for label in next(iter(res.values()))["every_design"]:
         lines.append(
-            f"| {name} | "
+            f"| {label} | "
             + " | ".join(
                 "{accuracy:.2f} / {regret:.2f} / {c:.0f}%".format(
-                    **r["every_design"][name], c=100 * r["every_design"][name]["cost"]
+                    **r["every_design"][label], c=100 * r["every_design"][label]["cost"]
                 )
                 for r in res.values()
             )

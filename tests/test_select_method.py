@@ -38,19 +38,21 @@ def cand(method, block, share, acc, budget_acc=None, nc1=1.0):
 
 def test_choose_method_prefers_fewer_parameters_within_the_margin():
     cs = [cand("linear", None, 0.1, 60.0), cand("scl", 4, 8.0, 80.0), cand("full", None, 100, 81.5)]
-    c, why = choose_method(cs, margin=2.0)
+    c, why = choose_method(cs, margin=2.0, tiebreak="params")
     assert (c.method, c.block) == ("scl", 4)
     assert why == (
         "Held-out accuracy 80.0% (within 2 points of the best, 81.5%); of those (full) the "
         "fewest trainable parameters (8.00%)."
     )
-    c, why = choose_method(cs, margin=1.0)  # full leads by more than the margin
+    c, why = choose_method(cs, margin=1.0, tiebreak="params")  # full leads by more than the margin
     assert c.method == "full" and why.startswith("The highest held-out accuracy (81.5%)")
-    c, _ = choose_method(cs, margin=25.0)  # everything within: the fewest parameters
+    c, _ = choose_method(
+        cs, margin=25.0, tiebreak="params"
+    )  # everything within: the fewest parameters
     assert c.method == "linear"
     # a budget probe's score replaces the equal-steps one
     cs[0].budget_probe = {"accuracy": 0.9, "nc1": None}
-    assert choose_method(cs, margin=0.0)[0].method == "linear"
+    assert choose_method(cs, margin=0.0, tiebreak="params")[0].method == "linear"
     with pytest.raises(ConfigError, match="no method candidate has a probe score"):
         choose_method([MethodCandidate("full", None, None, 100.0)])
 
@@ -69,7 +71,7 @@ def test_stable_first_sets_aside_probes_whose_training_loss_rose():
     assert choose_lr(row)[0] == 0.1 and choose_lr(row, stable_first=True)[0] == 0.03
     cs = [cand("full", None, 100, 82.0), cand("scl", 4, 8.0, 75.0)]
     cs[0].probes["0.1"]["loss_rise"] = 3.0
-    assert choose_method(cs, 0.0)[0].method == "full"
+    assert choose_method(cs, 0.0, stable_first=False)[0].method == "full"
     assert choose_method(cs, 0.0, stable_first=True)[0].method == "scl"
     cs[1].probes["0.1"]["loss_rise"] = 2.0  # nothing stable: all stay in
     assert choose_method(cs, 0.0, stable_first=True)[0].method == "full"
@@ -119,7 +121,7 @@ def test_the_plan_round_trips_through_get_tuned_model_and_leaves_the_rng_alone()
     assert full.trainable_percent == pytest.approx(100.0)
     assert all(c.trainable_percent < 100 for c in plan.candidates if c is not full)
     # the choice is what choose_method says of the candidates, and builds as configured
-    c, _ = choose_method(plan.candidates, plan.margin)
+    c, _ = choose_method(plan.candidates, plan.margin, plan.tiebreak, plan.stable_first)
     assert (plan.method, plan.block, plan.lr) == (c.method, c.block, c.lr)
     tuned = get_tuned_model(make_model("test_resnet"), plan.config)
     assert tuned.method == plan.method and tuned.block_index == plan.block
@@ -135,7 +137,7 @@ def test_the_plan_round_trips_through_get_tuned_model_and_leaves_the_rng_alone()
 def test_blocks_middle_probes_the_one_block_methods_at_the_middle_candidate_only():
     model = make_model("test_resnet")
     blocks = default_candidates(model, "scl")
-    plan = select_method(model, class_data(), steps=5, **FAST)  # blocks="middle" by default
+    plan = select_method(model, class_data(), steps=5, blocks="middle", **FAST)
     mid = blocks[len(blocks) // 2]
     assert {(c.method, c.block) for c in plan.candidates} == {
         ("linear", None),
