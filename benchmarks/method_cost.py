@@ -41,13 +41,17 @@ def command(model: str, n: int, out) -> list[str]:
 
 
 def design() -> str:
-    """select_method's default design, which names the records (a new default, new runs)."""
+    """select_method's default design, which names the records (a new default, new runs):
+    blocks (all | mid), lr grid, margin, tie-break, unstable probes set aside."""
+    import inspect
+
     from ncfinetune.selection import method as m
 
+    blocks = inspect.signature(m.select_method).parameters["blocks"].default
+    lrs = "_".join(f"{v:g}" for v in m.METHOD_LR_GRID)
     return (
-        f"mid-m{m.METHOD_MARGIN:g}-{m.METHOD_TIEBREAK}"
+        f"{'all' if blocks is None else 'mid'}-lr{lrs}-m{m.METHOD_MARGIN:g}-{m.METHOD_TIEBREAK}"
         + ("-stable" if m.METHOD_STABLE_FIRST else "")
-        + ("" if tuple(m.LR_GRID) == (0.1, 0.03) else "-lr" + "_".join(f"{v:g}" for v in m.LR_GRID))
     )
 
 
