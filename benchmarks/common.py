@@ -313,6 +313,13 @@ def upsert_record(path: Path, record: dict) -> None:
 
 
 # -- one run ------------------------------------------------------------------------------------------
+def write_report(name: str, lines: list[str], data) -> None:
+    """``results/<name>.md`` (the lines) and ``results/<name>.json`` (the data), then print."""
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    print("\n".join(lines))
+
+
 def versions() -> dict:
     import accelerate
     import timm

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from itertools import product
 
-from common import RESULTS, ROOT, versions
+from common import RESULTS, ROOT, versions, write_report
 
 BACKBONES = ("resnet18_fmnist04", "vit_tiny_p4_fmnist04")
 SIZES = (10, 20, 100)
@@ -122,9 +122,7 @@ def report() -> None:
             f"| {100 * r['selection_seconds'] / r['train_seconds']:.0f}% "
             f"| {100 * r['selection_seconds'] / r['run_seconds']:.0f}% |"
         )
-    (RESULTS / "method_cost.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "method_cost.json").write_text(json.dumps(recs, indent=1, sort_keys=True) + "\n")
-    print("\n".join(lines))
+    write_report("method_cost", lines, recs)
 
 
 def main() -> None:

@@ -22,9 +22,8 @@ default is changed on it. Same subsets, steps (150), batch (32) and test split a
 from __future__ import annotations
 
 import argparse
-import json
 
-from common import RESULTS, SEEDS, mean_sd, run_all, run_for, saved
+from common import SEEDS, mean_sd, run_all, run_for, saved, write_report
 
 B, T, N, MID = "vit_p4", "fmnist59", 20, 3
 BASE = {  # the method benchmark's lrs for this backbone and target (summary.md)
@@ -134,9 +133,7 @@ def report() -> None:
         "|---|---:|---:|",
         *skip_scale(),
     ]
-    (RESULTS / "vit_gap.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "vit_gap.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
-    print("\n".join(lines))
+    write_report("vit_gap", lines, res)
 
 
 def main() -> None:
