@@ -72,7 +72,11 @@ def test_stable_first_sets_aside_probes_whose_training_loss_rose():
     cs = [cand("full", None, 100, 82.0), cand("scl", 4, 8.0, 75.0)]
     cs[0].probes["0.1"]["loss_rise"] = 3.0
     assert choose_method(cs, 0.0, stable_first=False)[0].method == "full"
-    assert choose_method(cs, 0.0, stable_first=True)[0].method == "scl"
+    c, why = choose_method(cs, 0.0, stable_first=True)
+    assert c.method == "scl" and why == (
+        "The highest held-out accuracy (75.0%) among 1 candidates. Set aside: full (the probe's "
+        "training loss rose above its first step's)."
+    )
     cs[1].probes["0.1"]["loss_rise"] = 2.0  # nothing stable: all stay in
     assert choose_method(cs, 0.0, stable_first=True)[0].method == "full"
 

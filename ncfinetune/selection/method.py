@@ -196,8 +196,12 @@ def choose_method(
     scored = [(c, _probe(c)) for c in candidates if _probe(c) is not None]
     if not scored:
         raise ConfigError("no method candidate has a probe score; nothing to choose from.")
+    aside = ""
     if stable_first and any(not unstable(p) for _, p in scored):
+        shaky = [c.label for c, p in scored if unstable(p)]
         scored = [(c, p) for c, p in scored if not unstable(p)]
+        if shaky:
+            aside = f" Set aside: {', '.join(shaky)} (the probe's training loss rose above its first step's)."
     top_c, top = max(scored, key=lambda t: (t[1]["accuracy"], -t[0].trainable_percent))
     best = 100 * top["accuracy"]
     near = [(c, p) for c, p in scored if 100 * p["accuracy"] >= best - margin]
@@ -207,7 +211,7 @@ def choose_method(
         c, p = min(near, key=lambda t: (t[0].trainable_percent, -t[1]["accuracy"]))
     s = 100 * p["accuracy"]
     if len(near) == 1:
-        return c, f"The highest held-out accuracy ({s:.1f}%) among {len(scored)} candidates."
+        return c, f"The highest held-out accuracy ({s:.1f}%) among {len(scored)} candidates.{aside}"
     within = "tied with" if margin == 0 else f"within {margin:g} points of"
     others = ", ".join(d.label for d, _ in near if d is not c)
     by = (
@@ -217,7 +221,8 @@ def choose_method(
     )
     return (
         c,
-        f"Held-out accuracy {s:.1f}% ({within} the best, {best:.1f}%); of those ({others}) {by}.",
+        f"Held-out accuracy {s:.1f}% ({within} the best, {best:.1f}%); of those ({others}) {by}."
+        + aside,
     )
 
 
