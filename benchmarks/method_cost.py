@@ -22,7 +22,7 @@ import subprocess
 import sys
 from itertools import product
 
-from common import RESULTS, ROOT, versions, write_report
+from common import RESULTS, ROOT, read_records, upsert_record, versions, write_report
 
 BACKBONES = ("resnet18_fmnist04", "vit_tiny_p4_fmnist04")
 SIZES = (10, 20, 100)
@@ -86,15 +86,11 @@ def measure() -> None:
             "prefix_cache": m["prefix_cache"],
             "versions": versions(),
         }
-        RECORDS.parent.mkdir(parents=True, exist_ok=True)
-        with RECORDS.open("a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        upsert_record(RECORDS, rec)
 
 
 def read() -> list[dict]:
-    if not RECORDS.is_file():
-        return []
-    return [json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()]
+    return read_records(RECORDS)
 
 
 def report() -> None:
