@@ -201,7 +201,8 @@ def choose_method(
         shaky = [c.label for c, p in scored if unstable(p)]
         scored = [(c, p) for c, p in scored if not unstable(p)]
         if shaky:
-            aside = f" Set aside: {', '.join(shaky)} (the probe's training loss rose above its first step's)."
+            rose = "the probe's training loss rose above its first step's"
+            aside = f" Set aside: {', '.join(shaky)} ({rose})."
     top_c, top = max(scored, key=lambda t: (t[1]["accuracy"], -t[0].trainable_percent))
     best = 100 * top["accuracy"]
     near = [(c, p) for c, p in scored if 100 * p["accuracy"] >= best - margin]
@@ -300,8 +301,9 @@ def select_method(
             few training samples per class to hold some out.
     """
     t0 = time.perf_counter()
-    methods, budget = _check(methods, steps, budget, margin, lr_grid, probe_steps, batch_size)
-    check_tiebreak(tiebreak)
+    methods, budget = _check(
+        methods, steps, budget, margin, tiebreak, lr_grid, probe_steps, batch_size
+    )
     model = on_device(model, device)
     precision = probe_precision(precision, model_device(model))
     fetch, labels = as_fetch(train_data, model)
@@ -333,8 +335,9 @@ def select_method(
     return MethodPlan(
         method=chosen.method, block=chosen.block, lr=chosen.lr, steps=chosen.steps,
         arch=arch_name(model), candidates=cands, reason=reason, margin=margin,
-        tiebreak=tiebreak, stable_first=stable_first, probe_steps=probe_steps, seconds=time.perf_counter() - t0,
-        images_processed=prober.images, budget_seconds=budget_s, budget_note=note,
+        tiebreak=tiebreak, stable_first=stable_first, probe_steps=probe_steps,
+        seconds=time.perf_counter() - t0, images_processed=prober.images,
+        budget_seconds=budget_s, budget_note=note,
     )  # fmt: skip
 
 
@@ -347,7 +350,7 @@ def select_method_on_split(
     return select_method(model, cache, seed=seed, **kwargs)
 
 
-def _check(methods, steps, budget, margin, lr_grid, probe_steps, batch_size):
+def _check(methods, steps, budget, margin, tiebreak, lr_grid, probe_steps, batch_size):
     """(the method names, the budget as ``(value, relative)`` or None), or a ConfigError."""
     methods = list(METHOD_CANDIDATES if methods is None else methods)
     if not methods:
@@ -364,6 +367,7 @@ def _check(methods, steps, budget, margin, lr_grid, probe_steps, batch_size):
         raise ConfigError(
             f"margin must be a finite number of accuracy points >= 0, got {margin!r}."
         )
+    check_tiebreak(tiebreak)
     check_grid(lr_grid)
     check_probe(probe_steps, batch_size)
     return methods, None if budget is None else _parse_budget(budget)

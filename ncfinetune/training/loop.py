@@ -442,7 +442,7 @@ def train_steps(
         raise ConfigError(f"head_warmup must be an int in [0, steps={steps}), got {head_warmup!r}.")
     losses = []
     with _prefix_inputs(tuned, prefix, fetch) as source:
-        batches = iter(_row_batches(source, rows, steps, min(batch_size, rows.size), seed))
+        batches = _row_batches(source, rows, steps, min(batch_size, rows.size), seed)
         for n, head_only in ((head_warmup, True), (steps - head_warmup, False)):
             if n == 0:
                 continue
